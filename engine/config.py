@@ -1,0 +1,179 @@
+"""Configuration: one typed Struct loaded from TOML; secrets (signer keys) from the environment.
+
+Example (see README.md for every field)::
+
+    [ledger]
+    path = "x402-ledger.duckdb"
+
+    [[chains]]
+    chain_id = 8453
+    network_names = ["base"]
+    rpc_url = "http://127.0.0.1:8545"
+    batcher = "0x..."
+    signer_key_envs = ["X402_SIGNER_KEY"]
+
+    [[chains.tokens]]
+    address = "0x833589fcd6edb6e08f4c7c32d4f71b54bda02913"
+    name = "USD Coin"
+    version = "2"
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+import msgspec
+
+
+class ConfigError(ValueError):
+    """The configuration is unusable; the message says which field and why."""
+
+
+class TokenConfig(msgspec.Struct, forbid_unknown_fields=True):
+    address: str
+    name: str  # EIP-712 domain name
+    version: str  # EIP-712 domain version
+    symbol: str = ""
+    decimals: int = 6
+
+
+class ChainConfig(msgspec.Struct, forbid_unknown_fields=True):
+    chain_id: int
+    rpc_url: str
+    batcher: str  # X402Batcher (compact entry point and aggregate3)
+    tokens: list[TokenConfig]
+    signer_key_envs: list[str]  # names of environment variables holding 0x private keys
+    network_names: list[str] = msgspec.field(default_factory=list)  # v1 names, e.g. "base"
+    mode: Literal["compact", "aggregate3"] = "compact"
+    multicall: str = ""  # aggregate3 target; empty = the batcher (canonical Multicall3 works)
+    confirmations: int = 1
+    gas_per_tx_max: int = 16_777_216  # EIP-7825 cap, as on Base
+    block_gas_limit: int = 30_000_000
+    gas_per_item_estimate: int = 60_000  # planning figure used to size batches before estimateGas
+    max_fee_per_gas_wei: int = 100_000_000_000  # never pay more than this per gas
+    priority_fee_wei: int = 1_000_000
+    max_inflight_batches: int = 4
+    poll_interval_ms: int = 200
+    simulate: bool = True  # eth_call each batch first and drop the items that would fail
+    rpc_timeout_s: float = 10.0
+    rpc_retries_max: int = 6
+
+    @property
+    def caip2(self) -> str:
+        return f"eip155:{self.chain_id}"
+
+
+class PolicyConfig(msgspec.Struct, forbid_unknown_fields=True):
+    max_batch_size: int = 300
+    max_wait_ms: int = 500
+    deadline_margin_s: int = 30  # flush when the earliest validBefore is this close
+
+
+class IngestConfig(msgspec.Struct, forbid_unknown_fields=True):
+    valid_before_margin_s: int = 6  # as the reference facilitator: validBefore >= now + 6 s
+    valid_after_tolerance_s: int = 0  # accept validAfter up to this far in the future
+    value_max: int = 2**128 - 1  # the compact entry point packs value in 16 bytes
+
+
+class LedgerConfig(msgspec.Struct, forbid_unknown_fields=True):
+    path: str = "x402-ledger.duckdb"
+    group_max: int = 4096  # accepted payments committed in one transaction at most
+
+
+class EngineConfig(msgspec.Struct, forbid_unknown_fields=True):
+    chains: list[ChainConfig]
+    ledger: LedgerConfig = msgspec.field(default_factory=LedgerConfig)
+    policy: PolicyConfig = msgspec.field(default_factory=PolicyConfig)
+    ingest: IngestConfig = msgspec.field(default_factory=IngestConfig)
+    channel_capacity: int = 64  # bounded memory channels between stages (in messages)
+
+
+def _check_address(value: str, where: str) -> None:
+    if not (value.startswith("0x") and len(value) == 42):
+        raise ConfigError(f"{where}: expected a 0x-prefixed 20-byte hex address, got {value!r}")
+    try:
+        bytes.fromhex(value[2:])
+    except ValueError as exc:
+        raise ConfigError(f"{where}: not hex: {value!r}") from exc
+
+
+def validate(config: EngineConfig) -> EngineConfig:
+    if not config.chains:
+        raise ConfigError("chains: at least one chain is required")
+    seen: set[int] = set()
+    for i, chain in enumerate(config.chains):
+        where = f"chains[{i}]"
+        if chain.chain_id in seen:
+            raise ConfigError(f"{where}: duplicate chain_id {chain.chain_id}")
+        seen.add(chain.chain_id)
+        _check_address(chain.batcher, f"{where}.batcher")
+        if chain.multicall:
+            _check_address(chain.multicall, f"{where}.multicall")
+        if not chain.tokens:
+            raise ConfigError(f"{where}.tokens: at least one token is required")
+        for j, token in enumerate(chain.tokens):
+            _check_address(token.address, f"{where}.tokens[{j}].address")
+        if not chain.signer_key_envs:
+            raise ConfigError(f"{where}.signer_key_envs: at least one signer is required")
+        if chain.confirmations < 1:
+            raise ConfigError(f"{where}.confirmations must be >= 1")
+        if not 0 < chain.gas_per_tx_max <= chain.block_gas_limit:
+            raise ConfigError(f"{where}: need 0 < gas_per_tx_max <= block_gas_limit")
+        if chain.max_inflight_batches < 1:
+            raise ConfigError(f"{where}.max_inflight_batches must be >= 1")
+    if config.policy.max_batch_size < 1:
+        raise ConfigError("policy.max_batch_size must be >= 1")
+    if not 0 < config.ingest.value_max <= 2**128 - 1:
+        raise ConfigError("ingest.value_max must be in (0, 2**128 - 1]")
+    return config
+
+
+def load_config(path: str | Path) -> EngineConfig:
+    """Read and validate a TOML configuration file."""
+    raw = Path(path).read_bytes()
+    try:
+        config = msgspec.toml.decode(raw, type=EngineConfig)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
+    return validate(config)
+
+
+def dump_config(config: EngineConfig) -> bytes:
+    return msgspec.toml.encode(config)
+
+
+class SignerKey:
+    """A private key read from the environment. Its repr never shows the key."""
+
+    __slots__ = ("_key", "env_name")
+
+    def __init__(self, env_name: str, key: bytes) -> None:
+        self.env_name = env_name
+        self._key = key
+
+    @property
+    def secret(self) -> bytes:
+        return self._key
+
+    def __repr__(self) -> str:
+        return f"SignerKey(env={self.env_name!r}, key=<hidden>)"
+
+
+def signer_keys(chain: ChainConfig, environ: dict[str, str] | None = None) -> list[SignerKey]:
+    env = os.environ if environ is None else environ
+    keys: list[SignerKey] = []
+    for name in chain.signer_key_envs:
+        value = env.get(name)
+        if not value:
+            raise ConfigError(f"environment variable {name} (signer key) is not set")
+        text = value.strip().removeprefix("0x")
+        try:
+            raw = bytes.fromhex(text)
+        except ValueError:
+            raise ConfigError(f"environment variable {name} is not a hex private key") from None
+        if len(raw) != 32:
+            raise ConfigError(f"environment variable {name} must hold a 32-byte private key")
+        keys.append(SignerKey(name, raw))
+    return keys

@@ -1,0 +1,458 @@
+"""The ledger stage: an append-only DuckDB record of every payment, batch and state change.
+
+Accepted payments are written in groups as Arrow tables (one INSERT ... SELECT per group, one
+commit), because per-row INSERTs manage under 1,000 rows/s. State changes are appended to
+``payment_events`` / ``batch_events`` and never updated in place: a payment's current state is
+its latest event (highest ``seq``); no event means "accepted".
+
+All DuckDB work runs in a worker thread (DuckDB releases the GIL) behind a one-slot limiter, so
+the connection is never used by two threads at once and the trio thread never blocks on disk.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import duckdb
+import msgspec
+import pyarrow as pa
+import trio
+
+from .model import Outcome, Payment, hex_addr
+
+T = TypeVar("T")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS payments (
+    id BIGINT NOT NULL,
+    accepted_at_ms BIGINT NOT NULL,
+    chain_id BIGINT NOT NULL,
+    network VARCHAR NOT NULL,
+    x402_version UTINYINT NOT NULL,
+    token VARCHAR NOT NULL,
+    payer VARCHAR NOT NULL,
+    payee VARCHAR NOT NULL,
+    value UHUGEINT NOT NULL,
+    valid_after UBIGINT NOT NULL,
+    valid_before UBIGINT NOT NULL,
+    nonce BLOB NOT NULL,
+    signature BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS payment_events (
+    seq BIGINT NOT NULL,
+    payment_id BIGINT NOT NULL,
+    at_ms BIGINT NOT NULL,
+    state VARCHAR NOT NULL,
+    batch_id BIGINT,
+    tx_hash VARCHAR,
+    block_number BIGINT,
+    gas_used BIGINT,
+    fee_wei UHUGEINT,
+    reason VARCHAR,
+    message VARCHAR
+);
+CREATE TABLE IF NOT EXISTS batches (
+    id BIGINT NOT NULL,
+    chain_id BIGINT NOT NULL,
+    created_at_ms BIGINT NOT NULL,
+    mode VARCHAR NOT NULL,
+    signer VARCHAR NOT NULL,
+    account_nonce BIGINT NOT NULL,
+    item_count INTEGER NOT NULL,
+    gas_limit BIGINT NOT NULL,
+    max_fee_per_gas UHUGEINT NOT NULL,
+    tx_hash VARCHAR NOT NULL,
+    raw_tx BLOB NOT NULL,
+    payment_ids BIGINT[] NOT NULL
+);
+CREATE TABLE IF NOT EXISTS batch_events (
+    seq BIGINT NOT NULL,
+    batch_id BIGINT NOT NULL,
+    at_ms BIGINT NOT NULL,
+    state VARCHAR NOT NULL,
+    tx_hash VARCHAR,
+    block_number BIGINT,
+    gas_used BIGINT,
+    effective_gas_price UHUGEINT,
+    message VARCHAR
+);
+"""
+
+_PAYMENT_SCHEMA = pa.schema(
+    [
+        ("id", pa.int64()),
+        ("accepted_at_ms", pa.int64()),
+        ("chain_id", pa.int64()),
+        ("network", pa.string()),
+        ("x402_version", pa.uint8()),
+        ("token", pa.string()),
+        ("payer", pa.string()),
+        ("payee", pa.string()),
+        ("value", pa.string()),
+        ("valid_after", pa.uint64()),
+        ("valid_before", pa.uint64()),
+        ("nonce", pa.binary()),
+        ("signature", pa.binary()),
+    ]
+)
+
+_EVENT_SCHEMA = pa.schema(
+    [
+        ("seq", pa.int64()),
+        ("payment_id", pa.int64()),
+        ("at_ms", pa.int64()),
+        ("state", pa.string()),
+        ("batch_id", pa.int64()),
+        ("tx_hash", pa.string()),
+        ("block_number", pa.int64()),
+        ("gas_used", pa.int64()),
+        ("fee_wei", pa.string()),
+        ("reason", pa.string()),
+        ("message", pa.string()),
+    ]
+)
+
+
+class PaymentEvent(msgspec.Struct, frozen=True):
+    """One state change of one payment."""
+
+    payment_id: int
+    state: str
+    batch_id: int | None = None
+    tx_hash: str | None = None
+    block_number: int | None = None
+    gas_used: int | None = None
+    fee_wei: int | None = None
+    reason: str | None = None
+    message: str | None = None
+
+
+class BatchRecord(msgspec.Struct, frozen=True):
+    """A signed batch transaction, written before it is broadcast."""
+
+    id: int
+    chain_id: int
+    mode: str
+    signer: str
+    account_nonce: int
+    gas_limit: int
+    max_fee_per_gas: int
+    tx_hash: str
+    raw_tx: bytes
+    payment_ids: list[int]
+
+
+class BatchEvent(msgspec.Struct, frozen=True):
+    batch_id: int
+    state: str  # sent | mined | dead
+    tx_hash: str | None = None
+    block_number: int | None = None
+    gas_used: int | None = None
+    effective_gas_price: int | None = None
+    message: str | None = None
+
+
+class OpenPayment(msgspec.Struct, frozen=True):
+    """A payment with no final state, as read back at start-up."""
+
+    id: int
+    payment: Payment
+    accepted_at_ms: int
+    state: str
+    batch_id: int | None
+
+
+class Recovered(msgspec.Struct, frozen=True):
+    open_payments: list[OpenPayment]
+    open_batches: list[BatchRecord]
+    next_payment_id: int
+    next_batch_id: int
+
+
+class Ledger:
+    """Synchronous DuckDB access. Use through :class:`AsyncLedger` from trio code."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = str(path)
+        if self.path != ":memory:":
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        self._con = duckdb.connect(self.path)
+        self._con.execute(SCHEMA)
+        row = self._con.execute(
+            "SELECT coalesce(max(seq), 0) FROM ("
+            "SELECT seq FROM payment_events UNION ALL SELECT seq FROM batch_events)"
+        ).fetchone()
+        assert row is not None
+        self._seq = int(row[0])
+        self._owner: int | None = None
+
+    def close(self) -> None:
+        self._con.close()
+
+    # -- writes -----------------------------------------------------------------------------
+
+    def insert_payments(self, rows: Sequence[tuple[int, Payment, int]]) -> None:
+        """Durably record accepted payments ``(id, payment, accepted_at_ms)`` in one commit."""
+        if not rows:
+            return
+        table = pa.Table.from_pydict(
+            {
+                "id": [r[0] for r in rows],
+                "accepted_at_ms": [r[2] for r in rows],
+                "chain_id": [r[1].chain_id for r in rows],
+                "network": [r[1].network for r in rows],
+                "x402_version": [r[1].x402_version for r in rows],
+                "token": [hex_addr(r[1].token) for r in rows],
+                "payer": [hex_addr(r[1].payer) for r in rows],
+                "payee": [hex_addr(r[1].payee) for r in rows],
+                "value": [str(r[1].value) for r in rows],
+                "valid_after": [r[1].valid_after for r in rows],
+                "valid_before": [r[1].valid_before for r in rows],
+                "nonce": [r[1].nonce for r in rows],
+                "signature": [r[1].signature for r in rows],
+            },
+            schema=_PAYMENT_SCHEMA,
+        )
+        self._in_transaction(lambda: self._insert_arrow("payments", table, value_cols=("value",)))
+
+    def append_events(self, events: Sequence[PaymentEvent], at_ms: int) -> None:
+        if events:
+            self._in_transaction(lambda: self._write_events(events, at_ms))
+
+    def record_batch_sent(
+        self, batch: BatchRecord, events: Sequence[PaymentEvent], at_ms: int
+    ) -> None:
+        """Write-ahead: the signed transaction and its items' ``submitted`` events, atomically."""
+
+        def work() -> None:
+            self._con.execute(
+                "INSERT INTO batches VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?::UHUGEINT, ?, ?, ?)",
+                [
+                    batch.id,
+                    batch.chain_id,
+                    at_ms,
+                    batch.mode,
+                    batch.signer,
+                    batch.account_nonce,
+                    len(batch.payment_ids),
+                    batch.gas_limit,
+                    str(batch.max_fee_per_gas),
+                    batch.tx_hash,
+                    batch.raw_tx,
+                    batch.payment_ids,
+                ],
+            )
+            self._write_batch_event(BatchEvent(batch.id, "sent", tx_hash=batch.tx_hash), at_ms)
+            self._write_events(events, at_ms)
+
+        self._in_transaction(work)
+
+    def record_batch_final(
+        self, event: BatchEvent, events: Sequence[PaymentEvent], at_ms: int
+    ) -> None:
+        """The batch's fate and every item's outcome, atomically."""
+
+        def work() -> None:
+            self._write_batch_event(event, at_ms)
+            self._write_events(events, at_ms)
+
+        self._in_transaction(work)
+
+    # -- reads ------------------------------------------------------------------------------
+
+    def recover(self) -> Recovered:
+        """Everything not yet final: payments to queue again, batches to reconcile."""
+        con = self._con
+        rows = con.execute(
+            """
+            WITH last AS (
+                SELECT payment_id, state, batch_id FROM payment_events
+                QUALIFY row_number() OVER (PARTITION BY payment_id ORDER BY seq DESC) = 1
+            )
+            SELECT p.id, p.accepted_at_ms, p.chain_id, p.network, p.x402_version, p.token,
+                   p.payer, p.payee, p.value::VARCHAR, p.valid_after, p.valid_before, p.nonce,
+                   p.signature, coalesce(last.state, 'accepted'), last.batch_id
+            FROM payments p LEFT JOIN last ON p.id = last.payment_id
+            WHERE last.state IS NULL OR last.state NOT IN ('settled', 'failed')
+            ORDER BY p.id
+            """
+        ).fetchall()
+        open_payments = [
+            OpenPayment(
+                id=int(r[0]),
+                accepted_at_ms=int(r[1]),
+                payment=Payment(
+                    chain_id=int(r[2]),
+                    network=str(r[3]),
+                    x402_version=int(r[4]),
+                    token=bytes.fromhex(str(r[5])[2:]),
+                    payer=bytes.fromhex(str(r[6])[2:]),
+                    payee=bytes.fromhex(str(r[7])[2:]),
+                    value=int(r[8]),
+                    valid_after=int(r[9]),
+                    valid_before=int(r[10]),
+                    nonce=bytes(r[11]),
+                    signature=bytes(r[12]),
+                ),
+                state=str(r[13]),
+                batch_id=None if r[14] is None else int(r[14]),
+            )
+            for r in rows
+        ]
+        batch_rows = con.execute(
+            """
+            WITH last AS (
+                SELECT batch_id, state FROM batch_events
+                QUALIFY row_number() OVER (PARTITION BY batch_id ORDER BY seq DESC) = 1
+            )
+            SELECT b.id, b.chain_id, b.mode, b.signer, b.account_nonce, b.gas_limit,
+                   b.max_fee_per_gas::VARCHAR, b.tx_hash, b.raw_tx, b.payment_ids
+            FROM batches b JOIN last ON b.id = last.batch_id
+            WHERE last.state = 'sent'
+            ORDER BY b.id
+            """
+        ).fetchall()
+        open_batches = [
+            BatchRecord(
+                id=int(r[0]),
+                chain_id=int(r[1]),
+                mode=str(r[2]),
+                signer=str(r[3]),
+                account_nonce=int(r[4]),
+                gas_limit=int(r[5]),
+                max_fee_per_gas=int(r[6]),
+                tx_hash=str(r[7]),
+                raw_tx=bytes(r[8]),
+                payment_ids=[int(x) for x in r[9]],
+            )
+            for r in batch_rows
+        ]
+        ids = con.execute(
+            "SELECT coalesce((SELECT max(id) FROM payments), 0),"
+            " coalesce((SELECT max(id) FROM batches), 0)"
+        ).fetchone()
+        assert ids is not None
+        return Recovered(open_payments, open_batches, int(ids[0]) + 1, int(ids[1]) + 1)
+
+    def outcome(self, payment_id: int) -> Outcome | None:
+        row = self._con.execute(
+            """
+            SELECT p.id, coalesce(e.state, 'accepted'), p.chain_id, p.payer, p.payee,
+                   p.value::VARCHAR, e.tx_hash, e.block_number, e.gas_used, e.reason, e.message
+            FROM payments p LEFT JOIN (
+                SELECT * FROM payment_events WHERE payment_id = $id
+                ORDER BY seq DESC LIMIT 1
+            ) e ON e.payment_id = p.id
+            WHERE p.id = $id
+            """,
+            {"id": payment_id},
+        ).fetchone()
+        if row is None:
+            return None
+        return Outcome(
+            id=int(row[0]),
+            state=str(row[1]),
+            chain_id=int(row[2]),
+            payer=str(row[3]),
+            payee=str(row[4]),
+            value=int(row[5]),
+            tx_hash=row[6],
+            block_number=row[7],
+            gas_used=row[8],
+            reason=row[9],
+            message=row[10],
+        )
+
+    def history(self, payment_id: int) -> list[dict[str, Any]]:
+        """Every recorded event of one payment, oldest first."""
+        cur = self._con.execute(
+            "SELECT at_ms, state, batch_id, tx_hash, block_number, gas_used,"
+            " fee_wei::VARCHAR AS fee_wei, reason, message"
+            " FROM payment_events WHERE payment_id = ? ORDER BY seq",
+            [payment_id],
+        )
+        names = [d[0] for d in cur.description or []]
+        return [dict(zip(names, r, strict=True)) for r in cur.fetchall()]
+
+    def query(self, sql: str, params: Sequence[Any] | None = None) -> list[tuple[Any, ...]]:
+        """Read-only SQL for reports and tests."""
+        return self._con.execute(sql, params or []).fetchall()
+
+    # -- internals --------------------------------------------------------------------------
+
+    def _in_transaction(self, work: Callable[[], None]) -> None:
+        me = threading.get_ident()
+        assert self._owner is None, "ledger used from two threads at once"
+        self._owner = me
+        try:
+            self._con.begin()
+            try:
+                work()
+            except BaseException:
+                self._con.rollback()
+                raise
+            self._con.commit()
+        finally:
+            self._owner = None
+
+    def _insert_arrow(self, table_name: str, table: pa.Table, value_cols: tuple[str, ...]) -> None:
+        cols = [f'"{c}"::UHUGEINT' if c in value_cols else f'"{c}"' for c in table.column_names]
+        self._con.register("_incoming", table)
+        try:
+            self._con.execute(f"INSERT INTO {table_name} SELECT {', '.join(cols)} FROM _incoming")
+        finally:
+            self._con.unregister("_incoming")
+
+    def _write_events(self, events: Sequence[PaymentEvent], at_ms: int) -> None:
+        if not events:
+            return
+        first = self._seq + 1
+        self._seq += len(events)
+        table = pa.Table.from_pydict(
+            {
+                "seq": list(range(first, first + len(events))),
+                "payment_id": [e.payment_id for e in events],
+                "at_ms": [at_ms] * len(events),
+                "state": [e.state for e in events],
+                "batch_id": [e.batch_id for e in events],
+                "tx_hash": [e.tx_hash for e in events],
+                "block_number": [e.block_number for e in events],
+                "gas_used": [e.gas_used for e in events],
+                "fee_wei": [None if e.fee_wei is None else str(e.fee_wei) for e in events],
+                "reason": [e.reason for e in events],
+                "message": [e.message for e in events],
+            },
+            schema=_EVENT_SCHEMA,
+        )
+        self._insert_arrow("payment_events", table, value_cols=("fee_wei",))
+
+    def _write_batch_event(self, event: BatchEvent, at_ms: int) -> None:
+        self._seq += 1
+        self._con.execute(
+            "INSERT INTO batch_events VALUES (?, ?, ?, ?, ?, ?, ?, ?::UHUGEINT, ?)",
+            [
+                self._seq,
+                event.batch_id,
+                at_ms,
+                event.state,
+                event.tx_hash,
+                event.block_number,
+                event.gas_used,
+                None if event.effective_gas_price is None else str(event.effective_gas_price),
+                event.message,
+            ],
+        )
+
+
+class AsyncLedger:
+    """Runs :class:`Ledger` calls in a worker thread, one at a time."""
+
+    def __init__(self, ledger: Ledger) -> None:
+        self.sync = ledger
+        self._limiter = trio.CapacityLimiter(1)
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)

@@ -1,0 +1,136 @@
+"""Typed records: the x402 wire formats (decoded straight from JSON bytes with msgspec) and the
+engine's own normalized payment.
+
+Wire Structs keep every authorization field a string, as the spec sends them; the engine's
+:class:`Payment` holds integers in the token's base units and 20/32-byte values as bytes, so
+nothing downstream parses text again.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import msgspec
+
+# ---------------------------------------------------------------- wire formats (x402 v1, v2)
+
+
+class WireAuthorization(msgspec.Struct, rename="camel"):
+    from_: str = msgspec.field(name="from")
+    to: str = ""
+    value: str = ""
+    valid_after: str = ""
+    valid_before: str = ""
+    nonce: str = ""
+
+
+class ExactEvmPayload(msgspec.Struct):
+    signature: str
+    authorization: WireAuthorization
+
+
+class RequirementsV1(msgspec.Struct, rename="camel", omit_defaults=True):
+    scheme: str
+    network: str
+    max_amount_required: str
+    asset: str
+    pay_to: str
+    resource: str = ""
+    description: str = ""
+    mime_type: str = ""
+    output_schema: Any = None
+    max_timeout_seconds: int = 60
+    extra: dict[str, Any] | None = None
+
+
+class RequirementsV2(msgspec.Struct, rename="camel", omit_defaults=True):
+    scheme: str
+    network: str
+    amount: str
+    asset: str
+    pay_to: str
+    max_timeout_seconds: int = 60
+    extra: dict[str, Any] | None = None
+
+
+class PaymentPayloadV1(msgspec.Struct, tag_field="x402Version", tag=1):
+    scheme: str
+    network: str
+    payload: ExactEvmPayload
+
+
+class PaymentPayloadV2(msgspec.Struct, tag_field="x402Version", tag=2, omit_defaults=True):
+    accepted: RequirementsV2
+    payload: ExactEvmPayload
+    resource: Any = None
+    extensions: Any = None
+
+
+PaymentPayload = PaymentPayloadV1 | PaymentPayloadV2
+PaymentRequirements = RequirementsV1 | RequirementsV2
+
+# ---------------------------------------------------------------- the engine's records
+
+State = Literal["accepted", "submitted", "settled", "failed"]
+FINAL_STATES: frozenset[str] = frozenset({"settled", "failed"})
+
+
+class Payment(msgspec.Struct, frozen=True, gc=False):
+    """A verified EIP-3009 authorization, normalized: integers and raw bytes."""
+
+    chain_id: int
+    token: bytes  # 20 bytes
+    payer: bytes  # 20 bytes, the authorization's `from`
+    payee: bytes  # 20 bytes, `to`
+    value: int  # token base units
+    valid_after: int
+    valid_before: int
+    nonce: bytes  # 32 bytes
+    signature: bytes  # 65 bytes r || s || v, v in {27, 28}
+    network: str  # the network name as the client sent it (for responses)
+    x402_version: int
+
+    @property
+    def key(self) -> bytes:
+        """The replay key: (chain, token, payer, nonce)."""
+        return self.chain_id.to_bytes(8, "big") + self.token + self.payer + self.nonce
+
+
+class Accepted(msgspec.Struct, frozen=True):
+    """Result of a successful submit: the payment is durable under ``id``."""
+
+    id: int
+    payer: str
+    duplicate: bool  # True when an identical payload was already on record
+
+
+class Rejected(msgspec.Struct, frozen=True):
+    """Result of a refused submit: nothing was stored."""
+
+    reason: str
+    message: str
+    payer: str | None = None
+
+
+class Outcome(msgspec.Struct, frozen=True):
+    """The recorded final (or current) state of one payment."""
+
+    id: int
+    state: str
+    chain_id: int
+    payer: str
+    payee: str
+    value: int
+    tx_hash: str | None = None
+    block_number: int | None = None
+    gas_used: int | None = None
+    reason: str | None = None
+    message: str | None = None
+
+    @property
+    def final(self) -> bool:
+        return self.state in FINAL_STATES
+
+
+def hex_addr(raw: bytes) -> str:
+    return "0x" + raw.hex()

@@ -1,0 +1,253 @@
+"""Ingest checks: decode an x402 exact-scheme EVM payment and verify it, with no I/O.
+
+Order follows the reference facilitator: scheme → network → token/asset → recipient → amount →
+validBefore → validAfter → signature. The chain is not consulted here (balances, nonces already
+used on chain and cancellations are caught by the batch simulation before sending).
+An invalid payment is a :class:`Rejected` value carrying the x402 reason code.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+from . import crypto, reasons
+from .config import ChainConfig, EngineConfig, IngestConfig, TokenConfig
+from .model import (
+    PaymentPayload,
+    PaymentPayloadV1,
+    PaymentPayloadV2,
+    PaymentRequirements,
+    Rejected,
+    RequirementsV1,
+    RequirementsV2,
+)
+from .model import Payment as Payment
+
+_payload_decoder = msgspec.json.Decoder(PaymentPayload)
+_req_v1_decoder = msgspec.json.Decoder(RequirementsV1)
+_req_v2_decoder = msgspec.json.Decoder(RequirementsV2)
+_UINT48_MAX = 2**48 - 1
+
+
+class TokenSpec(msgspec.Struct, frozen=True):
+    chain_id: int
+    address: bytes
+    name: str
+    version: str
+    domain_separator: bytes
+
+
+class ChainSpec(msgspec.Struct, frozen=True):
+    chain_id: int
+    tokens: dict[bytes, TokenSpec]
+
+
+class Verifier:
+    """Everything needed to check a payment, precomputed once from the configuration."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        self._ingest: IngestConfig = config.ingest
+        self._networks: dict[str, ChainSpec] = {}
+        for chain in config.chains:
+            spec = _chain_spec(chain)
+            self._networks[chain.caip2] = spec
+            for name in chain.network_names:
+                self._networks[name] = spec
+
+    def token(self, chain_id: int, address: bytes) -> TokenSpec | None:
+        spec = self._networks.get(f"eip155:{chain_id}")
+        return None if spec is None else spec.tokens.get(address)
+
+    def check(
+        self, payload: Any, requirements: Any, now: float
+    ) -> tuple[Payment | None, Rejected | None]:
+        """Decode and verify. Returns ``(payment, None)`` or ``(None, rejection)``."""
+        decoded = decode(payload, requirements)
+        if isinstance(decoded, Rejected):
+            return None, decoded
+        return self.verify(decoded[0], decoded[1], now)
+
+    def verify(
+        self, payload: PaymentPayload, req: PaymentRequirements, now: float
+    ) -> tuple[Payment | None, Rejected | None]:
+        auth = payload.payload.authorization
+        payer_text = auth.from_.lower() or None
+
+        def reject(reason: str, message: str) -> tuple[None, Rejected]:
+            return None, Rejected(reason, message, payer_text)
+
+        if isinstance(payload, PaymentPayloadV1):
+            if not isinstance(req, RequirementsV1):
+                return reject(reasons.INVALID_VERSION, "payload is x402 v1, requirements are v2")
+            scheme, network, amount_text = payload.scheme, payload.network, req.max_amount_required
+        else:
+            if not isinstance(req, RequirementsV2):
+                return reject(reasons.INVALID_VERSION, "payload is x402 v2, requirements are v1")
+            if payload.accepted.scheme != req.scheme or payload.accepted.network != req.network:
+                return reject(
+                    reasons.INVALID_REQUIREMENTS, "payload.accepted does not match requirements"
+                )
+            scheme, network, amount_text = payload.accepted.scheme, payload.accepted.network, req.amount
+        if req.scheme != "exact":
+            return reject(reasons.UNSUPPORTED_SCHEME, f"scheme {req.scheme!r} is not supported")
+        if scheme != "exact":
+            return reject(reasons.INVALID_SCHEME, "payload scheme does not match requirements")
+        if network != req.network:
+            return reject(reasons.INVALID_NETWORK, "payload network does not match requirements")
+        chain = self._networks.get(req.network)
+        if chain is None:
+            return reject(reasons.INVALID_NETWORK, f"network {req.network!r} is not configured")
+        asset = _address(req.asset)
+        token = None if asset is None else chain.tokens.get(asset)
+        if token is None:
+            return reject(reasons.INVALID_REQUIREMENTS, f"asset {req.asset!r} is not configured")
+        extra = req.extra or {}
+        if ("name" in extra and extra["name"] != token.name) or (
+            "version" in extra and extra["version"] != token.version
+        ):
+            return reject(
+                reasons.INVALID_REQUIREMENTS,
+                "extra.name/version differ from the token's EIP-712 domain",
+            )
+        pay_to = _address(req.pay_to)
+        if pay_to is None:
+            return reject(reasons.INVALID_REQUIREMENTS, "payTo is not an address")
+        amount = _uint(amount_text)
+        if amount is None:
+            return reject(reasons.INVALID_REQUIREMENTS, "amount is not an unsigned integer")
+
+        payer = _address(auth.from_)
+        payee = _address(auth.to)
+        value = _uint(auth.value)
+        valid_after = _uint(auth.valid_after)
+        valid_before = _uint(auth.valid_before)
+        nonce = _bytes32(auth.nonce)
+        sig_raw = _hex(payload.payload.signature)
+        if (
+            payer is None
+            or payee is None
+            or value is None
+            or valid_after is None
+            or valid_before is None
+            or nonce is None
+            or sig_raw is None
+        ):
+            return reject(reasons.INVALID_PAYLOAD, "authorization fields are malformed")
+        if payee != pay_to:
+            return reject(reasons.RECIPIENT_MISMATCH, "authorization.to differs from payTo")
+        if value != amount:
+            return reject(reasons.VALUE_MISMATCH, "authorization.value differs from the amount")
+        if value > self._ingest.value_max:
+            return reject(reasons.INVALID_PAYLOAD, "value exceeds the engine's limit")
+        if valid_before < now + self._ingest.valid_before_margin_s:
+            return reject(reasons.VALID_BEFORE, "authorization expires too soon")
+        if valid_after > now + self._ingest.valid_after_tolerance_s:
+            return reject(reasons.VALID_AFTER, "authorization is not yet valid")
+        if valid_before > _UINT48_MAX or valid_after > _UINT48_MAX:
+            return reject(reasons.INVALID_PAYLOAD, "validAfter/validBefore beyond 2**48")
+        signature = crypto.normalize_signature(sig_raw)
+        if signature is None:
+            return reject(reasons.SIGNATURE, "signature is not a 65-byte low-s ECDSA signature")
+        digest = crypto.transfer_digest(
+            token.domain_separator, payer, payee, value, valid_after, valid_before, nonce
+        )
+        if crypto.recover_address(digest, signature) != payer:
+            return reject(reasons.SIGNATURE, "signature does not recover to authorization.from")
+        payment = Payment(
+            chain_id=chain.chain_id,
+            token=token.address,
+            payer=payer,
+            payee=payee,
+            value=value,
+            valid_after=valid_after,
+            valid_before=valid_before,
+            nonce=nonce,
+            signature=signature,
+            network=req.network,
+            x402_version=2 if isinstance(payload, PaymentPayloadV2) else 1,
+        )
+        return payment, None
+
+
+def decode(payload: Any, requirements: Any) -> tuple[PaymentPayload, PaymentRequirements] | Rejected:
+    """Decode a payload and requirements given as JSON bytes/str, dicts or Structs."""
+    try:
+        p = _decode_payload(payload)
+    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        return Rejected(reasons.INVALID_PAYLOAD, f"paymentPayload: {exc}")
+    try:
+        r = _decode_requirements(requirements, 1 if isinstance(p, PaymentPayloadV1) else 2)
+    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        return Rejected(reasons.INVALID_REQUIREMENTS, f"paymentRequirements: {exc}")
+    return p, r
+
+
+def _decode_payload(value: Any) -> PaymentPayload:
+    if isinstance(value, PaymentPayloadV1 | PaymentPayloadV2):
+        return value
+    if isinstance(value, bytes | bytearray | memoryview | str):
+        return _payload_decoder.decode(value)
+    if isinstance(value, dict) and value.get("x402Version") not in (1, 2):
+        raise msgspec.ValidationError("x402Version must be 1 or 2")
+    return msgspec.convert(value, PaymentPayload)  # type: ignore[arg-type]
+
+
+def _decode_requirements(value: Any, version: int) -> PaymentRequirements:
+    if isinstance(value, RequirementsV1 | RequirementsV2):
+        return value
+    if isinstance(value, bytes | bytearray | memoryview | str):
+        return (_req_v1_decoder if version == 1 else _req_v2_decoder).decode(value)
+    return msgspec.convert(value, RequirementsV1 if version == 1 else RequirementsV2)
+
+
+def _chain_spec(chain: ChainConfig) -> ChainSpec:
+    tokens: dict[bytes, TokenSpec] = {}
+    for token in chain.tokens:
+        tokens[_token_address(token)] = _token_spec(chain.chain_id, token)
+    return ChainSpec(chain.chain_id, tokens)
+
+
+def _token_address(token: TokenConfig) -> bytes:
+    raw = _address(token.address)
+    assert raw is not None, token.address
+    return raw
+
+
+def _token_spec(chain_id: int, token: TokenConfig) -> TokenSpec:
+    address = _token_address(token)
+    return TokenSpec(
+        chain_id,
+        address,
+        token.name,
+        token.version,
+        crypto.domain_separator(token.name, token.version, chain_id, address),
+    )
+
+
+def _hex(text: str) -> bytes | None:
+    if not text.startswith(("0x", "0X")):
+        return None
+    try:
+        return bytes.fromhex(text[2:])
+    except ValueError:
+        return None
+
+
+def _address(text: str) -> bytes | None:
+    raw = _hex(text) if len(text) == 42 else None
+    return raw if raw is not None and len(raw) == 20 else None
+
+
+def _bytes32(text: str) -> bytes | None:
+    raw = _hex(text) if len(text) == 66 else None
+    return raw if raw is not None and len(raw) == 32 else None
+
+
+def _uint(text: str) -> int | None:
+    # Decimal digits only: no sign, no whitespace, no underscores, bounded length (uint256).
+    if not text or len(text) > 78 or not text.isascii() or not text.isdigit():
+        return None
+    value = int(text)
+    return value if value < 2**256 else None
