@@ -17,7 +17,8 @@ _ZERO12 = bytes(12)
 
 
 def keccak256(data: bytes) -> bytes:
-    return sha3.keccak_256(data).digest()
+    digest: bytes = sha3.keccak_256(data).digest()
+    return digest
 
 
 EIP712_DOMAIN_TYPEHASH = keccak256(

@@ -56,6 +56,13 @@ class DedupIndex:
         heapq.heappush(self._expiry, (payment.valid_before, key))
         return Claim.NEW, record_id
 
+    def peek(self, payment: Payment) -> Claim:
+        """What :meth:`claim` would answer, without reserving anything."""
+        found = self._entries.get(payment.key)
+        if found is None:
+            return Claim.NEW
+        return Claim.SAME if found[1] == fingerprint(payment) else Claim.CONFLICT
+
     def release(self, payment: Payment, record_id: int) -> None:
         """Undo a claim whose durable write failed."""
         found = self._entries.get(payment.key)

@@ -284,19 +284,7 @@ class Ledger:
             OpenPayment(
                 id=int(r[0]),
                 accepted_at_ms=int(r[1]),
-                payment=Payment(
-                    chain_id=int(r[2]),
-                    network=str(r[3]),
-                    x402_version=int(r[4]),
-                    token=bytes.fromhex(str(r[5])[2:]),
-                    payer=bytes.fromhex(str(r[6])[2:]),
-                    payee=bytes.fromhex(str(r[7])[2:]),
-                    value=int(r[8]),
-                    valid_after=int(r[9]),
-                    valid_before=int(r[10]),
-                    nonce=bytes(r[11]),
-                    signature=bytes(r[12]),
-                ),
+                payment=_payment_from_row(r[2:13]),
                 state=str(r[13]),
                 batch_id=None if r[14] is None else int(r[14]),
             )
@@ -336,6 +324,16 @@ class Ledger:
         ).fetchone()
         assert ids is not None
         return Recovered(open_payments, open_batches, int(ids[0]) + 1, int(ids[1]) + 1)
+
+    def live_payments(self, valid_before_min: int) -> list[tuple[int, Payment]]:
+        """Payments whose authorization is still valid: their replay keys must stay known."""
+        rows = self._con.execute(
+            "SELECT id, chain_id, network, x402_version, token, payer, payee, value::VARCHAR,"
+            " valid_after, valid_before, nonce, signature FROM payments"
+            " WHERE valid_before >= ? ORDER BY id",
+            [valid_before_min],
+        ).fetchall()
+        return [(int(r[0]), _payment_from_row(r[1:12])) for r in rows]
 
     def outcome(self, payment_id: int) -> Outcome | None:
         row = self._con.execute(
@@ -445,6 +443,24 @@ class Ledger:
                 event.message,
             ],
         )
+
+
+def _payment_from_row(r: Sequence[Any]) -> Payment:
+    """(chain_id, network, x402_version, token, payer, payee, value, valid_after, valid_before,
+    nonce, signature) → Payment."""
+    return Payment(
+        chain_id=int(r[0]),
+        network=str(r[1]),
+        x402_version=int(r[2]),
+        token=bytes.fromhex(str(r[3])[2:]),
+        payer=bytes.fromhex(str(r[4])[2:]),
+        payee=bytes.fromhex(str(r[5])[2:]),
+        value=int(r[6]),
+        valid_after=int(r[7]),
+        valid_before=int(r[8]),
+        nonce=bytes(r[9]),
+        signature=bytes(r[10]),
+    )
 
 
 class AsyncLedger:

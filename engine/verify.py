@@ -14,6 +14,7 @@ import msgspec
 
 from . import crypto, reasons
 from .config import ChainConfig, EngineConfig, IngestConfig, TokenConfig
+from .model import Payment as Payment
 from .model import (
     PaymentPayload,
     PaymentPayloadV1,
@@ -23,7 +24,6 @@ from .model import (
     RequirementsV1,
     RequirementsV2,
 )
-from .model import Payment as Payment
 
 _payload_decoder = msgspec.json.Decoder(PaymentPayload)
 _req_v1_decoder = msgspec.json.Decoder(RequirementsV1)
@@ -89,7 +89,11 @@ class Verifier:
                 return reject(
                     reasons.INVALID_REQUIREMENTS, "payload.accepted does not match requirements"
                 )
-            scheme, network, amount_text = payload.accepted.scheme, payload.accepted.network, req.amount
+            scheme, network, amount_text = (
+                payload.accepted.scheme,
+                payload.accepted.network,
+                req.amount,
+            )
         if req.scheme != "exact":
             return reject(reasons.UNSUPPORTED_SCHEME, f"scheme {req.scheme!r} is not supported")
         if scheme != "exact":
@@ -171,12 +175,17 @@ class Verifier:
         return payment, None
 
 
-def decode(payload: Any, requirements: Any) -> tuple[PaymentPayload, PaymentRequirements] | Rejected:
+def decode(
+    payload: Any, requirements: Any
+) -> tuple[PaymentPayload, PaymentRequirements] | Rejected:
     """Decode a payload and requirements given as JSON bytes/str, dicts or Structs."""
     try:
         p = _decode_payload(payload)
     except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-        return Rejected(reasons.INVALID_PAYLOAD, f"paymentPayload: {exc}")
+        text = str(exc)
+        if "$.x402Version" in text:
+            return Rejected(reasons.INVALID_VERSION, f"paymentPayload: {text}")
+        return Rejected(reasons.INVALID_PAYLOAD, f"paymentPayload: {text}")
     try:
         r = _decode_requirements(requirements, 1 if isinstance(p, PaymentPayloadV1) else 2)
     except (msgspec.ValidationError, msgspec.DecodeError) as exc:
@@ -185,21 +194,27 @@ def decode(payload: Any, requirements: Any) -> tuple[PaymentPayload, PaymentRequ
 
 
 def _decode_payload(value: Any) -> PaymentPayload:
+    decoded: PaymentPayload
     if isinstance(value, PaymentPayloadV1 | PaymentPayloadV2):
         return value
     if isinstance(value, bytes | bytearray | memoryview | str):
-        return _payload_decoder.decode(value)
-    if isinstance(value, dict) and value.get("x402Version") not in (1, 2):
-        raise msgspec.ValidationError("x402Version must be 1 or 2")
-    return msgspec.convert(value, PaymentPayload)  # type: ignore[arg-type]
+        decoded = _payload_decoder.decode(value)
+    else:
+        decoded = msgspec.convert(value, PaymentPayload)
+    return decoded
 
 
 def _decode_requirements(value: Any, version: int) -> PaymentRequirements:
+    decoded: PaymentRequirements
     if isinstance(value, RequirementsV1 | RequirementsV2):
         return value
     if isinstance(value, bytes | bytearray | memoryview | str):
-        return (_req_v1_decoder if version == 1 else _req_v2_decoder).decode(value)
-    return msgspec.convert(value, RequirementsV1 if version == 1 else RequirementsV2)
+        decoded = (_req_v1_decoder if version == 1 else _req_v2_decoder).decode(value)
+    elif version == 1:
+        decoded = msgspec.convert(value, RequirementsV1)
+    else:
+        decoded = msgspec.convert(value, RequirementsV2)
+    return decoded
 
 
 def _chain_spec(chain: ChainConfig) -> ChainSpec:

@@ -1,0 +1,101 @@
+"""The batch stage (one per chain): pending pools per token, planned by the batching policy.
+
+Three tasks share the pools: one takes newly accepted payments (and stops taking them while
+the pools hold ``pool_max`` items: backpressure), one takes payments handed back by the submit
+and confirm stages (never blocked, so those stages cannot deadlock against this one), and one
+plans and sends batches to the submit stage.
+"""
+
+from __future__ import annotations
+
+import math
+
+import msgspec
+import trio
+
+from .clock import Clock
+from .policy import BatchPolicy, Limits, PendingItem, PendingPool, plan
+
+
+class Batch(msgspec.Struct):
+    token: bytes
+    items: list[PendingItem]
+
+
+class BatchStage:
+    def __init__(
+        self,
+        chain_id: int,
+        policy: BatchPolicy,
+        limits: Limits,
+        clock: Clock,
+        send: trio.MemorySendChannel[Batch],
+        pool_max: int = 1_000_000,
+    ) -> None:
+        self.chain_id = chain_id
+        self._policy = policy
+        self._limits = limits
+        self._clock = clock
+        self._send = send
+        self._pool_max = pool_max
+        self._pools: dict[bytes, PendingPool] = {}
+        self._changed = trio.Event()
+        self._space = trio.Event()
+        self.batches_planned = 0
+
+    def depth(self) -> int:
+        return sum(len(p) for p in self._pools.values())
+
+    def preload(self, items: list[PendingItem]) -> None:
+        """Queue recovered payments before the stage starts."""
+        self._add(items)
+
+    async def run(
+        self,
+        new_items: trio.MemoryReceiveChannel[list[PendingItem]],
+        requeued: trio.MemoryReceiveChannel[list[PendingItem]],
+    ) -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._take, new_items, True)
+            nursery.start_soon(self._take, requeued, False)
+            nursery.start_soon(self._flush)
+
+    def _add(self, items: list[PendingItem]) -> None:
+        now = self._clock.now()
+        for item in items:
+            pool = self._pools.get(item.payment.token)
+            if pool is None:
+                pool = self._pools[item.payment.token] = PendingPool()
+            pool.add(item, now)
+        self._changed.set()
+
+    async def _take(
+        self, receive: trio.MemoryReceiveChannel[list[PendingItem]], bounded: bool
+    ) -> None:
+        async with receive:
+            async for items in receive:
+                self._add(items)
+                while bounded and self.depth() >= self._pool_max:
+                    self._space = trio.Event()
+                    await self._space.wait()
+
+    async def _flush(self) -> None:
+        async with self._send:
+            while True:
+                wake = math.inf
+                sent = False
+                for token, pool in list(self._pools.items()):
+                    decision = plan(pool, self._policy, self._limits, self._clock.now())
+                    if decision.batch:
+                        self.batches_planned += 1
+                        await self._send.send(Batch(token, decision.batch))
+                        self._space.set()
+                        sent = True
+                    if decision.wake_at is not None:
+                        wake = min(wake, decision.wake_at)
+                if sent:
+                    continue  # plan again at once: more may be due
+                self._changed = trio.Event()
+                delay = wake - self._clock.now()
+                with trio.move_on_after(max(delay, 0.001)):
+                    await self._changed.wait()

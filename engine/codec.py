@@ -1,0 +1,213 @@
+"""Batch calldata and receipt-log codecs for the X402Batcher contract and Multicall3, no I/O.
+
+Compact item layout (165 bytes, big-endian, tightly packed), as ``X402Batcher.settle`` reads it:
+``from 20 | to 20 | value 16 | validAfter 6 | validBefore 6 | nonce 32 | r 32 | s 32 | v 1``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from enum import Enum
+
+from eth_abi.abi import decode as abi_decode
+from eth_abi.abi import encode as abi_encode
+import msgspec
+
+from . import reasons
+from .crypto import keccak256
+from .model import Payment
+
+ITEM_SIZE = 165
+
+
+def selector(signature: str) -> bytes:
+    return keccak256(signature.encode())[:4]
+
+
+def topic(signature: str) -> bytes:
+    return keccak256(signature.encode())
+
+
+SETTLE = selector("settle(address,bytes)")
+SIMULATE = selector("simulate(address,bytes)")
+AGGREGATE3 = selector("aggregate3((address,bool,bytes)[])")
+TRANSFER_WITH_AUTHORIZATION = selector(
+    "transferWithAuthorization(address,address,uint256,uint256,uint256,bytes32,uint8,bytes32,bytes32)"
+)
+AUTHORIZATION_STATE = selector("authorizationState(address,bytes32)")
+BALANCE_OF = selector("balanceOf(address)")
+ERROR_STRING = selector("Error(string)")
+PANIC = selector("Panic(uint256)")
+SIMULATION_RESULT = selector("SimulationResult(bytes[])")
+
+AUTHORIZATION_USED = topic("AuthorizationUsed(address,bytes32)")
+AUTHORIZATION_CANCELED = topic("AuthorizationCanceled(address,bytes32)")
+ITEM_FAILED = topic("ItemFailed(uint256,bytes)")
+CALL_FAILED = topic("CallFailed(uint256,bytes)")
+TRANSFER = topic("Transfer(address,address,uint256)")
+
+
+def pack_item(p: Payment) -> bytes:
+    sig = p.signature
+    return b"".join(
+        (
+            p.payer,
+            p.payee,
+            p.value.to_bytes(16, "big"),
+            p.valid_after.to_bytes(6, "big"),
+            p.valid_before.to_bytes(6, "big"),
+            p.nonce,
+            sig[0:32],
+            sig[32:64],
+            sig[64:65],
+        )
+    )
+
+
+def settle_calldata(token: bytes, items: Sequence[Payment], *, simulate: bool = False) -> bytes:
+    packed = b"".join(pack_item(p) for p in items)
+    head = SIMULATE if simulate else SETTLE
+    return head + abi_encode(["address", "bytes"], ["0x" + token.hex(), packed])
+
+
+def transfer_calldata(p: Payment) -> bytes:
+    sig = p.signature
+    return TRANSFER_WITH_AUTHORIZATION + abi_encode(
+        [
+            "address",
+            "address",
+            "uint256",
+            "uint256",
+            "uint256",
+            "bytes32",
+            "uint8",
+            "bytes32",
+            "bytes32",
+        ],
+        [
+            "0x" + p.payer.hex(),
+            "0x" + p.payee.hex(),
+            p.value,
+            p.valid_after,
+            p.valid_before,
+            p.nonce,
+            sig[64],
+            sig[0:32],
+            sig[32:64],
+        ],
+    )
+
+
+def aggregate3_calldata(token: bytes, items: Sequence[Payment]) -> bytes:
+    target = "0x" + token.hex()
+    calls = [(target, True, transfer_calldata(p)) for p in items]
+    return AGGREGATE3 + abi_encode(["(address,bool,bytes)[]"], [calls])
+
+
+def authorization_state_calldata(payer: bytes, nonce: bytes) -> bytes:
+    return AUTHORIZATION_STATE + bytes(12) + payer + nonce
+
+
+def balance_of_calldata(owner: bytes) -> bytes:
+    return BALANCE_OF + bytes(12) + owner
+
+
+# ------------------------------------------------------------------------- revert data
+
+
+def revert_message(data: bytes) -> str:
+    """Human-readable text of revert data (Error(string), Panic(uint256) or raw hex)."""
+    if data[:4] == ERROR_STRING:
+        try:
+            (text,) = abi_decode(["string"], data[4:])
+            return str(text)
+        except Exception:  # malformed revert data from an arbitrary contract
+            return "0x" + data.hex()
+    if data[:4] == PANIC and len(data) >= 36:
+        return f"panic 0x{int.from_bytes(data[4:36], 'big'):02x}"
+    if not data:
+        return "reverted without data"
+    return "0x" + data.hex()
+
+
+def failure_reason(data: bytes) -> tuple[str, str]:
+    """(x402 reason, message) for an item's revert data."""
+    message = revert_message(data)
+    return reasons.reason_for_revert(message), message
+
+
+def decode_simulation(revert_data: bytes) -> list[bytes] | None:
+    """Per-item revert data (empty = success) from ``simulate``'s SimulationResult revert."""
+    if revert_data[:4] != SIMULATION_RESULT:
+        return None
+    (items,) = abi_decode(["bytes[]"], revert_data[4:])
+    return [bytes(x) for x in items]
+
+
+def decode_aggregate3_result(return_data: bytes) -> list[tuple[bool, bytes]]:
+    (results,) = abi_decode(["(bool,bytes)[]"], return_data)
+    return [(bool(ok), bytes(data)) for ok, data in results]
+
+
+# ------------------------------------------------------------------------- receipt logs
+
+
+class Log(msgspec.Struct, rename="camel"):
+    address: str
+    topics: list[str]
+    data: str
+
+
+class Receipt(msgspec.Struct, rename="camel"):
+    transaction_hash: str
+    block_number: str
+    block_hash: str
+    status: str
+    gas_used: str
+    effective_gas_price: str = "0x0"
+    logs: list[Log] = msgspec.field(default_factory=list)
+
+
+class ItemStatus(Enum):
+    SETTLED = "settled"
+    FAILED = "failed"
+    UNKNOWN = "unknown"  # no trace in the logs (e.g. canonical Multicall3 emits no failures)
+
+
+class ItemOutcome(msgspec.Struct, frozen=True):
+    status: ItemStatus
+    reason: str | None = None
+    message: str | None = None
+
+
+def item_outcomes(
+    receipt: Receipt, batcher: bytes, token: bytes, items: Sequence[Payment]
+) -> list[ItemOutcome]:
+    """Each item's outcome from a mined batch's logs: the token's AuthorizationUsed event is
+    the proof of settlement; the batcher's ItemFailed / CallFailed event carries the reason."""
+    token_hex = "0x" + token.hex()
+    batcher_hex = "0x" + batcher.hex()
+    used: set[tuple[str, str]] = set()
+    failed: dict[int, bytes] = {}
+    used_topic = "0x" + AUTHORIZATION_USED.hex()
+    failed_topics = {"0x" + ITEM_FAILED.hex(), "0x" + CALL_FAILED.hex()}
+    for log in receipt.logs:
+        if not log.topics:
+            continue
+        address = log.address.lower()
+        t0 = log.topics[0].lower()
+        if address == token_hex and t0 == used_topic and len(log.topics) == 3:
+            used.add((log.topics[1].lower()[-40:], log.topics[2].lower()))
+        elif address == batcher_hex and t0 in failed_topics:
+            index, data = abi_decode(["uint256", "bytes"], bytes.fromhex(log.data[2:]))
+            failed[int(index)] = bytes(data)
+    out: list[ItemOutcome] = []
+    for i, p in enumerate(items):
+        if (p.payer.hex(), "0x" + p.nonce.hex()) in used:
+            out.append(ItemOutcome(ItemStatus.SETTLED))
+        elif i in failed:
+            reason, message = failure_reason(failed[i])
+            out.append(ItemOutcome(ItemStatus.FAILED, reason, message))
+        else:
+            out.append(ItemOutcome(ItemStatus.UNKNOWN))
+    return out

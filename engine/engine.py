@@ -1,0 +1,371 @@
+"""The engine: wires the stages together and offers the embedding API.
+
+    ingest (verify, dedup) ──► intake (group commit) ──► batch ──► submit ──► confirm
+                                   │ DuckDB ledger ◄──────────────────┴──────────┘
+
+``submit`` returns once the payment is durable. Everything else happens in trio tasks joined by
+bounded memory channels, one batch/submit/confirm chain of stages per configured chain.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from typing import Any
+
+import trio
+import trio.lowlevel
+
+from . import reasons
+from .batch import Batch, BatchStage
+from .clock import Clock, TrioWallClock
+from .config import ChainConfig, EngineConfig, signer_keys, validate
+from .confirm import ConfirmStage
+from .dedup import Claim, DedupIndex
+from .intake import IntakeRequest, IntakeStage
+from .ledger import AsyncLedger, Ledger, Recovered
+from .model import Accepted, Outcome, Payment, Rejected, hex_addr
+from .outcomes import Recorder, Statistics, Tracker
+from .policy import ImmediatePolicy, Limits, PendingItem
+from .rpc import Rpc, RpcError, RpcUnavailable
+from .signer import Signer, SignerPool
+from .submit import BatchIds, InflightBatch, SubmitStage
+from .verify import Verifier
+
+DEDUP_GRACE_S = 60
+DEDUP_SWEEP_S = 60.0
+
+
+class EngineError(RuntimeError):
+    """The engine cannot do what was asked (e.g. the ledger refused a write)."""
+
+
+class ChainMismatch(EngineError):
+    pass
+
+
+class _Chain:
+    """One chain's stages and the channels between them."""
+
+    def __init__(
+        self,
+        config: ChainConfig,
+        engine_config: EngineConfig,
+        rpc: Rpc,
+        signers: SignerPool,
+        recorder: Recorder,
+        clock: Clock,
+        batch_ids: BatchIds,
+        adopted: int,
+    ) -> None:
+        cap = engine_config.channel_capacity
+        self.config = config
+        self.rpc = rpc
+        self.signers = signers
+        self.slots = trio.Semaphore(max(0, config.max_inflight_batches - adopted))
+        self.new_send, self.new_recv = trio.open_memory_channel[list[PendingItem]](cap)
+        # Requeued items come from batches holding an in-flight slot: bounded by the slots.
+        requeue_cap = 2 * (config.max_inflight_batches + adopted) + 2
+        self.requeue_send, self.requeue_recv = trio.open_memory_channel[list[PendingItem]](
+            requeue_cap
+        )
+        self.batch_send, self.batch_recv = trio.open_memory_channel[Batch](2)
+        self.confirm_send, self.confirm_recv = trio.open_memory_channel[InflightBatch](
+            config.max_inflight_batches + 1
+        )
+        policy_cfg = engine_config.policy
+        limits = Limits(
+            max_batch_size=policy_cfg.max_batch_size,
+            gas_per_tx_max=config.gas_per_tx_max,
+            block_gas_limit=config.block_gas_limit,
+            gas_per_item_estimate=config.gas_per_item_estimate,
+            deadline_margin_s=policy_cfg.deadline_margin_s,
+        )
+        self.batch = BatchStage(
+            config.chain_id,
+            ImmediatePolicy(policy_cfg.max_wait_ms / 1000),
+            limits,
+            clock,
+            self.batch_send,
+        )
+        self.submit = SubmitStage(
+            config,
+            rpc,
+            signers,
+            recorder,
+            clock,
+            batch_ids,
+            self.slots,
+            self.requeue_send.clone(),
+            self.confirm_send,
+        )
+        self.confirm = ConfirmStage(config, rpc, recorder, clock, self.slots, self.requeue_send)
+
+    async def run(self) -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self.batch.run, self.new_recv, self.requeue_recv)
+            nursery.start_soon(self.submit.run, self.batch_recv)
+            nursery.start_soon(self.confirm.run, self.confirm_recv)
+
+
+class Engine:
+    """The batching settlement engine. Open it with :meth:`Engine.open`."""
+
+    def __init__(self, config: EngineConfig, clock: Clock, ledger: AsyncLedger) -> None:
+        self.config = config
+        self.clock = clock
+        self._ledger = ledger
+        self._verifier = Verifier(config)
+        self._dedup = DedupIndex()
+        self._tracker = Tracker()
+        self._recorder = Recorder(ledger, self._tracker, clock)
+        self._chains: dict[int, _Chain] = {}
+        self._next_id = 1
+        self._intake_pending: dict[int, IntakeRequest] = {}
+        self._intake_send, self._intake_recv = trio.open_memory_channel[IntakeRequest](
+            max(config.ledger.group_max, 1)
+        )
+        self._intake: IntakeStage | None = None
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    @classmethod
+    @asynccontextmanager
+    async def open(
+        cls,
+        config: EngineConfig,
+        *,
+        clock: Clock | None = None,
+        environ: Mapping[str, str] | None = None,
+    ) -> AsyncIterator[Engine]:
+        """Start the engine: recover from the ledger, then run until the block exits."""
+        validate(config)
+        ledger_sync = await trio.to_thread.run_sync(Ledger, config.ledger.path)
+        ledger = AsyncLedger(ledger_sync)
+        engine = cls(config, clock or TrioWallClock(), ledger)
+        rpcs: list[Rpc] = []
+        try:
+            recovered = await ledger.run(ledger_sync.recover)
+            await engine._restore_dedup(recovered)
+            for chain in config.chains:
+                rpc = Rpc(
+                    chain.rpc_url,
+                    timeout_s=chain.rpc_timeout_s,
+                    retries_max=chain.rpc_retries_max,
+                )
+                rpcs.append(rpc)
+                await engine._start_chain(chain, rpc, recovered, environ)
+            engine._requeue_unbatched(recovered)
+            async with trio.open_nursery() as nursery:
+                engine._intake = IntakeStage(
+                    ledger,
+                    engine._tracker,
+                    {cid: c.new_send for cid, c in engine._chains.items()},
+                    config.ledger.group_max,
+                )
+                nursery.start_soon(engine._intake.run, engine._intake_recv)
+                for chain_rt in engine._chains.values():
+                    nursery.start_soon(chain_rt.run)
+                nursery.start_soon(engine._sweep_dedup)
+                try:
+                    yield engine
+                finally:
+                    nursery.cancel_scope.cancel()
+        finally:
+            with trio.CancelScope(shield=True):
+                for rpc in rpcs:
+                    await rpc.aclose()
+                await ledger.run(ledger_sync.close)
+
+    async def _restore_dedup(self, recovered: Recovered) -> None:
+        self._next_id = recovered.next_payment_id
+        live = await self._ledger.run(
+            self._ledger.sync.live_payments, int(self.clock.now()) - DEDUP_GRACE_S
+        )
+        for rid, payment in live:
+            self._dedup.restore(payment, rid)
+        for op in recovered.open_payments:  # open ones even if expired: they must finish
+            self._dedup.restore(op.payment, op.id)
+
+    async def _start_chain(
+        self,
+        chain: ChainConfig,
+        rpc: Rpc,
+        recovered: Recovered,
+        environ: Mapping[str, str] | None,
+    ) -> None:
+        actual = await rpc.chain_id()
+        if actual != chain.chain_id:
+            raise ChainMismatch(f"{chain.rpc_url} is chain {actual}, configured {chain.chain_id}")
+        keys = signer_keys(chain, dict(environ) if environ is not None else None)
+        signers = SignerPool([Signer(k, chain.chain_id) for k in keys])
+        open_by_id = {op.id: op for op in recovered.open_payments}
+        batches = [b for b in recovered.open_batches if b.chain_id == chain.chain_id]
+        # Rebroadcast every recorded-but-unconfirmed batch before reading the account nonces,
+        # so that a batch written but never sent takes its own nonce and not a new batch's.
+        adopted: list[InflightBatch] = []
+        for record in sorted(batches, key=lambda b: (b.signer, b.account_nonce)):
+            # "already known", or its nonce is spent: the confirm stage decides.
+            with contextlib.suppress(RpcError):
+                await rpc.send_raw(record.raw_tx)
+            items = []
+            for pid in record.payment_ids:
+                op = open_by_id.pop(pid, None)
+                if op is not None:
+                    items.append(PendingItem(pid, op.payment, op.accepted_at_ms / 1000))
+            if not items:
+                continue
+            token = items[0].payment.token
+            target = bytes.fromhex((chain.multicall or chain.batcher)[2:])
+            adopted.append(InflightBatch(record, items, token, target, self.clock.now()))
+        for signer in signers.signers:
+            signer.next_nonce = await rpc.nonce(signer.address, "pending")
+        runtime = _Chain(
+            chain,
+            self.config,
+            rpc,
+            signers,
+            self._recorder,
+            self.clock,
+            BatchIds(recovered.next_batch_id + 1_000_000 * len(self._chains)),
+            len(adopted),
+        )
+        for batch in adopted:
+            runtime.confirm.adopt(batch)
+            for item in batch.items:
+                self._tracker.track(item, "submitted")
+        self._chains[chain.chain_id] = runtime
+        self._recovered_open = open_by_id
+
+    def _requeue_unbatched(self, recovered: Recovered) -> None:
+        adopted_ids = {
+            i.id
+            for c in self._chains.values()
+            for b in c.confirm._inflight.values()
+            for i in b.items
+        }
+        per_chain: dict[int, list[PendingItem]] = {}
+        for op in recovered.open_payments:
+            if op.id in adopted_ids:
+                continue
+            item = PendingItem(op.id, op.payment, op.accepted_at_ms / 1000)
+            per_chain.setdefault(op.payment.chain_id, []).append(item)
+            self._tracker.track(item)
+        for chain_id, items in per_chain.items():
+            runtime = self._chains.get(chain_id)
+            if runtime is None:
+                raise EngineError(
+                    f"the ledger holds unsettled payments on chain {chain_id}, which is not"
+                    " configured; add it back to settle them"
+                )
+            runtime.batch.preload(items)
+
+    async def _sweep_dedup(self) -> None:
+        while True:
+            await trio.sleep(DEDUP_SWEEP_S)
+            self._dedup.evict_expired(self.clock.now(), DEDUP_GRACE_S)
+
+    # -- the API ----------------------------------------------------------------------------
+
+    def check(self, payload: Any, requirements: Any) -> tuple[Payment | None, Rejected | None]:
+        """Verify without storing anything (the facilitator's /verify)."""
+        payment, rejected = self._verifier.check(payload, requirements, self.clock.now())
+        if payment is not None:
+            claim = self._dedup.peek(payment)
+            if claim is Claim.CONFLICT:
+                return None, Rejected(
+                    reasons.NONCE_USED,
+                    "another authorization uses this nonce",
+                    hex_addr(payment.payer),
+                )
+        return payment, rejected
+
+    async def submit(self, payload: Any, requirements: Any) -> Accepted | Rejected:
+        """Verify, deduplicate and durably record a payment.
+
+        Returns :class:`Accepted` (with the record id) only after the payment is committed to
+        the ledger; :class:`Rejected` with an x402 reason code otherwise (nothing stored).
+        Submitting the identical payload again returns the same id with ``duplicate=True``.
+        """
+        now = self.clock.now()
+        payment, rejected = self._verifier.check(payload, requirements, now)
+        if rejected is not None:
+            self._tracker.rejected[rejected.reason] += 1
+            return rejected
+        assert payment is not None
+        payer = hex_addr(payment.payer)
+        rid = self._next_id
+        claim, owner = self._dedup.claim(payment, rid)
+        if claim is Claim.CONFLICT:
+            self._tracker.rejected[reasons.NONCE_USED] += 1
+            return Rejected(reasons.NONCE_USED, "another authorization uses this nonce", payer)
+        if claim is Claim.SAME:
+            pending = self._intake_pending.get(owner)
+            if pending is not None:
+                await pending.done.wait()
+                if pending.error is not None:
+                    raise EngineError(f"ledger write failed: {pending.error}") from pending.error
+            self._tracker.duplicates += 1
+            return Accepted(owner, payer, duplicate=True)
+        self._next_id += 1
+        request = IntakeRequest(PendingItem(rid, payment, now))
+        self._intake_pending[rid] = request
+        try:
+            await self._intake_send.send(request)
+            with trio.CancelScope(shield=True):  # once queued, see it through
+                await request.done.wait()
+        except BaseException:
+            if not request.done.is_set():
+                self._dedup.release(payment, rid)
+            raise
+        finally:
+            self._intake_pending.pop(rid, None)
+        if request.error is not None:
+            self._dedup.release(payment, rid)
+            raise EngineError(f"ledger write failed: {request.error}") from request.error
+        return Accepted(rid, payer, duplicate=False)
+
+    async def status(self, record_id: int) -> Outcome | None:
+        """The current state of a payment (None: no such record)."""
+        current = self._tracker.current(record_id)
+        if current is not None:
+            return current
+        return await self._ledger.run(self._ledger.sync.outcome, record_id)
+
+    async def wait(self, record_id: int, timeout_s: float = math.inf) -> Outcome:
+        """Wait until the payment reaches a final state (settled or failed).
+
+        Raises KeyError for an unknown id and trio.TooSlowError on timeout."""
+        with trio.fail_after(timeout_s):
+            outcome = await self._tracker.wait_final(record_id)
+        if outcome is None:
+            outcome = await self._ledger.run(self._ledger.sync.outcome, record_id)
+        if outcome is None:
+            raise KeyError(record_id)
+        return outcome
+
+    async def history(self, record_id: int) -> list[dict[str, Any]]:
+        return await self._ledger.run(self._ledger.sync.history, record_id)
+
+    async def drain(self, timeout_s: float = math.inf) -> None:
+        """Wait until every accepted payment is final."""
+        with trio.fail_after(timeout_s):
+            while self._tracker.pending() or self._intake_pending:
+                await self._tracker.all_final.wait()
+                await trio.lowlevel.checkpoint()
+
+    def statistics(self) -> Statistics:
+        return self._tracker.snapshot()
+
+    def queue_depths(self) -> dict[int, int]:
+        """Pending (unbatched) items per chain."""
+        return {cid: c.batch.depth() for cid, c in self._chains.items()}
+
+    async def query(self, sql: str, params: list[Any] | None = None) -> list[tuple[Any, ...]]:
+        """Read-only SQL against the ledger (reports, tests)."""
+        return await self._ledger.run(self._ledger.sync.query, sql, params)
+
+
+__all__ = ["ChainMismatch", "Engine", "EngineError", "RpcUnavailable"]

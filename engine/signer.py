@@ -1,0 +1,81 @@
+"""The facilitator's gas-paying accounts: local account-nonce allocation and signing.
+
+Nonces are read from the node once (``pending``) at start and then allocated locally, one per
+batch, so there is no ``eth_getTransactionCount`` per transaction and no race between batches.
+"""
+
+from __future__ import annotations
+
+from eth_account import Account
+
+from . import crypto
+from .config import SignerKey
+from .model import hex_addr
+
+
+class SignedTx:
+    __slots__ = ("nonce", "raw", "tx_hash")
+
+    def __init__(self, raw: bytes, tx_hash: str, nonce: int) -> None:
+        self.raw = raw
+        self.tx_hash = tx_hash
+        self.nonce = nonce
+
+
+class Signer:
+    def __init__(self, key: SignerKey, chain_id: int) -> None:
+        self._key = key
+        self.chain_id = chain_id
+        self.address = hex_addr(crypto.private_key_address(key.secret))
+        self.next_nonce: int | None = None
+
+    def __repr__(self) -> str:
+        return f"Signer({self.address}, next_nonce={self.next_nonce})"
+
+    def sign(
+        self,
+        *,
+        to: bytes,
+        data: bytes,
+        gas: int,
+        max_fee_per_gas: int,
+        max_priority_fee_per_gas: int,
+    ) -> SignedTx:
+        """Sign with the next local nonce and advance it."""
+        assert self.next_nonce is not None, "nonce not initialised"
+        nonce = self.next_nonce
+        tx = {
+            "type": 2,
+            "chainId": self.chain_id,
+            "nonce": nonce,
+            "to": "0x" + to.hex(),
+            "value": 0,
+            "data": "0x" + data.hex(),
+            "gas": gas,
+            "maxFeePerGas": max_fee_per_gas,
+            "maxPriorityFeePerGas": max_priority_fee_per_gas,
+            "accessList": [],
+        }
+        signed = Account.sign_transaction(tx, self._key.secret)
+        self.next_nonce = nonce + 1
+        return SignedTx(bytes(signed.raw_transaction), "0x" + bytes(signed.hash).hex(), nonce)
+
+
+class SignerPool:
+    """Round-robin over a chain's signers."""
+
+    def __init__(self, signers: list[Signer]) -> None:
+        assert signers
+        self.signers = signers
+        self._next = 0
+
+    def next(self) -> Signer:
+        signer = self.signers[self._next % len(self.signers)]
+        self._next += 1
+        return signer
+
+    def by_address(self, address: str) -> Signer | None:
+        for s in self.signers:
+            if s.address == address.lower():
+                return s
+        return None

@@ -1,0 +1,246 @@
+"""The submit stage (one per chain): simulate, size, price, sign, record, broadcast.
+
+For each planned batch: drop items that can no longer make their deadline; ``eth_call`` the
+batch and fail the items that would revert (with the token's reason); ``eth_estimateGas`` and
+split if the batch would exceed the per-transaction gas cap; choose EIP-1559 fees under the
+configured maximum; sign with a local nonce; write the signed transaction and the items'
+``submitted`` state to the ledger (write-ahead), and only then broadcast.
+"""
+
+from __future__ import annotations
+
+import msgspec
+import trio
+
+from . import codec, reasons
+from .batch import Batch
+from .clock import Clock
+from .config import ChainConfig
+from .fees import Fees, choose_fees
+from .ledger import BatchRecord
+from .outcomes import Recorder
+from .policy import PendingItem
+from .rpc import Rpc, RpcError, RpcUnavailable
+from .signer import Signer, SignerPool
+
+SEND_MARGIN_S = 4  # an item must have this long before validBefore to be worth sending
+ATTEMPTS_MAX = 5  # batches an item may be planned into before it is failed
+FEE_WAIT_MAX_S = 120.0
+
+
+class InflightBatch(msgspec.Struct):
+    record: BatchRecord
+    items: list[PendingItem]
+    token: bytes
+    target: bytes
+    sent_at: float
+
+
+class BatchIds:
+    """Allocates batch ids (one counter for all chains)."""
+
+    def __init__(self, first: int) -> None:
+        self._next = first
+
+    def next(self) -> int:
+        value = self._next
+        self._next += 1
+        return value
+
+
+class SubmitStage:
+    def __init__(
+        self,
+        chain: ChainConfig,
+        rpc: Rpc,
+        signers: SignerPool,
+        recorder: Recorder,
+        clock: Clock,
+        batch_ids: BatchIds,
+        slots: trio.Semaphore,
+        requeue: trio.MemorySendChannel[list[PendingItem]],
+        confirm: trio.MemorySendChannel[InflightBatch],
+    ) -> None:
+        self.chain = chain
+        self._rpc = rpc
+        self._signers = signers
+        self._recorder = recorder
+        self._clock = clock
+        self._batch_ids = batch_ids
+        self._slots = slots
+        self._requeue = requeue
+        self._confirm = confirm
+        self._batcher = bytes.fromhex(chain.batcher[2:])
+        self._aggregate_target = bytes.fromhex((chain.multicall or chain.batcher)[2:])
+        self.dropped_in_simulation = 0
+
+    async def run(self, receive: trio.MemoryReceiveChannel[Batch]) -> None:
+        async with receive, self._requeue, self._confirm:
+            async for batch in receive:
+                await self._process(batch.token, batch.items)
+
+    async def _process(self, token: bytes, items: list[PendingItem]) -> None:
+        now = self._clock.now()
+        late = [i for i in items if i.payment.valid_before <= now + SEND_MARGIN_S]
+        if late:
+            await self._recorder.fail(
+                late, reasons.VALID_BEFORE, "authorization expired before it could be sent"
+            )
+        items = [i for i in items if i.payment.valid_before > now + SEND_MARGIN_S]
+        exhausted = [i for i in items if i.attempts >= ATTEMPTS_MAX]
+        if exhausted:
+            await self._recorder.fail(
+                exhausted, reasons.UNEXPECTED_SETTLE, f"not settled after {ATTEMPTS_MAX} batches"
+            )
+        items = [
+            msgspec.structs.replace(i, attempts=i.attempts + 1)
+            for i in items
+            if i.attempts < ATTEMPTS_MAX
+        ]
+        if not items:
+            return
+        try:
+            if self.chain.simulate:
+                items = await self._simulate(token, items)
+            if items:
+                await self._send_sized(token, items)
+        except (RpcUnavailable, RpcError) as exc:
+            await self._give_back(items, f"RPC trouble before sending: {exc}")
+
+    async def _give_back(self, items: list[PendingItem], message: str) -> None:
+        await self._recorder.requeued(items, message)
+        await trio.sleep(self.chain.poll_interval_ms / 1000)
+        await self._requeue.send(items)
+
+    def _calldata(self, token: bytes, items: list[PendingItem], simulate: bool = False) -> bytes:
+        payments = [i.payment for i in items]
+        if self.chain.mode == "compact":
+            return codec.settle_calldata(token, payments, simulate=simulate)
+        return codec.aggregate3_calldata(token, payments)
+
+    def _target(self) -> bytes:
+        return self._batcher if self.chain.mode == "compact" else self._aggregate_target
+
+    async def _simulate(self, token: bytes, items: list[PendingItem]) -> list[PendingItem]:
+        """eth_call the batch; fail the items that would revert; return the rest."""
+        sender = self._signers.signers[0].address
+        data = self._calldata(token, items, simulate=True)
+        per_item: list[tuple[bool, bytes]]  # (succeeds, revert data) per item
+        if self.chain.mode == "compact":
+            try:
+                await self._rpc.eth_call(self._batcher, data, sender)
+                raise RpcUnavailable("simulate() returned instead of reverting")
+            except RpcError as exc:
+                revert = exc.revert_data
+                decoded = None if revert is None else codec.decode_simulation(revert)
+                if decoded is None:
+                    raise
+                per_item = [(not d, d) for d in decoded]
+        else:
+            returned = await self._rpc.eth_call(self._aggregate_target, data, sender)
+            per_item = codec.decode_aggregate3_result(returned)
+            # A sub-call that "succeeds" against an account with no code returns nothing; the
+            # token's transferWithAuthorization also returns nothing, so that cannot be told apart
+            # here: the receipt's AuthorizationUsed log is the proof of settlement.
+        if len(per_item) != len(items):
+            raise RpcUnavailable("simulation returned a result per item count mismatch")
+        keep: list[PendingItem] = []
+        failures: dict[tuple[str, str], list[PendingItem]] = {}
+        for item, (ok, revert) in zip(items, per_item, strict=True):
+            if ok:
+                keep.append(item)
+            else:
+                failures.setdefault(codec.failure_reason(revert), []).append(item)
+        for (reason, message), failed in failures.items():
+            self.dropped_in_simulation += len(failed)
+            await self._recorder.fail(failed, reason, f"simulation: {message}")
+        return keep
+
+    async def _send_sized(self, token: bytes, items: list[PendingItem]) -> None:
+        signer = self._signers.next()
+        data = self._calldata(token, items)
+        target = self._target()
+        try:
+            estimate = await self._rpc.estimate_gas(target, data, signer.address)
+        except RpcError:
+            if len(items) == 1:
+                raise
+            estimate = self.chain.gas_per_tx_max + 1  # too big or reverting: split and see
+        limit = min(estimate * 5 // 4 + 20_000, self.chain.gas_per_tx_max)
+        if estimate > self.chain.gas_per_tx_max and len(items) > 1:
+            half = len(items) // 2
+            await self._send_sized(token, items[:half])
+            await self._send_sized(token, items[half:])
+            return
+        fees = await self._fees()
+        if fees is None:
+            await self._give_back(items, "base fee above max_fee_per_gas_wei")
+            return
+        await self._sign_record_broadcast(signer, token, target, data, limit, fees, items)
+
+    async def _fees(self) -> Fees | None:
+        waited = 0.0
+        while True:
+            fees = choose_fees(
+                await self._rpc.base_fee(),
+                self.chain.priority_fee_wei,
+                self.chain.max_fee_per_gas_wei,
+            )
+            if fees is not None or waited >= FEE_WAIT_MAX_S:
+                return fees
+            await trio.sleep(1.0)
+            waited += 1.0
+
+    async def _sign_record_broadcast(
+        self,
+        signer: Signer,
+        token: bytes,
+        target: bytes,
+        data: bytes,
+        gas_limit: int,
+        fees: Fees,
+        items: list[PendingItem],
+    ) -> None:
+        await self._slots.acquire()
+        signed = signer.sign(
+            to=target,
+            data=data,
+            gas=gas_limit,
+            max_fee_per_gas=fees.max_fee_per_gas,
+            max_priority_fee_per_gas=fees.max_priority_fee_per_gas,
+        )
+        record = BatchRecord(
+            id=self._batch_ids.next(),
+            chain_id=self.chain.chain_id,
+            mode=self.chain.mode,
+            signer=signer.address,
+            account_nonce=signed.nonce,
+            gas_limit=gas_limit,
+            max_fee_per_gas=fees.max_fee_per_gas,
+            tx_hash=signed.tx_hash,
+            raw_tx=signed.raw,
+            payment_ids=[i.id for i in items],
+        )
+        try:
+            await self._recorder.batch_sent(record, items)
+        except BaseException:
+            signer.next_nonce = signed.nonce  # nothing was recorded or sent: reuse the nonce
+            self._slots.release()
+            raise
+        # From here the batch is on record: the confirm stage owns it whatever happens next.
+        try:
+            await self._rpc.send_raw(signed.raw)
+        except RpcError as exc:
+            if not _already_known(exc):
+                # Rejected outright: the nonce may be free again. Re-read it from the node; the
+                # confirm stage sees the nonce unused and no receipt, and rebroadcasts or
+                # reconciles.
+                signer.next_nonce = await self._rpc.nonce(signer.address)
+        except RpcUnavailable:
+            pass  # unknown whether it arrived: the confirm stage rebroadcasts
+        await self._confirm.send(InflightBatch(record, items, token, target, self._clock.now()))
+
+
+def _already_known(exc: RpcError) -> bool:
+    text = exc.message.lower()
+    return "already known" in text or "already imported" in text
