@@ -9,9 +9,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from enum import Enum
 
+import msgspec
 from eth_abi.abi import decode as abi_decode
 from eth_abi.abi import encode as abi_encode
-import msgspec
 
 from . import reasons
 from .crypto import keccak256

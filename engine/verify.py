@@ -78,6 +78,8 @@ class Verifier:
         def reject(reason: str, message: str) -> tuple[None, Rejected]:
             return None, Rejected(reason, message, payer_text)
 
+        if req.scheme != "exact":
+            return reject(reasons.UNSUPPORTED_SCHEME, f"scheme {req.scheme!r} is not supported")
         if isinstance(payload, PaymentPayloadV1):
             if not isinstance(req, RequirementsV1):
                 return reject(reasons.INVALID_VERSION, "payload is x402 v1, requirements are v2")
@@ -94,8 +96,6 @@ class Verifier:
                 payload.accepted.network,
                 req.amount,
             )
-        if req.scheme != "exact":
-            return reject(reasons.UNSUPPORTED_SCHEME, f"scheme {req.scheme!r} is not supported")
         if scheme != "exact":
             return reject(reasons.INVALID_SCHEME, "payload scheme does not match requirements")
         if network != req.network:
