@@ -1,0 +1,32 @@
+"""x402 batch settlement engine.
+
+Embed it in a trio program with :class:`Engine` (``async with Engine.open(config) as engine``),
+or in any other program with the thread-safe :class:`EngineHandle`.
+"""
+
+from __future__ import annotations
+
+from .clock import Clock, ManualClock, SystemClock, TrioWallClock
+from .config import ConfigError, EngineConfig, load_config
+from .engine import ChainMismatch, Engine, EngineError
+from .handle import EngineHandle
+from .model import Accepted, Outcome, Rejected
+from .outcomes import Statistics
+
+__all__ = [
+    "Accepted",
+    "ChainMismatch",
+    "Clock",
+    "ConfigError",
+    "Engine",
+    "EngineConfig",
+    "EngineError",
+    "EngineHandle",
+    "ManualClock",
+    "Outcome",
+    "Rejected",
+    "Statistics",
+    "SystemClock",
+    "TrioWallClock",
+    "load_config",
+]

@@ -20,6 +20,7 @@ import msgspec
 import trio
 from eth_abi.abi import encode as abi_encode
 from eth_account import Account
+from eth_utils.address import to_checksum_address
 
 from . import artifacts, codec, crypto
 from .config import ChainConfig, EngineConfig, LedgerConfig, PolicyConfig, TokenConfig
@@ -172,7 +173,7 @@ class Deployer:
             "maxPriorityFeePerGas": 10**9,
         }
         if to is not None:
-            tx["to"] = to
+            tx["to"] = to_checksum_address(to)
         signed = Account.sign_transaction(tx, self.key)
         self.nonce += 1
         tx_hash = await self.rpc.send_raw(bytes(signed.raw_transaction))

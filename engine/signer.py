@@ -7,6 +7,7 @@ batch, so there is no ``eth_getTransactionCount`` per transaction and no race be
 from __future__ import annotations
 
 from eth_account import Account
+from eth_utils.address import to_checksum_address
 
 from . import crypto
 from .config import SignerKey
@@ -48,7 +49,7 @@ class Signer:
             "type": 2,
             "chainId": self.chain_id,
             "nonce": nonce,
-            "to": "0x" + to.hex(),
+            "to": to_checksum_address("0x" + to.hex()),
             "value": 0,
             "data": "0x" + data.hex(),
             "gas": gas,

@@ -17,7 +17,9 @@ LIMITS = Limits(
 )
 
 
-def _item(i: int, *, arrived: float = NOW, valid_after: int = 0, valid_before: int = 0) -> PendingItem:
+def _item(
+    i: int, *, arrived: float = NOW, valid_after: int = 0, valid_before: int = 0
+) -> PendingItem:
     p = Payment(
         chain_id=1,
         token=b"\x01" * 20,

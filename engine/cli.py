@@ -1,0 +1,119 @@
+"""``x402-engine``: the command line."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import time
+from pathlib import Path
+
+import msgspec
+import trio
+from rich.console import Console
+
+from .config import dump_config
+from .devchain import Anvil, engine_config, setup_devchain
+
+
+def _devchain(args: argparse.Namespace) -> int:
+    console = Console()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    anvil = Anvil(args.port, block_time_s=args.block_time, log_path=out / "anvil.log")
+    try:
+        dev = trio.run(lambda: setup_devchain(anvil.url, payers=args.payers))
+        config, env = engine_config(dev, str(out / "ledger.duckdb"))
+        (out / "engine.toml").write_bytes(dump_config(config))
+        (out / "signer.env").write_text("".join(f"{k}={v}\n" for k, v in env.items()))
+        (out / "signer.env").chmod(0o600)
+        (out / "devchain.json").write_bytes(msgspec.json.format(msgspec.json.encode(dev)))
+        (out / "devchain.json").chmod(0o600)
+        console.print(f"anvil      {anvil.url} (chain id {dev.chain_id})")
+        console.print(f"token      {dev.token}  ({dev.token_name} v{dev.token_version})")
+        console.print(f"batcher    {dev.batcher}")
+        console.print(f"payee      {dev.payee}")
+        console.print(f"payers     {len(dev.payer_keys)} funded (keys in {out / 'devchain.json'})")
+        console.print(f"config     {out / 'engine.toml'}; signer keys in {out / 'signer.env'}")
+        if args.exit:
+            return 0
+        console.print("running; Ctrl-C stops anvil")
+        stop = False
+
+        def _stop(*_: object) -> None:
+            nonlocal stop
+            stop = True
+
+        signal.signal(signal.SIGTERM, _stop)
+        try:
+            while not stop and anvil.process.poll() is None:
+                time.sleep(0.5)
+        except KeyboardInterrupt:
+            pass
+        return 0
+    finally:
+        anvil.stop()
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import print_result, run_demo
+
+    console = Console()
+    result = trio.run(
+        lambda: run_demo(
+            payments=args.payments,
+            payers=args.payers,
+            value=args.value,
+            concurrency=args.concurrency,
+            block_time_s=args.block_time,
+            mode=args.mode,
+            ledger_dir=Path(args.ledger_dir) if args.ledger_dir else None,
+            console=console,
+        )
+    )
+    print_result(result, console)
+    if args.json:
+        Path(args.json).write_bytes(msgspec.json.format(msgspec.json.encode(result)))
+    ok = (
+        result.settled == result.accepted
+        and result.payee_received == result.payee_expected
+        and result.accepted == result.payments
+    )
+    if not ok:
+        console.print("[red]demo: not every accepted payment settled[/red]")
+    return 0 if ok else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="x402-engine", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    dc = sub.add_parser("devchain", help="start anvil, deploy token + batcher, fund payers")
+    dc.add_argument("--port", type=int, default=8545)
+    dc.add_argument("--payers", type=int, default=100)
+    dc.add_argument("--block-time", type=float, default=1.0, help="seconds; 0 = automine")
+    dc.add_argument("--out", default="devchain", help="directory for config and keys")
+    dc.add_argument("--exit", action="store_true", help="set up, write files, stop anvil, exit")
+    dc.set_defaults(func=_devchain)
+
+    demo = sub.add_parser("demo", help="devchain + engine + a synthetic load of payments")
+    demo.add_argument("--payments", type=int, default=5000)
+    demo.add_argument("--payers", type=int, default=500)
+    demo.add_argument("--value", type=int, default=1000, help="base units ($0.001 in USDC)")
+    demo.add_argument("--concurrency", type=int, default=64)
+    demo.add_argument("--block-time", type=float, default=1.0, help="seconds; 0 = automine")
+    demo.add_argument("--mode", choices=["compact", "aggregate3"], default="compact")
+    demo.add_argument("--ledger-dir", default=None, help="default: a new temporary directory")
+    demo.add_argument("--json", default=None, help="also write the results here")
+    demo.set_defaults(func=_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    code: int = args.func(args)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

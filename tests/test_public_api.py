@@ -1,0 +1,23 @@
+import engine
+
+
+def test_public_names_are_pinned() -> None:
+    assert sorted(engine.__all__) == [
+        "Accepted",
+        "ChainMismatch",
+        "Clock",
+        "ConfigError",
+        "Engine",
+        "EngineConfig",
+        "EngineError",
+        "EngineHandle",
+        "ManualClock",
+        "Outcome",
+        "Rejected",
+        "Statistics",
+        "SystemClock",
+        "TrioWallClock",
+        "load_config",
+    ]
+    for name in engine.__all__:
+        assert getattr(engine, name) is not None
