@@ -132,7 +132,7 @@ async def _make_failures(
     cases["cancelled"] = (cancelled, cancelled_req)
     # Valid by the engine's (skewed) clock, already expired by the chain's.
     real_now = int(time.time())
-    expired, expired_req = payment_v2(domain, keys[3], payee, VALUE, engine_now, valid_for_s=0)
+    expired, expired_req = payment_v2(domain, keys[3], payee, VALUE, engine_now, valid_for_s=60)
     assert int(expired.payload.authorization.valid_before) < real_now
     cases[reasons.VALID_BEFORE] = (expired, expired_req)
     return cases

@@ -92,7 +92,15 @@ async def test_sigkill_after_ack_then_restart_settles_every_payment_exactly_once
         os.kill(first.pid, signal.SIGKILL)
         first.wait()
 
-    # One of the two pending batches is mined while the engine is down; one stays pending.
+    # At the kill: some payments sat in sent-but-unmined batches, the rest only in the ledger.
+    ledger = Ledger(tmp_path / "ledger.duckdb")
+    recovered = ledger.recover()
+    ledger.close()
+    states = [op.state for op in recovered.open_payments]
+    assert len(states) == PAYMENTS
+    assert 0 < states.count("submitted") < PAYMENTS
+    assert len(recovered.open_batches) >= 1
+    # Mine what was pending while the engine is down; the restart must find those receipts.
     await rpc.call("evm_mine", [])
     second = _child([str(cfg_path), str(env_path), str(work_path), "recover"])
     try:

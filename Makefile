@@ -1,0 +1,37 @@
+# Everything a fresh machine needs (Python 3.11+, node/npm, the package registries).
+#   make demo   - set up, then run the demo on a local anvil with the embedded DuckDB
+#   make test   - set up, then lint, type-check and run the test suite
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: setup demo test lint bench gas clean
+
+setup: $(VENV)/.installed contracts/node_modules/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+contracts/node_modules/.installed: contracts/package.json contracts/package-lock.json
+	cd contracts && npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+demo: setup
+	$(BIN)/x402-engine demo
+
+lint: setup
+	$(BIN)/ruff check engine tests benchmarks
+	$(BIN)/ruff format --check engine tests benchmarks
+	$(BIN)/mypy
+
+test: lint
+	$(BIN)/pytest
+
+gas: setup
+	$(BIN)/python -m benchmarks.gas
+
+clean:
+	rm -rf $(VENV) contracts/node_modules .pytest_cache .mypy_cache .ruff_cache
