@@ -38,7 +38,7 @@ AUTHORIZATION_STATE = selector("authorizationState(address,bytes32)")
 BALANCE_OF = selector("balanceOf(address)")
 ERROR_STRING = selector("Error(string)")
 PANIC = selector("Panic(uint256)")
-SIMULATION_RESULT = selector("SimulationResult(bytes[])")
+SIMULATION_RESULT = selector("SimulationResult(bool[],bytes[])")
 
 AUTHORIZATION_USED = topic("AuthorizationUsed(address,bytes32)")
 AUTHORIZATION_CANCELED = topic("AuthorizationCanceled(address,bytes32)")
@@ -136,12 +136,14 @@ def failure_reason(data: bytes) -> tuple[str, str]:
     return reasons.reason_for_revert(message), message
 
 
-def decode_simulation(revert_data: bytes) -> list[bytes] | None:
-    """Per-item revert data (empty = success) from ``simulate``'s SimulationResult revert."""
+def decode_simulation(revert_data: bytes) -> list[tuple[bool, bytes]] | None:
+    """Per item (succeeded, revert data) from ``simulate``'s SimulationResult revert."""
     if revert_data[:4] != SIMULATION_RESULT:
         return None
-    (items,) = abi_decode(["bytes[]"], revert_data[4:])
-    return [bytes(x) for x in items]
+    ok, data = abi_decode(["bool[]", "bytes[]"], revert_data[4:])
+    if len(ok) != len(data):
+        return None
+    return [(bool(a), bytes(b)) for a, b in zip(ok, data, strict=True)]
 
 
 def decode_aggregate3_result(return_data: bytes) -> list[tuple[bool, bytes]]:

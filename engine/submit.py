@@ -135,7 +135,7 @@ class SubmitStage:
                 decoded = None if revert is None else codec.decode_simulation(revert)
                 if decoded is None:
                     raise
-                per_item = [(not d, d) for d in decoded]
+                per_item = decoded
         else:
             returned = await self._rpc.eth_call(self._aggregate_target, data, sender)
             per_item = codec.decode_aggregate3_result(returned)

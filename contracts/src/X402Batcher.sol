@@ -40,8 +40,9 @@ contract X402Batcher {
     ///         (empty when the token has no code or the call ran out of gas without data).
     event ItemFailed(uint256 index, bytes reason);
 
-    /// @notice Always raised by `simulate`: one entry per item, empty bytes for success.
-    error SimulationResult(bytes[] reasons);
+    /// @notice Always raised by `simulate`: per item, whether it succeeded and its revert data
+    ///         (a failure can have empty revert data, so success is reported separately).
+    error SimulationResult(bool[] ok, bytes[] reasons);
 
     uint256 private constant ITEM_SIZE = 165;
 
@@ -128,35 +129,19 @@ contract X402Batcher {
     }
 
     /// @notice Runs exactly the calls `settle` would, then ALWAYS reverts with
-    ///         SimulationResult(reasons): reasons[i] is item i's revert data, empty on success.
+    ///         SimulationResult(ok, reasons): ok[i] tells whether item i succeeded and
+    ///         reasons[i] is its revert data (empty on success, possibly empty on failure).
     ///         Meant for eth_call only; it can never change state.
     function simulate(address token, bytes calldata items) external {
         require(items.length % ITEM_SIZE == 0, "X402Batcher: bad items length");
         uint256 n = items.length / ITEM_SIZE;
         bytes[] memory reasons = new bytes[](n);
+        bool[] memory succeeded = new bool[](n);
         bytes memory buf = new bytes(PAYLOAD_SIZE);
         bool hasCode = token.code.length > 0;
         for (uint256 i; i < n; ) {
-            bool ok;
-            if (hasCode) {
-                assembly ("memory-safe") {
-                    let p := add(items.offset, mul(i, ITEM_SIZE))
-                    let b := add(buf, 0x20)
-                    mstore(b, shl(224, TRANSFER_WITH_AUTHORIZATION_SELECTOR))
-                    mstore(add(b, 0x04), shr(96, calldataload(p)))
-                    mstore(add(b, 0x24), shr(96, calldataload(add(p, 20))))
-                    mstore(add(b, 0x44), shr(128, calldataload(add(p, 40))))
-                    mstore(add(b, 0x64), shr(208, calldataload(add(p, 56))))
-                    mstore(add(b, 0x84), shr(208, calldataload(add(p, 62))))
-                    mstore(add(b, 0xa4), calldataload(add(p, 68)))
-                    mstore(add(b, 0xc4), shr(248, calldataload(add(p, 164))))
-                    mstore(add(b, 0xe4), calldataload(add(p, 100)))
-                    mstore(add(b, 0x104), calldataload(add(p, 132)))
-                    let g := gas()
-                    ok := call(g, token, 0, b, PAYLOAD_SIZE, 0, 0)
-                    if iszero(or(ok, gt(gas(), div(g, 63)))) { revert(0, 0) }
-                }
-            }
+            bool ok = hasCode && _callItem(token, items, i, buf);
+            succeeded[i] = ok;
             if (!ok) {
                 bytes memory reason = new bytes(_returnDataSize());
                 assembly ("memory-safe") {
@@ -168,7 +153,32 @@ contract X402Batcher {
                 ++i;
             }
         }
-        revert SimulationResult(reasons);
+        revert SimulationResult(succeeded, reasons);
+    }
+
+    /// @dev Item `i` of `items` as a transferWithAuthorization(v, r, s) call, exactly as
+    ///      `settle` builds it; the return data stays available to the caller.
+    function _callItem(address token, bytes calldata items, uint256 i, bytes memory buf)
+        private
+        returns (bool ok)
+    {
+        assembly ("memory-safe") {
+            let p := add(items.offset, mul(i, ITEM_SIZE))
+            let b := add(buf, 0x20)
+            mstore(b, shl(224, TRANSFER_WITH_AUTHORIZATION_SELECTOR))
+            mstore(add(b, 0x04), shr(96, calldataload(p)))
+            mstore(add(b, 0x24), shr(96, calldataload(add(p, 20))))
+            mstore(add(b, 0x44), shr(128, calldataload(add(p, 40))))
+            mstore(add(b, 0x64), shr(208, calldataload(add(p, 56))))
+            mstore(add(b, 0x84), shr(208, calldataload(add(p, 62))))
+            mstore(add(b, 0xa4), calldataload(add(p, 68)))
+            mstore(add(b, 0xc4), shr(248, calldataload(add(p, 164))))
+            mstore(add(b, 0xe4), calldataload(add(p, 100)))
+            mstore(add(b, 0x104), calldataload(add(p, 132)))
+            let g := gas()
+            ok := call(g, token, 0, b, PAYLOAD_SIZE, 0, 0)
+            if iszero(or(ok, gt(gas(), div(g, 63)))) { revert(0, 0) }
+        }
     }
 
     function _returnDataSize() private pure returns (uint256 size) {
