@@ -202,7 +202,7 @@ async def mint_batch(deployer: Deployer, token: str, holders: Sequence[str], amo
     for start in range(0, len(holders), 400):
         chunk = list(holders[start : start + 400])
         data = selector + abi_encode(["address[]", "uint256"], [chunk, amount])
-        await deployer.send(token, data, gas=29_000_000)
+        await deployer.send(token, data, gas=16_000_000)
 
 
 async def set_balance(rpc: Rpc, address: str, wei: int) -> None:

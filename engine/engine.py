@@ -147,37 +147,50 @@ class Engine:
         engine = cls(config, clock or TrioWallClock(), ledger)
         rpcs: list[Rpc] = []
         try:
-            recovered = await ledger.run(ledger_sync.recover)
-            await engine._restore_dedup(recovered)
-            for chain in config.chains:
-                rpc = Rpc(
-                    chain.rpc_url,
-                    timeout_s=chain.rpc_timeout_s,
-                    retries_max=chain.rpc_retries_max,
-                )
-                rpcs.append(rpc)
-                await engine._start_chain(chain, rpc, recovered, environ)
-            engine._requeue_unbatched(recovered)
-            async with trio.open_nursery() as nursery:
-                engine._intake = IntakeStage(
-                    ledger,
-                    engine._tracker,
-                    {cid: c.new_send for cid, c in engine._chains.items()},
-                    config.ledger.group_max,
-                )
-                nursery.start_soon(engine._intake.run, engine._intake_recv)
-                for chain_rt in engine._chains.values():
-                    nursery.start_soon(chain_rt.run)
-                nursery.start_soon(engine._sweep_dedup)
-                try:
-                    yield engine
-                finally:
-                    nursery.cancel_scope.cancel()
+            async with engine._run(rpcs, environ) as running:
+                yield running
+        except BaseExceptionGroup as group:
+            # The stages run in a nursery, so errors arrive grouped; a single error (the usual
+            # case: the caller's own exception, or one stage's) is re-raised as itself.
+            if len(group.exceptions) == 1 and not isinstance(
+                group.exceptions[0], BaseExceptionGroup
+            ):
+                raise group.exceptions[0] from None
+            raise
         finally:
             with trio.CancelScope(shield=True):
                 for rpc in rpcs:
                     await rpc.aclose()
                 await ledger.run(ledger_sync.close)
+
+    @asynccontextmanager
+    async def _run(
+        self, rpcs: list[Rpc], environ: Mapping[str, str] | None
+    ) -> AsyncIterator[Engine]:
+        recovered = await self._ledger.run(self._ledger.sync.recover)
+        await self._restore_dedup(recovered)
+        for chain in self.config.chains:
+            rpc = Rpc(
+                chain.rpc_url, timeout_s=chain.rpc_timeout_s, retries_max=chain.rpc_retries_max
+            )
+            rpcs.append(rpc)
+            await self._start_chain(chain, rpc, recovered, environ)
+        self._requeue_unbatched(recovered)
+        self._intake = IntakeStage(
+            self._ledger,
+            self._tracker,
+            {cid: c.new_send for cid, c in self._chains.items()},
+            self.config.ledger.group_max,
+        )
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._intake.run, self._intake_recv)
+            for runtime in self._chains.values():
+                nursery.start_soon(runtime.run)
+            nursery.start_soon(self._sweep_dedup)
+            try:
+                yield self
+            finally:
+                nursery.cancel_scope.cancel()
 
     async def _restore_dedup(self, recovered: Recovered) -> None:
         self._next_id = recovered.next_payment_id

@@ -1,0 +1,116 @@
+"""Calldata layout, revert decoding, fee policy and RPC retries: pure or with a mock transport."""
+
+from __future__ import annotations
+
+import os
+
+import httpx
+import msgspec
+import pytest
+from eth_abi.abi import encode as abi_encode
+
+from engine import codec, reasons
+from engine.confirm import split_evenly
+from engine.fees import choose_fees
+from engine.model import Payment
+from engine.rpc import Rpc, RpcError, RpcUnavailable
+
+
+def test_compact_item_is_165_packed_bytes_in_contract_order() -> None:
+    sig = os.urandom(64) + b"\x1c"
+    p = Payment(
+        chain_id=1,
+        token=b"\xaa" * 20,
+        payer=b"\x01" * 20,
+        payee=b"\x02" * 20,
+        value=2**128 - 1,
+        valid_after=5,
+        valid_before=2**48 - 1,
+        nonce=b"\x03" * 32,
+        signature=sig,
+        network="base",
+        x402_version=2,
+    )
+    item = codec.pack_item(p)
+    assert len(item) == codec.ITEM_SIZE == 165
+    assert item[0:20] == p.payer and item[20:40] == p.payee
+    assert item[40:56] == b"\xff" * 16
+    assert int.from_bytes(item[56:62], "big") == 5 and item[62:68] == b"\xff" * 6
+    assert item[68:100] == p.nonce and item[100:164] == sig[:64] and item[164] == 0x1C
+
+
+def test_revert_data_maps_to_x402_reasons() -> None:
+    def err(text: str) -> bytes:
+        return codec.ERROR_STRING + abi_encode(["string"], [text])
+
+    assert codec.failure_reason(err("ERC20: transfer amount exceeds balance"))[0] == (
+        reasons.INSUFFICIENT_FUNDS
+    )
+    assert codec.failure_reason(err("FiatTokenV2: authorization is expired"))[0] == (
+        reasons.VALID_BEFORE
+    )
+    assert codec.failure_reason(err("FiatTokenV2: authorization is used or canceled"))[0] == (
+        reasons.NONCE_USED
+    )
+    assert codec.failure_reason(b"")[0] == reasons.UNEXPECTED_SETTLE
+    assert codec.revert_message(b"\x01\x02") == "0x0102"
+
+
+def test_gas_shares_add_up_exactly() -> None:
+    shares = split_evenly(1_000_003, 7)
+    assert sum(shares) == 1_000_003 and max(shares) - min(shares) <= 1
+
+
+def test_fees_stay_under_the_cap_or_wait() -> None:
+    fees = choose_fees(base_fee=10, priority_fee=1, max_fee_cap=100)
+    assert fees is not None and fees.max_fee_per_gas == 21 and fees.max_priority_fee_per_gas == 1
+    capped = choose_fees(base_fee=60, priority_fee=1, max_fee_cap=100)
+    assert capped is not None and capped.max_fee_per_gas == 100
+    assert choose_fees(base_fee=100, priority_fee=1, max_fee_cap=100) is None
+
+
+async def test_rpc_retries_transport_faults_then_succeeds() -> None:
+    calls = {"n": 0}
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls["n"] += 1
+        if calls["n"] <= 2:
+            return httpx.Response(503)
+        if calls["n"] == 3:
+            raise httpx.ConnectError("refused")
+        body = msgspec.json.decode(request.content)
+        return httpx.Response(200, json={"jsonrpc": "2.0", "id": body["id"], "result": "0x2105"})
+
+    rpc = Rpc("http://127.0.0.1:1", transport=httpx.MockTransport(handler), backoff_s=0.001)
+    assert await rpc.chain_id() == 8453
+    assert calls["n"] == 4
+    await rpc.aclose()
+
+
+async def test_rpc_gives_up_after_bounded_retries_and_returns_json_rpc_errors() -> None:
+    def down(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(502)
+
+    rpc = Rpc(
+        "http://127.0.0.1:1", transport=httpx.MockTransport(down), retries_max=2, backoff_s=0.001
+    )
+    with pytest.raises(RpcUnavailable):
+        await rpc.chain_id()
+    await rpc.aclose()
+
+    def error(request: httpx.Request) -> httpx.Response:
+        body = msgspec.json.decode(request.content)
+        return httpx.Response(
+            200,
+            json={
+                "jsonrpc": "2.0",
+                "id": body["id"],
+                "error": {"code": 3, "message": "execution reverted", "data": "0x08c379a0"},
+            },
+        )
+
+    rpc = Rpc("http://127.0.0.1:1", transport=httpx.MockTransport(error))
+    with pytest.raises(RpcError) as info:
+        await rpc.call("eth_call", [])
+    assert info.value.revert_data == bytes.fromhex("08c379a0")
+    await rpc.aclose()

@@ -1,0 +1,126 @@
+"""Engine options on a real anvil: confirmations, gas-cap splitting, several signers, the
+thread-safe handle, the demo."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import time
+from pathlib import Path
+
+import pytest
+import trio
+
+from engine import EngineHandle
+from engine.config import PolicyConfig
+from engine.demo import run_demo
+from engine.devchain import Anvil, engine_config, setup_devchain
+from engine.engine import Engine
+from engine.loadgen import payment_v2
+from engine.model import Accepted
+from engine.rpc import Rpc
+
+from .chain import balances
+
+pytestmark = pytest.mark.chain
+VALUE = 1000
+
+
+async def test_outcome_waits_for_the_configured_confirmations(anvil: Anvil, tmp_path: Path) -> None:
+    dev = await setup_devchain(anvil.url, payers=1)
+    config, env = engine_config(dev, str(tmp_path / "l.duckdb"), confirmations=3)
+    rpc = Rpc(anvil.url)
+    payload, req = payment_v2(
+        dev.domain, dev.payer_key_bytes()[0], bytes.fromhex(dev.payee[2:]), VALUE, int(time.time())
+    )
+    async with Engine.open(config, environ=env) as engine:
+        result = await engine.submit(payload, req)
+        assert isinstance(result, Accepted)
+        with trio.fail_after(20):
+            while engine.statistics().batches_sent == 0:
+                await trio.sleep(0.05)
+        await trio.sleep(1.0)  # mined (automine) but only 1 confirmation so far
+        status = await engine.status(result.id)
+        assert status is not None and status.state == "submitted"
+        await rpc.call("evm_mine", [])
+        await rpc.call("evm_mine", [])
+        outcome = await engine.wait(result.id, timeout_s=20)
+        assert outcome.state == "settled" and outcome.block_number is not None
+        head = int(await rpc.call("eth_blockNumber"), 16)
+        assert head - outcome.block_number + 1 >= 3
+    await rpc.aclose()
+
+
+async def test_batch_over_the_gas_cap_is_split_and_several_signers_share_the_load(
+    anvil: Anvil, tmp_path: Path
+) -> None:
+    dev = await setup_devchain(anvil.url, payers=60, signers=2)
+    # The planning figure is far too low, so the planner packs 60 items; estimateGas then
+    # shows the batch above the 1M cap and the submit stage splits it.
+    config, env = engine_config(
+        dev,
+        str(tmp_path / "l.duckdb"),
+        policy=PolicyConfig(max_batch_size=60, max_wait_ms=300),
+        gas_per_tx_max=1_000_000,
+        gas_per_item_estimate=10_000,
+    )
+    payee = bytes.fromhex(dev.payee[2:])
+    now = int(time.time())
+    rpc = Rpc(anvil.url)
+    before = (await balances(rpc, dev.token, [dev.payee]))[0]
+    async with Engine.open(config, environ=env) as engine:
+        for key in dev.payer_key_bytes():
+            assert isinstance(
+                await engine.submit(*payment_v2(dev.domain, key, payee, VALUE, now)), Accepted
+            )
+        await engine.drain(timeout_s=60)
+        stats = engine.statistics()
+        rows = await engine.query(
+            "SELECT b.signer, b.gas_limit, e.gas_used FROM batches b JOIN batch_events e"
+            " ON e.batch_id = b.id WHERE e.state = 'mined'"
+        )
+    assert stats.settled == 60 and stats.batches_mined >= 3
+    assert all(gas_limit <= 1_000_000 and gas_used <= gas_limit for _, gas_limit, gas_used in rows)
+    assert len({signer for signer, _, _ in rows}) == 2
+    assert (await balances(rpc, dev.token, [dev.payee]))[0] - before == 60 * VALUE
+    await rpc.aclose()
+
+
+async def test_thread_safe_handle_serves_threads_and_asyncio(anvil: Anvil, tmp_path: Path) -> None:
+    dev = await setup_devchain(anvil.url, payers=20)
+    config, env = engine_config(dev, str(tmp_path / "l.duckdb"))
+    payee = bytes.fromhex(dev.payee[2:])
+    now = int(time.time())
+    work = [payment_v2(dev.domain, k, payee, VALUE, now) for k in dev.payer_key_bytes()]
+
+    def host() -> list[str]:
+        with EngineHandle(config, environ=env) as handle:
+            with concurrent.futures.ThreadPoolExecutor(4) as pool:
+                results = list(pool.map(lambda w: handle.submit(*w), work[:10]))
+
+            async def asyncio_host() -> list[object]:
+                loop = asyncio.get_running_loop()
+                return list(
+                    await asyncio.gather(
+                        *(loop.run_in_executor(None, handle.submit, *w) for w in work[10:])
+                    )
+                )
+
+            results += asyncio.run(asyncio_host())  # type: ignore[arg-type]
+            ids = [r.id for r in results if isinstance(r, Accepted)]
+            assert len(ids) == 20
+            states = [handle.wait(i, timeout_s=30).state for i in ids]
+            assert handle.statistics().settled == 20
+            return states
+
+    states = await trio.to_thread.run_sync(host)
+    assert states == ["settled"] * 20
+
+
+async def test_demo_settles_everything_it_accepts(tmp_path: Path) -> None:
+    result = await run_demo(
+        payments=300, payers=50, block_time_s=0, concurrency=16, ledger_dir=tmp_path
+    )
+    assert result.accepted == 300 and result.settled == 300 and result.failed == {}
+    assert result.payee_received == result.payee_expected == 300 * 1000
+    assert result.batches >= 1 and 30_000 < result.gas_per_payment < 60_000
