@@ -57,6 +57,7 @@ class ChainConfig(msgspec.Struct, forbid_unknown_fields=True):
     max_inflight_batches: int = 4
     poll_interval_ms: int = 200
     simulate: bool = True  # eth_call each batch first and drop the items that would fail
+    direct_single: bool = True  # send a batch of one as a plain transferWithAuthorization
     rpc_timeout_s: float = 10.0
     rpc_retries_max: int = 6
 

@@ -128,6 +128,8 @@ class ConfirmStage:
                 record.id, "reverted", receipt.transaction_hash, block, gas_used, price
             )
         else:
+            # Failure events come from the batcher (compact), the aggregate3 target, or nobody
+            # (direct: a failing direct transfer reverts the whole transaction instead).
             outcomes = codec.item_outcomes(
                 receipt,
                 self._batcher if record.mode == "compact" else batch.target,

@@ -231,7 +231,11 @@ class Engine:
             if not items:
                 continue
             token = items[0].payment.token
-            target = bytes.fromhex((chain.multicall or chain.batcher)[2:])
+            target = (
+                token
+                if record.mode == "direct"
+                else bytes.fromhex((chain.multicall or chain.batcher)[2:])
+            )
             adopted.append(InflightBatch(record, items, token, target, self.clock.now()))
         for signer in signers.signers:
             signer.next_nonce = await rpc.nonce(signer.address, "pending")

@@ -158,6 +158,9 @@ class SubmitStage:
 
     async def _send_sized(self, token: bytes, items: list[PendingItem]) -> None:
         signer = self._signers.next()
+        if len(items) == 1 and self.chain.direct_single:
+            await self._send_direct(signer, token, items[0])
+            return
         data = self._calldata(token, items)
         target = self._target()
         try:
@@ -177,6 +180,28 @@ class SubmitStage:
             await self._give_back(items, "base fee above max_fee_per_gas_wei")
             return
         await self._sign_record_broadcast(signer, token, target, data, limit, fees, items)
+
+    async def _send_direct(self, signer: Signer, token: bytes, item: PendingItem) -> None:
+        """A batch of one costs less as the token's own transferWithAuthorization (no batch
+        overhead); a revert at estimation is the item's failure, with the token's reason."""
+        data = codec.transfer_calldata(item.payment)
+        try:
+            estimate = await self._rpc.estimate_gas(token, data, signer.address)
+        except RpcError as exc:
+            revert = exc.revert_data
+            if revert is None:
+                raise
+            reason, message = codec.failure_reason(revert)
+            await self._recorder.fail([item], reason, f"estimate: {message}")
+            return
+        fees = await self._fees()
+        if fees is None:
+            await self._give_back([item], "base fee above max_fee_per_gas_wei")
+            return
+        limit = min(estimate * 5 // 4 + 10_000, self.chain.gas_per_tx_max)
+        await self._sign_record_broadcast(
+            signer, token, token, data, limit, fees, [item], mode="direct"
+        )
 
     async def _fees(self) -> Fees | None:
         waited = 0.0
@@ -200,6 +225,7 @@ class SubmitStage:
         gas_limit: int,
         fees: Fees,
         items: list[PendingItem],
+        mode: str | None = None,
     ) -> None:
         await self._slots.acquire()
         signed = signer.sign(
@@ -212,7 +238,7 @@ class SubmitStage:
         record = BatchRecord(
             id=self._batch_ids.next(),
             chain_id=self.chain.chain_id,
-            mode=self.chain.mode,
+            mode=mode or self.chain.mode,
             signer=signer.address,
             account_nonce=signed.nonce,
             gas_limit=gas_limit,

@@ -14,7 +14,7 @@ import trio
 from engine import EngineHandle
 from engine.config import PolicyConfig
 from engine.demo import run_demo
-from engine.devchain import Anvil, engine_config, setup_devchain
+from engine.devchain import Anvil, engine_config, new_key, setup_devchain
 from engine.engine import Engine
 from engine.loadgen import payment_v2
 from engine.model import Accepted
@@ -124,3 +124,24 @@ async def test_demo_settles_everything_it_accepts(tmp_path: Path) -> None:
     assert result.accepted == 300 and result.settled == 300 and result.failed == {}
     assert result.payee_received == result.payee_expected == 300 * 1000
     assert result.batches >= 1 and 30_000 < result.gas_per_payment < 60_000
+
+
+async def test_batch_of_one_is_sent_directly_to_the_token(anvil: Anvil, tmp_path: Path) -> None:
+    dev = await setup_devchain(anvil.url, payers=1)
+    config, env = engine_config(dev, str(tmp_path / "l.duckdb"), simulate=False)
+    payee = bytes.fromhex(dev.payee[2:])
+    now = int(time.time())
+    good = payment_v2(dev.domain, dev.payer_key_bytes()[0], payee, VALUE, now)
+    broke = payment_v2(dev.domain, new_key(), payee, VALUE, now)  # holds no tokens
+    async with Engine.open(config, environ=env) as engine:
+        ok = await engine.submit(*good)
+        assert isinstance(ok, Accepted)
+        settled = await engine.wait(ok.id, timeout_s=30)
+        bad = await engine.submit(*broke)
+        assert isinstance(bad, Accepted)
+        failed = await engine.wait(bad.id, timeout_s=30)
+        modes = await engine.query("SELECT mode FROM batches")
+    assert settled.state == "settled" and settled.gas_used is not None
+    assert settled.gas_used < 66_000  # a compact batch of one costs ~69k
+    assert modes == [("direct",)]
+    assert failed.state == "failed" and failed.reason == "insufficient_funds"
