@@ -156,16 +156,7 @@ contract TestToken {
         bytes32 r,
         bytes32 s
     ) external {
-        _requireValidAuthorization(from, nonce, validAfter, validBefore);
-        _requireValidSignature(
-            from,
-            _structHash(TRANSFER_WITH_AUTHORIZATION_TYPEHASH, from, to, value, validAfter, validBefore, nonce),
-            v,
-            r,
-            s
-        );
-        _useAuthorization(from, nonce);
-        _transfer(from, to, value);
+        _authorizedTransfer(TRANSFER_WITH_AUTHORIZATION_TYPEHASH, from, to, value, validAfter, validBefore, nonce, v, r, s);
     }
 
     function transferWithAuthorization(
@@ -177,17 +168,8 @@ contract TestToken {
         bytes32 nonce,
         bytes memory signature
     ) external {
-        _requireValidAuthorization(from, nonce, validAfter, validBefore);
         (uint8 v, bytes32 r, bytes32 s) = _splitSignature(signature);
-        _requireValidSignature(
-            from,
-            _structHash(TRANSFER_WITH_AUTHORIZATION_TYPEHASH, from, to, value, validAfter, validBefore, nonce),
-            v,
-            r,
-            s
-        );
-        _useAuthorization(from, nonce);
-        _transfer(from, to, value);
+        _authorizedTransfer(TRANSFER_WITH_AUTHORIZATION_TYPEHASH, from, to, value, validAfter, validBefore, nonce, v, r, s);
     }
 
     function receiveWithAuthorization(
@@ -202,16 +184,7 @@ contract TestToken {
         bytes32 s
     ) external {
         require(to == msg.sender, "FiatTokenV2: caller must be the payee");
-        _requireValidAuthorization(from, nonce, validAfter, validBefore);
-        _requireValidSignature(
-            from,
-            _structHash(RECEIVE_WITH_AUTHORIZATION_TYPEHASH, from, to, value, validAfter, validBefore, nonce),
-            v,
-            r,
-            s
-        );
-        _useAuthorization(from, nonce);
-        _transfer(from, to, value);
+        _authorizedTransfer(RECEIVE_WITH_AUTHORIZATION_TYPEHASH, from, to, value, validAfter, validBefore, nonce, v, r, s);
     }
 
     function receiveWithAuthorization(
@@ -224,17 +197,8 @@ contract TestToken {
         bytes memory signature
     ) external {
         require(to == msg.sender, "FiatTokenV2: caller must be the payee");
-        _requireValidAuthorization(from, nonce, validAfter, validBefore);
         (uint8 v, bytes32 r, bytes32 s) = _splitSignature(signature);
-        _requireValidSignature(
-            from,
-            _structHash(RECEIVE_WITH_AUTHORIZATION_TYPEHASH, from, to, value, validAfter, validBefore, nonce),
-            v,
-            r,
-            s
-        );
-        _useAuthorization(from, nonce);
-        _transfer(from, to, value);
+        _authorizedTransfer(RECEIVE_WITH_AUTHORIZATION_TYPEHASH, from, to, value, validAfter, validBefore, nonce, v, r, s);
     }
 
     function cancelAuthorization(address authorizer, bytes32 nonce, uint8 v, bytes32 r, bytes32 s) external {
@@ -251,6 +215,25 @@ contract TestToken {
     }
 
     // ------------------------------------------------------------------ internals
+
+    /// @dev The checks and effects shared by both authorization kinds and signature forms.
+    function _authorizedTransfer(
+        bytes32 typehash,
+        address from,
+        address to,
+        uint256 value,
+        uint256 validAfter,
+        uint256 validBefore,
+        bytes32 nonce,
+        uint8 v,
+        bytes32 r,
+        bytes32 s
+    ) private {
+        _requireValidAuthorization(from, nonce, validAfter, validBefore);
+        _requireValidSignature(from, _structHash(typehash, from, to, value, validAfter, validBefore, nonce), v, r, s);
+        _useAuthorization(from, nonce);
+        _transfer(from, to, value);
+    }
 
     function _transfer(address from, address to, uint256 value) private {
         require(from != address(0), "ERC20: transfer from the zero address");
