@@ -38,7 +38,7 @@ AUTHORIZATION_STATE = selector("authorizationState(address,bytes32)")
 BALANCE_OF = selector("balanceOf(address)")
 ERROR_STRING = selector("Error(string)")
 PANIC = selector("Panic(uint256)")
-SIMULATION_RESULT = selector("SimulationResult(bool[],bytes[])")
+SIMULATION_RESULT = selector("SimulationResult(bool[],bytes[],uint256)")
 
 AUTHORIZATION_USED = topic("AuthorizationUsed(address,bytes32)")
 AUTHORIZATION_CANCELED = topic("AuthorizationCanceled(address,bytes32)")
@@ -136,14 +136,20 @@ def failure_reason(data: bytes) -> tuple[str, str]:
     return reasons.reason_for_revert(message), message
 
 
-def decode_simulation(revert_data: bytes) -> list[tuple[bool, bytes]] | None:
-    """Per item (succeeded, revert data) from ``simulate``'s SimulationResult revert."""
+def decode_simulation(revert_data: bytes) -> tuple[list[tuple[bool, bytes]], int] | None:
+    """Per item (succeeded, revert data), and the gas the item calls used, from
+    ``simulate``'s SimulationResult revert."""
     if revert_data[:4] != SIMULATION_RESULT:
         return None
-    ok, data = abi_decode(["bool[]", "bytes[]"], revert_data[4:])
+    ok, data, gas_used = abi_decode(["bool[]", "bytes[]", "uint256"], revert_data[4:])
     if len(ok) != len(data):
         return None
-    return [(bool(a), bytes(b)) for a, b in zip(ok, data, strict=True)]
+    return [(bool(a), bytes(b)) for a, b in zip(ok, data, strict=True)], int(gas_used)
+
+
+def calldata_gas(data: bytes) -> int:
+    """Intrinsic calldata cost: 16 gas per non-zero byte, 4 per zero byte."""
+    return 16 * len(data) - 12 * data.count(0)
 
 
 def decode_aggregate3_result(return_data: bytes) -> list[tuple[bool, bytes]]:

@@ -51,11 +51,12 @@ class ChainConfig(msgspec.Struct, forbid_unknown_fields=True):
     confirmations: int = 1
     gas_per_tx_max: int = 16_777_216  # EIP-7825 cap, as on Base
     block_gas_limit: int = 30_000_000
-    gas_per_item_estimate: int = 60_000  # planning figure used to size batches before estimateGas
+    gas_per_item_estimate: int = 40_000  # planning figure used to size batches before estimateGas
     max_fee_per_gas_wei: int = 100_000_000_000  # never pay more than this per gas
     priority_fee_wei: int = 1_000_000
     max_inflight_batches: int = 4
     poll_interval_ms: int = 200
+    rebroadcast_after_s: float = 6.0  # resend a signed batch not mined after this long
     simulate: bool = True  # eth_call each batch first and drop the items that would fail
     direct_single: bool = True  # send a batch of one as a plain transferWithAuthorization
     rpc_timeout_s: float = 10.0
@@ -67,7 +68,7 @@ class ChainConfig(msgspec.Struct, forbid_unknown_fields=True):
 
 
 class PolicyConfig(msgspec.Struct, forbid_unknown_fields=True):
-    max_batch_size: int = 300
+    max_batch_size: int = 400
     max_wait_ms: int = 500
     deadline_margin_s: int = 30  # flush when the earliest validBefore is this close
 
@@ -122,6 +123,8 @@ def validate(config: EngineConfig) -> EngineConfig:
             raise ConfigError(f"{where}.confirmations must be >= 1")
         if not 0 < chain.gas_per_tx_max <= chain.block_gas_limit:
             raise ConfigError(f"{where}: need 0 < gas_per_tx_max <= block_gas_limit")
+        if chain.rebroadcast_after_s <= 0 or chain.poll_interval_ms <= 0:
+            raise ConfigError(f"{where}: rebroadcast_after_s and poll_interval_ms must be > 0")
         if chain.max_inflight_batches < 1:
             raise ConfigError(f"{where}.max_inflight_batches must be >= 1")
     if config.policy.max_batch_size < 1:

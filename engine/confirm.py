@@ -12,6 +12,8 @@ twice or dropped.
 from __future__ import annotations
 
 import contextlib
+import logging
+from typing import Any
 
 import msgspec
 import trio
@@ -25,7 +27,9 @@ from .policy import PendingItem
 from .rpc import Rpc, RpcError, RpcUnavailable
 from .submit import InflightBatch
 
-REBROADCAST_AFTER_S = 30.0
+log = logging.getLogger("x402_engine.confirm")
+
+DEAD_AFTER_BLOCKS = 2
 LOG_LOOKBACK_BLOCKS = 50_000
 
 
@@ -54,6 +58,7 @@ class ConfirmStage:
         self._requeue = requeue
         self._inflight: dict[int, InflightBatch] = {}
         self._last_broadcast: dict[int, float] = {}
+        self._nonce_spent_at: dict[int, int] = {}  # batch id -> head when first seen spent
         self._arrived = trio.Event()
         self._batcher = bytes.fromhex(chain.batcher[2:])
 
@@ -166,6 +171,14 @@ class ConfirmStage:
                 pairs.append((item, ev))
             event = BatchEvent(record.id, "mined", receipt.transaction_hash, block, gas_used, price)
         await self._recorder.batch_final(event, pairs)
+        log.info(
+            "batch %d %s in block %d: %d items, gas %d",
+            record.id,
+            event.state,
+            block,
+            len(items),
+            gas_used,
+        )
         self._forget(record.id)
         if requeue:
             await self._requeue.send(requeue)
@@ -173,25 +186,42 @@ class ConfirmStage:
     def _forget(self, batch_id: int) -> None:
         self._inflight.pop(batch_id, None)
         self._last_broadcast.pop(batch_id, None)
+        self._nonce_spent_at.pop(batch_id, None)
         self._slots.release()
 
     async def _check_unseen(self, unseen: list[InflightBatch]) -> None:
+        """Batches without a receipt: rebroadcast now and then; declare one dead only when its
+        account nonce has been spent by another transaction and its own receipt is still
+        missing ``DEAD_AFTER_BLOCKS`` blocks later (a node may update the account nonce before
+        it serves the receipt)."""
         now = self._clock.now()
         latest_nonce: dict[str, int] = {}
+        head: int | None = None
         for batch in unseen:
+            rid = batch.record.id
             signer = batch.record.signer
             if signer not in latest_nonce:
                 latest_nonce[signer] = await self._rpc.nonce(signer, "latest")
             if latest_nonce[signer] > batch.record.account_nonce:
-                # Its nonce is spent, yet no receipt for this hash: re-check the receipt once
-                # (it may have been mined between the two reads), then reconcile.
-                (receipt,) = await self._rpc.receipts([batch.record.tx_hash])
-                if receipt is None:
+                if head is None:
+                    head = await self._rpc.block_number()
+                first_seen = self._nonce_spent_at.setdefault(rid, head)
+                if head - first_seen >= DEAD_AFTER_BLOCKS + self.chain.confirmations:
+                    log.warning(
+                        "batch %d: nonce %d spent by another transaction, no receipt for %s;"
+                        " reconciling its %d items against the chain",
+                        rid,
+                        batch.record.account_nonce,
+                        batch.record.tx_hash,
+                        len(batch.items),
+                    )
                     await self._reconcile_dead(batch)
                 continue
-            last = self._last_broadcast.get(batch.record.id, 0.0)
-            if now - last >= REBROADCAST_AFTER_S:
-                self._last_broadcast[batch.record.id] = now
+            self._nonce_spent_at.pop(rid, None)
+            last = self._last_broadcast.get(rid, 0.0)
+            if now - last >= self.chain.rebroadcast_after_s:
+                self._last_broadcast[rid] = now
+                log.info("batch %d: no receipt after %.0f s, rebroadcasting", rid, now - last)
                 # "already known" / "nonce too low" are expected: the next poll tells.
                 with contextlib.suppress(RpcError):
                     await self._rpc.send_raw(batch.record.raw_tx)
@@ -282,6 +312,6 @@ class ConfirmStage:
                 }
             ],
         )
-        for log in msgspec.convert(logs, list[dict[str, str]]):
-            return log["transactionHash"], int(log["blockNumber"], 16)
+        for entry in msgspec.convert(logs, list[dict[str, Any]]):
+            return str(entry["transactionHash"]), int(entry["blockNumber"], 16)
         return None

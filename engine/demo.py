@@ -74,7 +74,7 @@ async def run_demo(
             dev,
             str(workdir / "ledger.duckdb"),
             mode=mode,
-            policy=PolicyConfig(max_batch_size=300, max_wait_ms=500),
+            policy=PolicyConfig(),
             poll_interval_ms=100,
         )
         rpc = Rpc(anvil.url)

@@ -48,7 +48,7 @@ class Anvil:
         port: int | None = None,
         *,
         block_time_s: float = 0,
-        gas_limit: int = 30_000_000,
+        gas_limit: int = 150_000_000,  # Base-like: blocks hold many batches
         chain_id: int = ANVIL_CHAIN_ID,
         extra_args: Sequence[str] = (),
         log_path: Path | None = None,
@@ -284,6 +284,8 @@ def engine_config(
         network_names=["anvil"],
         mode=mode,  # type: ignore[arg-type]
         poll_interval_ms=50,
+        block_gas_limit=150_000_000,
+        rebroadcast_after_s=3.0,
     )
     chain = msgspec.structs.replace(chain, **chain_overrides)
     config = EngineConfig(

@@ -9,6 +9,8 @@ configured maximum; sign with a local nonce; write the signed transaction and th
 
 from __future__ import annotations
 
+import logging
+
 import msgspec
 import trio
 
@@ -23,8 +25,11 @@ from .policy import PendingItem
 from .rpc import Rpc, RpcError, RpcUnavailable
 from .signer import Signer, SignerPool
 
+log = logging.getLogger("x402_engine.submit")
+
 SEND_MARGIN_S = 4  # an item must have this long before validBefore to be worth sending
-ATTEMPTS_MAX = 5  # batches an item may be planned into before it is failed
+ATTEMPTS_MAX = 5
+SETTLE_OVERHEAD_GAS = 30_000  # settle()'s own work beyond the item calls, with headroom
 FEE_WAIT_MAX_S = 120.0
 
 
@@ -100,11 +105,15 @@ class SubmitStage:
         if not items:
             return
         try:
+            sim_gas: int | None = None
             if self.chain.simulate:
-                items = await self._simulate(token, items)
+                items, sim_gas = await self._simulate(token, items)
             if items:
-                await self._send_sized(token, items)
+                await self._send_sized(token, items, sim_gas)
         except (RpcUnavailable, RpcError) as exc:
+            log.warning(
+                "%d items go back to the pool: RPC trouble before sending: %s", len(items), exc
+            )
             await self._give_back(items, f"RPC trouble before sending: {exc}")
 
     async def _give_back(self, items: list[PendingItem], message: str) -> None:
@@ -121,11 +130,15 @@ class SubmitStage:
     def _target(self) -> bytes:
         return self._batcher if self.chain.mode == "compact" else self._aggregate_target
 
-    async def _simulate(self, token: bytes, items: list[PendingItem]) -> list[PendingItem]:
-        """eth_call the batch; fail the items that would revert; return the rest."""
+    async def _simulate(
+        self, token: bytes, items: list[PendingItem]
+    ) -> tuple[list[PendingItem], int | None]:
+        """eth_call the batch; fail the items that would revert; return the rest (and, in
+        compact mode, the gas the item calls used)."""
         sender = self._signers.signers[0].address
         data = self._calldata(token, items, simulate=True)
         per_item: list[tuple[bool, bytes]]  # (succeeds, revert data) per item
+        sim_gas: int | None = None
         if self.chain.mode == "compact":
             try:
                 await self._rpc.eth_call(self._batcher, data, sender)
@@ -135,7 +148,7 @@ class SubmitStage:
                 decoded = None if revert is None else codec.decode_simulation(revert)
                 if decoded is None:
                     raise
-                per_item = decoded
+                per_item, sim_gas = decoded
         else:
             returned = await self._rpc.eth_call(self._aggregate_target, data, sender)
             per_item = codec.decode_aggregate3_result(returned)
@@ -154,26 +167,37 @@ class SubmitStage:
         for (reason, message), failed in failures.items():
             self.dropped_in_simulation += len(failed)
             await self._recorder.fail(failed, reason, f"simulation: {message}")
-        return keep
+        return keep, sim_gas
 
-    async def _send_sized(self, token: bytes, items: list[PendingItem]) -> None:
+    async def _send_sized(
+        self, token: bytes, items: list[PendingItem], sim_gas: int | None = None
+    ) -> None:
         signer = self._signers.next()
         if len(items) == 1 and self.chain.direct_single:
             await self._send_direct(signer, token, items[0])
             return
         data = self._calldata(token, items)
         target = self._target()
-        try:
-            estimate = await self._rpc.estimate_gas(target, data, signer.address)
-        except RpcError:
-            if len(items) == 1:
-                raise
-            estimate = self.chain.gas_per_tx_max + 1  # too big or reverting: split and see
-        limit = min(estimate * 5 // 4 + 20_000, self.chain.gas_per_tx_max)
+        if sim_gas is not None:
+            # Sized from the simulation (which ran the same item calls), not eth_estimateGas,
+            # whose binary search re-executes the whole batch a dozen times or more. If this
+            # is ever short, the batcher reverts the whole batch and the items are requeued.
+            estimate = 21_000 + codec.calldata_gas(data) + sim_gas * 51 // 50 + SETTLE_OVERHEAD_GAS
+        else:
+            try:
+                estimate = await self._rpc.estimate_gas(target, data, signer.address)
+            except RpcError:
+                if len(items) == 1:
+                    raise
+                estimate = self.chain.gas_per_tx_max + 1  # too big or reverting: split and see
+            estimate = estimate * 5 // 4 + 20_000
+        limit = min(estimate, self.chain.gas_per_tx_max)
         if estimate > self.chain.gas_per_tx_max and len(items) > 1:
             half = len(items) // 2
-            await self._send_sized(token, items[:half])
-            await self._send_sized(token, items[half:])
+            share = None if sim_gas is None else sim_gas * half // len(items)
+            rest = None if sim_gas is None else sim_gas - (share or 0)
+            await self._send_sized(token, items[:half], share)
+            await self._send_sized(token, items[half:], rest)
             return
         fees = await self._fees()
         if fees is None:
@@ -256,14 +280,24 @@ class SubmitStage:
         # From here the batch is on record: the confirm stage owns it whatever happens next.
         try:
             await self._rpc.send_raw(signed.raw)
+            log.info(
+                "batch %d sent: %d items, nonce %d, gas limit %d, tx %s",
+                record.id,
+                len(items),
+                signed.nonce,
+                gas_limit,
+                signed.tx_hash,
+            )
         except RpcError as exc:
+            log.warning("batch %d: node refused the transaction: %s", record.id, exc)
             if not _already_known(exc):
                 # Rejected outright: the nonce may be free again. Re-read it from the node; the
                 # confirm stage sees the nonce unused and no receipt, and rebroadcasts or
                 # reconciles.
                 signer.next_nonce = await self._rpc.nonce(signer.address)
-        except RpcUnavailable:
-            pass  # unknown whether it arrived: the confirm stage rebroadcasts
+        except RpcUnavailable as exc:
+            # Unknown whether it arrived: the confirm stage rebroadcasts.
+            log.warning("batch %d: broadcast unconfirmed (%s)", record.id, exc)
         await self._confirm.send(InflightBatch(record, items, token, target, self._clock.now()))
 
 

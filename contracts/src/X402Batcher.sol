@@ -42,7 +42,9 @@ contract X402Batcher {
 
     /// @notice Always raised by `simulate`: per item, whether it succeeded and its revert data
     ///         (a failure can have empty revert data, so success is reported separately).
-    error SimulationResult(bool[] ok, bytes[] reasons);
+    ///         `gasUsed` is the gas the item calls consumed, for sizing the real transaction
+    ///         without a separate eth_estimateGas (which re-executes the batch many times).
+    error SimulationResult(bool[] ok, bytes[] reasons, uint256 gasUsed);
 
     uint256 private constant ITEM_SIZE = 165;
 
@@ -133,6 +135,7 @@ contract X402Batcher {
     ///         reasons[i] is its revert data (empty on success, possibly empty on failure).
     ///         Meant for eth_call only; it can never change state.
     function simulate(address token, bytes calldata items) external {
+        uint256 gasStart = gasleft();
         require(items.length % ITEM_SIZE == 0, "X402Batcher: bad items length");
         uint256 n = items.length / ITEM_SIZE;
         bytes[] memory reasons = new bytes[](n);
@@ -153,7 +156,7 @@ contract X402Batcher {
                 ++i;
             }
         }
-        revert SimulationResult(succeeded, reasons);
+        revert SimulationResult(succeeded, reasons, gasStart - gasleft());
     }
 
     /// @dev Item `i` of `items` as a transferWithAuthorization(v, r, s) call, exactly as
