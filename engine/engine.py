@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -28,7 +28,7 @@ from .intake import IntakeRequest, IntakeStage
 from .ledger import AsyncLedger, Ledger, Recovered
 from .model import Accepted, Outcome, Payment, Rejected, hex_addr
 from .outcomes import Recorder, Statistics, Tracker
-from .policy import ImmediatePolicy, Limits, PendingItem
+from .policy import BatchPolicy, ImmediatePolicy, Limits, PendingItem
 from .rpc import Rpc, RpcError, RpcUnavailable
 from .signer import Signer, SignerPool
 from .submit import BatchIds, InflightBatch, SubmitStage
@@ -59,6 +59,7 @@ class _Chain:
         clock: Clock,
         batch_ids: BatchIds,
         adopted: int,
+        policy: BatchPolicy,
     ) -> None:
         cap = engine_config.channel_capacity
         self.config = config
@@ -85,7 +86,7 @@ class _Chain:
         )
         self.batch = BatchStage(
             config.chain_id,
-            ImmediatePolicy(policy_cfg.max_wait_ms / 1000),
+            policy,
             limits,
             clock,
             self.batch_send,
@@ -128,6 +129,9 @@ class Engine:
             max(config.ledger.group_max, 1)
         )
         self._intake: IntakeStage | None = None
+        self._policy_factory: Callable[[ChainConfig], BatchPolicy] = lambda _chain: ImmediatePolicy(
+            config.policy.max_wait_ms / 1000
+        )
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -139,12 +143,20 @@ class Engine:
         *,
         clock: Clock | None = None,
         environ: Mapping[str, str] | None = None,
+        policy: Callable[[ChainConfig], BatchPolicy] | None = None,
     ) -> AsyncIterator[Engine]:
-        """Start the engine: recover from the ledger, then run until the block exits."""
+        """Start the engine: recover from the ledger, then run until the block exits.
+
+        ``clock`` is the engine's one source of time (default: wall time following trio's
+        clock); ``environ`` replaces ``os.environ`` for signer keys; ``policy`` builds each
+        chain's batching policy (default: :class:`ImmediatePolicy` from ``[policy]``).
+        """
         validate(config)
         ledger_sync = await trio.to_thread.run_sync(Ledger, config.ledger.path)
         ledger = AsyncLedger(ledger_sync)
         engine = cls(config, clock or TrioWallClock(), ledger)
+        if policy is not None:
+            engine._policy_factory = policy
         rpcs: list[Rpc] = []
         try:
             async with engine._run(rpcs, environ) as running:
@@ -248,6 +260,7 @@ class Engine:
             self.clock,
             BatchIds(recovered.next_batch_id + 1_000_000 * len(self._chains)),
             len(adopted),
+            self._policy_factory(chain),
         )
         for batch in adopted:
             runtime.confirm.adopt(batch)

@@ -145,3 +145,34 @@ async def test_batch_of_one_is_sent_directly_to_the_token(anvil: Anvil, tmp_path
     assert settled.gas_used < 66_000  # a compact batch of one costs ~69k
     assert modes == [("direct",)]
     assert failed.state == "failed" and failed.reason == "insufficient_funds"
+
+
+async def test_reverted_batch_is_requeued_and_settles_in_a_later_batch(
+    anvil: Anvil, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import engine.submit as submit_module
+
+    dev = await setup_devchain(anvil.url, payers=10)
+    config, env = engine_config(
+        dev, str(tmp_path / "l.duckdb"), policy=PolicyConfig(max_batch_size=10, max_wait_ms=100)
+    )
+    payee = bytes.fromhex(dev.payee[2:])
+    now = int(time.time())
+    # Size the first batch far too small: the batcher's out-of-gas guard reverts it whole.
+    monkeypatch.setattr(submit_module, "SETTLE_OVERHEAD_GAS", -250_000)
+    async with Engine.open(config, environ=env) as engine:
+        ids = []
+        for key in dev.payer_key_bytes():
+            result = await engine.submit(*payment_v2(dev.domain, key, payee, VALUE, now))
+            assert isinstance(result, Accepted)
+            ids.append(result.id)
+        with trio.fail_after(30):
+            while engine.statistics().requeued < 10:
+                await trio.sleep(0.05)
+        monkeypatch.setattr(submit_module, "SETTLE_OVERHEAD_GAS", 30_000)
+        outcomes = [await engine.wait(i, timeout_s=30) for i in ids]
+        history = await engine.history(ids[0])
+        batch_states = await engine.query("SELECT state FROM batch_events ORDER BY seq")
+    assert [o.state for o in outcomes] == ["settled"] * 10
+    assert [h["state"] for h in history][:3] == ["submitted", "accepted", "submitted"]
+    assert ("reverted",) in batch_states and batch_states[-1] == ("mined",)

@@ -82,3 +82,23 @@ def test_deadline_forces_flush_before_max_wait_and_goes_first() -> None:
 def test_empty_pool_sleeps_until_woken() -> None:
     decision = plan(PendingPool(), ImmediatePolicy(1.0), LIMITS, NOW)
     assert decision.batch == [] and decision.wake_at is None
+
+
+class NeverDue:
+    """A policy that never flushes on its own (as a far-off schedule would)."""
+
+    def due(self, view: object, limits: Limits, now: float) -> bool:
+        return False
+
+    def wake_at(self, view: object, limits: Limits, now: float) -> float | None:
+        return None
+
+
+def test_deadlines_are_kept_whatever_the_policy_says() -> None:
+    pool = PendingPool()
+    pool.add(_item(1), NOW)
+    pool.add(_item(2, valid_before=int(NOW) + 500), NOW)
+    decision = plan(pool, NeverDue(), LIMITS, NOW)
+    assert decision.batch == [] and decision.wake_at == NOW + 470
+    # The urgent item goes first; the rest of the batch is filled from the pool.
+    assert [x.id for x in plan(pool, NeverDue(), LIMITS, NOW + 470).batch] == [2, 1]
