@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import os
 import signal
 import sys
 import time
@@ -85,6 +87,40 @@ def _demo(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def read_env_file(path: str | None) -> dict[str, str]:
+    """KEY=VALUE lines (as ``devchain`` writes signer.env); blank lines and # comments skipped."""
+    env: dict[str, str] = {}
+    if path:
+        for line in Path(path).read_text().splitlines():
+            line = line.strip()
+            if line and not line.startswith("#") and "=" in line:
+                key, _, value = line.partition("=")
+                env[key.strip()] = value.strip()
+    return env
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .service import run_service
+
+    config = load_config(args.config)
+    environ = {**os.environ, **read_env_file(args.env_file)}
+    console = Console(stderr=True)
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            addresses = await nursery.start(
+                lambda task_status: run_service(
+                    config, environ=environ, bind=args.bind, task_status=task_status
+                )
+            )
+            console.print(f"x402 facilitator listening on {', '.join(addresses)}")
+
+    with contextlib.suppress(KeyboardInterrupt):
+        trio.run(main)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="x402-engine", description=__doc__)
     parser.add_argument("--log-level", default="warning", help="debug, info, warning, error")
@@ -98,6 +134,12 @@ def build_parser() -> argparse.ArgumentParser:
     dc.add_argument("--out", default="devchain", help="directory for config and keys")
     dc.add_argument("--exit", action="store_true", help="set up, write files, stop anvil, exit")
     dc.set_defaults(func=_devchain)
+
+    serve = sub.add_parser("serve", help="run the HTTP facilitator on the engine")
+    serve.add_argument("--config", required=True, help="engine TOML (see README)")
+    serve.add_argument("--env-file", default=None, help="KEY=VALUE file, e.g. signer keys")
+    serve.add_argument("--bind", default=None, help="host:port (default: [service] host/port)")
+    serve.set_defaults(func=_serve)
 
     demo = sub.add_parser("demo", help="devchain + engine + a synthetic load of payments")
     demo.add_argument("--payments", type=int, default=5000)

@@ -84,11 +84,29 @@ class LedgerConfig(msgspec.Struct, forbid_unknown_fields=True):
     group_max: int = 4096  # accepted payments committed in one transaction at most
 
 
+SettlementMode = Literal["confirmed", "deferred"]
+
+
+class ServiceConfig(msgspec.Struct, forbid_unknown_fields=True):
+    """The HTTP facilitator (``x402-engine serve``)."""
+
+    host: str = "127.0.0.1"
+    port: int = 4021
+    settlement: SettlementMode = "confirmed"
+    payee_settlement: dict[str, SettlementMode] = msgspec.field(default_factory=dict)
+    settle_timeout_s: float = 30.0  # confirmed mode: then answer settlement_pending
+    body_max_bytes: int = 65_536
+    header_max_bytes: int = 16_384
+    bearer_token_env: str = ""  # env var with the token /verify and /settle then require
+    allow_public_without_token: bool = False  # listen beyond loopback with no token
+
+
 class EngineConfig(msgspec.Struct, forbid_unknown_fields=True):
     chains: list[ChainConfig]
     ledger: LedgerConfig = msgspec.field(default_factory=LedgerConfig)
     policy: PolicyConfig = msgspec.field(default_factory=PolicyConfig)
     ingest: IngestConfig = msgspec.field(default_factory=IngestConfig)
+    service: ServiceConfig = msgspec.field(default_factory=ServiceConfig)
     channel_capacity: int = 64  # bounded memory channels between stages (in messages)
 
 
@@ -129,6 +147,10 @@ def validate(config: EngineConfig) -> EngineConfig:
             raise ConfigError(f"{where}.max_inflight_batches must be >= 1")
     if config.policy.max_batch_size < 1:
         raise ConfigError("policy.max_batch_size must be >= 1")
+    for payee in config.service.payee_settlement:
+        _check_address(payee, "service.payee_settlement")
+    if config.service.settle_timeout_s <= 0 or config.service.body_max_bytes < 1024:
+        raise ConfigError("service: settle_timeout_s must be > 0 and body_max_bytes >= 1024")
     if not 0 < config.ingest.value_max <= 2**128 - 1:
         raise ConfigError("ingest.value_max must be in (0, 2**128 - 1]")
     return config

@@ -26,6 +26,7 @@ from .confirm import ConfirmStage
 from .dedup import Claim, DedupIndex
 from .intake import IntakeRequest, IntakeStage
 from .ledger import AsyncLedger, Ledger, Recovered
+from .metrics import Histogram
 from .model import Accepted, Outcome, Payment, Rejected, hex_addr
 from .outcomes import Recorder, Statistics, Tracker
 from .policy import BatchPolicy, ImmediatePolicy, Limits, PendingItem
@@ -120,7 +121,7 @@ class Engine:
         self._ledger = ledger
         self._verifier = Verifier(config)
         self._dedup = DedupIndex()
-        self._tracker = Tracker()
+        self._tracker = Tracker(clock)
         self._recorder = Recorder(ledger, self._tracker, clock)
         self._chains: dict[int, _Chain] = {}
         self._next_id = 1
@@ -265,7 +266,7 @@ class Engine:
         for batch in adopted:
             runtime.confirm.adopt(batch)
             for item in batch.items:
-                self._tracker.track(item, "submitted")
+                self._tracker.track(item, "submitted", batch.record.tx_hash)
         self._chains[chain.chain_id] = runtime
         self._recovered_open = open_by_id
 
@@ -388,6 +389,27 @@ class Engine:
 
     def statistics(self) -> Statistics:
         return self._tracker.snapshot()
+
+    def supported(self) -> dict[str, Any]:
+        """The facilitator's /supported document: kinds per network, and signer addresses."""
+        kinds: list[dict[str, Any]] = []
+        signers: list[str] = []
+        for chain in self.config.chains:
+            kinds.append({"x402Version": 2, "scheme": "exact", "network": chain.caip2})
+            for name in chain.network_names:
+                kinds.append({"x402Version": 1, "scheme": "exact", "network": name})
+            runtime = self._chains.get(chain.chain_id)
+            if runtime is not None:
+                signers += [s.address for s in runtime.signers.signers]
+        return {"kinds": kinds, "extensions": [], "signers": {"eip155:*": signers}}
+
+    def inflight_batches(self) -> dict[int, int]:
+        """Sent but unconfirmed batches per chain."""
+        return {cid: c.confirm.inflight() for cid, c in self._chains.items()}
+
+    def settle_latency(self) -> Histogram:
+        """Acceptance-to-final-state latency of the payments finalized since start."""
+        return self._tracker.settle_latency
 
     def queue_depths(self) -> dict[int, int]:
         """Pending (unbatched) items per chain."""

@@ -14,6 +14,7 @@ import trio
 
 from .clock import Clock
 from .ledger import AsyncLedger, BatchEvent, BatchRecord, PaymentEvent
+from .metrics import Histogram
 from .model import FINAL_STATES, Outcome, hex_addr
 from .policy import PendingItem
 
@@ -38,8 +39,8 @@ class Statistics(msgspec.Struct, frozen=True):
 class Tracker:
     """In-memory view of live payments and waiters. Used only from the trio thread."""
 
-    def __init__(self, recent_max: int = 100_000) -> None:
-        self._live: dict[int, tuple[PendingItem, str]] = {}
+    def __init__(self, clock: Clock | None = None, recent_max: int = 100_000) -> None:
+        self._live: dict[int, tuple[PendingItem, str, str | None]] = {}  # item, state, tx
         self._recent: OrderedDict[int, Outcome] = OrderedDict()
         self._recent_max = recent_max
         self._waiters: dict[int, trio.Event] = {}
@@ -56,9 +57,11 @@ class Tracker:
         self.fee_wei = 0
         self.all_final = trio.Event()
         self.all_final.set()
+        self.settle_latency = Histogram()  # acceptance to final state, seconds
+        self._clock = clock
 
-    def track(self, item: PendingItem, state: str = "accepted") -> None:
-        self._live[item.id] = (item, state)
+    def track(self, item: PendingItem, state: str = "accepted", tx_hash: str | None = None) -> None:
+        self._live[item.id] = (item, state, tx_hash)
         self.all_final = trio.Event() if self.all_final.is_set() else self.all_final
 
     def is_live(self, rid: int) -> bool:
@@ -70,9 +73,11 @@ class Tracker:
     def current(self, rid: int) -> Outcome | None:
         live = self._live.get(rid)
         if live is not None:
-            item, state = live
+            item, state, tx_hash = live
             p = item.payment
-            return Outcome(rid, state, p.chain_id, hex_addr(p.payer), hex_addr(p.payee), p.value)
+            return Outcome(
+                rid, state, p.chain_id, hex_addr(p.payer), hex_addr(p.payee), p.value, tx_hash
+            )
         return self._recent.get(rid)
 
     def apply(self, item: PendingItem, event: PaymentEvent) -> None:
@@ -80,7 +85,7 @@ class Tracker:
         if event.state not in FINAL_STATES:
             if event.state == "accepted":
                 self.requeued += 1
-            self._live[item.id] = (item, event.state)
+            self._live[item.id] = (item, event.state, event.tx_hash)
             return
         outcome = Outcome(
             id=item.id,
@@ -100,6 +105,8 @@ class Tracker:
         else:
             self.failed[event.reason or "unknown"] += 1
         self._live.pop(item.id, None)
+        if self._clock is not None:
+            self.settle_latency.observe(max(0.0, self._clock.now() - item.arrived_at))
         self._recent[item.id] = outcome
         while len(self._recent) > self._recent_max:
             self._recent.popitem(last=False)
