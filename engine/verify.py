@@ -197,7 +197,7 @@ def _decode_payload(value: Any) -> PaymentPayload:
     decoded: PaymentPayload
     if isinstance(value, PaymentPayloadV1 | PaymentPayloadV2):
         return value
-    if isinstance(value, bytes | bytearray | memoryview | str):
+    if isinstance(value, bytes | bytearray | memoryview | str | msgspec.Raw):
         decoded = _payload_decoder.decode(value)
     else:
         decoded = msgspec.convert(value, PaymentPayload)
@@ -208,7 +208,7 @@ def _decode_requirements(value: Any, version: int) -> PaymentRequirements:
     decoded: PaymentRequirements
     if isinstance(value, RequirementsV1 | RequirementsV2):
         return value
-    if isinstance(value, bytes | bytearray | memoryview | str):
+    if isinstance(value, bytes | bytearray | memoryview | str | msgspec.Raw):
         decoded = (_req_v1_decoder if version == 1 else _req_v2_decoder).decode(value)
     elif version == 1:
         decoded = msgspec.convert(value, RequirementsV1)
