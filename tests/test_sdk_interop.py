@@ -1,0 +1,151 @@
+"""Interoperability with code this project did not write: the official x402 Python SDK's client,
+facilitator client and Flask resource-server middleware, against our facilitator service."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import trio
+from eth_account import Account
+from x402 import x402ClientSync
+from x402.http import FacilitatorConfig, HTTPFacilitatorClientSync
+from x402.http.clients.requests import x402_requests
+from x402.mechanisms.evm.exact import ExactEvmScheme
+from x402.mechanisms.evm.exact.v1.client import ExactEvmSchemeV1
+from x402.mechanisms.evm.signers import EthAccountSigner
+from x402.mechanisms.evm.v1 import constants as v1_constants
+from x402.schemas import (
+    PaymentRequired,
+    PaymentRequiredV1,
+    PaymentRequirements,
+    PaymentRequirementsV1,
+)
+
+from engine.config import ServiceConfig
+from engine.rpc import Rpc
+
+from .chain import balances
+from .service_helpers import RunningService, running_service
+
+pytestmark = pytest.mark.chain
+ROOT = Path(__file__).resolve().parent.parent
+NETWORK = "eip155:31337"
+DOMAIN = {"name": "USD Coin", "version": "2"}
+
+
+def _balance(svc: RunningService, owner: str) -> int:
+    async def read() -> int:
+        rpc = Rpc(svc.anvil.url)
+        try:
+            return (await balances(rpc, svc.dev.token, [owner]))[0]
+        finally:
+            await rpc.aclose()
+
+    return trio.run(read)
+
+
+def _sdk_client(key: str) -> x402ClientSync:
+    signer = EthAccountSigner(Account.from_key(key))
+    client = x402ClientSync()
+    client.register(NETWORK, ExactEvmScheme(signer))
+    client.register_v1("anvil", ExactEvmSchemeV1(signer))
+    client.set_spend_controls(False)  # our test token is not one of the SDK's known assets
+    return client
+
+
+def test_official_client_payloads_verify_and_settle_through_the_sdk_facilitator_client(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The SDK knows v1 network names only from a fixed table; teach it the local chain's name.
+    monkeypatch.setitem(v1_constants.V1_NETWORK_CHAIN_IDS, "anvil", 31337)
+    with running_service(tmp_path, payers=2) as svc:
+        dev = svc.dev
+        facilitator = HTTPFacilitatorClientSync(FacilitatorConfig(url=svc.url, timeout=60.0))
+        supported = facilitator.get_supported()
+        assert {(k.x402_version, k.network) for k in supported.kinds} >= {
+            (2, NETWORK),
+            (1, "anvil"),
+        }
+        client = _sdk_client(dev.payer_keys[0])
+        v2_req = PaymentRequirements(
+            scheme="exact",
+            network=NETWORK,
+            asset=dev.token,
+            amount="1000",
+            pay_to=dev.payee,
+            max_timeout_seconds=300,
+            extra=DOMAIN,
+        )
+        v1_req = PaymentRequirementsV1(
+            scheme="exact",
+            network="anvil",
+            max_amount_required="2000",
+            resource="http://127.0.0.1/paid",
+            pay_to=dev.payee,
+            max_timeout_seconds=300,
+            asset=dev.token,
+            extra=DOMAIN,
+        )
+        before = _balance(svc, dev.payee)
+        cases: list[
+            tuple[PaymentRequirements | PaymentRequirementsV1, PaymentRequired | PaymentRequiredV1]
+        ] = [
+            (v2_req, PaymentRequired(accepts=[v2_req])),
+            (v1_req, PaymentRequiredV1(accepts=[v1_req])),
+        ]
+        for req, required in cases:
+            payload = client.create_payment_payload(required)
+            verified = facilitator.verify(payload, req)
+            assert verified.is_valid, verified
+            assert verified.payer is not None
+            assert verified.payer.lower() == Account.from_key(dev.payer_keys[0]).address.lower()
+            settled = facilitator.settle(payload, req)
+            assert settled.success, settled
+            assert settled.transaction.startswith("0x") and settled.network == req.network
+            again = facilitator.settle(payload, req)  # idempotent: same answer, no new transfer
+            assert again.success and again.transaction == settled.transaction
+        assert _balance(svc, dev.payee) - before == 3000
+        # A tampered amount is a negative result the SDK reads, not an exception.
+        payload = client.create_payment_payload(PaymentRequired(accepts=[v2_req]))
+        bigger = v2_req.model_copy(update={"amount": "5000"})
+        refused = facilitator.verify(payload, bigger)
+        assert not refused.is_valid and refused.invalid_reason is not None
+
+
+@pytest.mark.parametrize("settlement", ["confirmed", "deferred"])
+def test_sdk_resource_server_and_client_pay_end_to_end_through_our_facilitator(
+    tmp_path: Path, settlement: str
+) -> None:
+    service = ServiceConfig(settlement=settlement)  # type: ignore[arg-type]
+    with running_service(tmp_path, payers=2, service=service) as svc:
+        dev = svc.dev
+        merchant = dev.payee
+        server = subprocess.Popen(
+            [sys.executable, "-m", "tests.sdk_resource_server", svc.url, dev.token, merchant],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert server.stdout is not None
+            line = server.stdout.readline()
+            assert line.startswith("READY"), (line, server.stderr.read() if server.stderr else "")
+            url = line.split()[1]
+            before = _balance(svc, merchant)
+            session = x402_requests(_sdk_client(dev.payer_keys[1]))
+            unpaid = session.get(url + "/paid", headers={"x-no-pay": "1"}, timeout=60)
+            assert unpaid.status_code == 200  # the session paid on the 402 by itself
+            assert unpaid.json() == {"content": "the paid resource"}
+            assert "PAYMENT-RESPONSE" in unpaid.headers
+            deadline = time.monotonic() + 30
+            while _balance(svc, merchant) - before < 1000 and time.monotonic() < deadline:
+                time.sleep(0.1)  # deferred mode settles after the answer
+            assert _balance(svc, merchant) - before == 1000
+        finally:
+            server.kill()
+            server.wait()
