@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -20,10 +22,11 @@ import httpx
 import msgspec
 import trio
 
-from engine.config import PolicyConfig, ServiceConfig
-from engine.devchain import Anvil, engine_config, setup_devchain
+from engine.config import PolicyConfig, ServiceConfig, dump_config
+from engine.devchain import Anvil, engine_config, free_port, setup_devchain
 from engine.loadgen import payment_v2
-from engine.service import run_service
+
+from .http_load import post_all
 
 VALUE = 1000
 
@@ -55,7 +58,12 @@ async def run_mode(mode: str, payments: int, block_time_s: float, workdir: Path)
             max_inflight_batches=payments if single else 8,
             poll_interval_ms=100,
         )
-        config = msgspec.structs.replace(config, service=ServiceConfig(settle_timeout_s=120))
+        port = free_port()
+        config = msgspec.structs.replace(
+            config, service=ServiceConfig(port=port, settle_timeout_s=120)
+        )
+        (workdir / f"{mode}.toml").write_bytes(dump_config(config))
+        (workdir / f"{mode}.env").write_text("".join(f"{k}={v}\n" for k, v in env.items()))
         payee = bytes.fromhex(dev.payee[2:])
         now = int(time.time())
         bodies = [
@@ -64,38 +72,47 @@ async def run_mode(mode: str, payments: int, block_time_s: float, workdir: Path)
                 payment_v2(dev.domain, k, payee, VALUE, now) for k in dev.payer_key_bytes()
             )
         ]
-        latencies: list[float] = []
-        answers: list[dict[str, object]] = []
-        async with trio.open_nursery() as nursery:
-            addresses = await nursery.start(
-                lambda task_status: run_service(
-                    config, environ=env, bind="127.0.0.1:0", task_status=task_status
-                )
-            )
-            url = addresses[0]
-            limits = httpx.Limits(max_connections=payments, max_keepalive_connections=payments)
-            async with httpx.AsyncClient(timeout=300, limits=limits) as client:
-
-                async def settle(body: bytes) -> None:
-                    t0 = time.perf_counter()
-                    r = await client.post(url + "/settle", content=body)
-                    latencies.append(time.perf_counter() - t0)
-                    answers.append(r.json())
-
+        # The facilitator runs as its own process (`x402-engine serve`), as in production.
+        server = await trio.lowlevel.open_process(
+            [
+                sys.executable,
+                "-m",
+                "engine.cli",
+                "serve",
+                "--config",
+                str(workdir / f"{mode}.toml"),
+                "--env-file",
+                str(workdir / f"{mode}.env"),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        url = f"http://127.0.0.1:{port}"
+        try:
+            async with httpx.AsyncClient(timeout=10) as client:
+                with trio.fail_after(60):
+                    while True:
+                        try:
+                            if (await client.get(url + "/healthz")).status_code == 200:
+                                break
+                        except httpx.TransportError:
+                            await trio.sleep(0.1)
                 start = time.perf_counter()
-                async with trio.open_nursery() as calls:
-                    for body in bodies:
-                        calls.start_soon(settle, body)
+                answers = await post_all(url, "/settle", bodies, concurrency=payments)
                 wall = time.perf_counter() - start
                 metrics = (await client.get(url + "/metrics")).text
-            nursery.cancel_scope.cancel()
+        finally:
+            server.terminate()
+            with trio.move_on_after(30):
+                await server.wait()
+    docs = [msgspec.json.decode(a.body) for a in answers]
     gas = _metric(metrics, "x402_gas_used_total")
-    txs = {a["transaction"] for a in answers if a.get("success")}
-    lat = sorted(x * 1000 for x in latencies)
+    txs = {d["transaction"] for d in docs if d.get("success")}
+    lat = sorted(a.latency_s * 1000 for a in answers)
     return Run(
         mode=mode,
         payments=payments,
-        succeeded=sum(1 for a in answers if a.get("success")),
+        succeeded=sum(1 for d in docs if d.get("success")),
         transactions=len(txs),
         gas_per_payment=gas / payments,
         latency_ms_p50=statistics.median(lat),

@@ -97,6 +97,7 @@ class ServiceConfig(msgspec.Struct, forbid_unknown_fields=True):
     settle_timeout_s: float = 30.0  # confirmed mode: then answer settlement_pending
     body_max_bytes: int = 65_536
     header_max_bytes: int = 16_384
+    backlog: int = 2048  # pending TCP connections the listener queues
     bearer_token_env: str = ""  # env var with the token /verify and /settle then require
     allow_public_without_token: bool = False  # listen beyond loopback with no token
 

@@ -158,6 +158,7 @@ def hypercorn_config(service: ServiceConfig, bind: str | None = None) -> Hyperco
     hc.accesslog = None
     hc.errorlog = log
     hc.graceful_timeout = 5.0
+    hc.backlog = service.backlog  # bursts of new connections beyond this wait for SYN retries
     return hc
 
 

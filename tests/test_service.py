@@ -268,3 +268,18 @@ def test_public_bind_without_token_is_refused() -> None:
         bearer_token(ServiceConfig(host="0.0.0.0"), {})
     assert bearer_token(ServiceConfig(host="0.0.0.0", allow_public_without_token=True), {}) is None
     assert bearer_token(ServiceConfig(host="::1"), {}) is None
+
+
+def test_a_thousand_concurrent_settles_share_a_handful_of_transactions(tmp_path: Path) -> None:
+    from benchmarks.http_load import post_all
+
+    with running_service(tmp_path, payers=1000) as svc:
+        before = _payee_balance(svc)
+        bodies = [_payment(svc, i) for i in range(1000)]
+        answers = trio.run(post_all, svc.url, "/settle", bodies, 1000)
+        docs = [msgspec.json.decode(a.body) for a in answers]
+        assert all(a.status == 200 for a in answers)
+        assert all(d["success"] for d in docs), [d for d in docs if not d["success"]][:3]
+        transactions = {d["transaction"] for d in docs}
+        assert 1 < len(transactions) <= 10, len(transactions)  # batched, not 1,000
+        assert _payee_balance(svc) - before == 1000 * VALUE

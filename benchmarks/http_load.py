@@ -1,0 +1,60 @@
+"""A lean HTTP/1.1 load generator for POSTing many pre-built bodies at once under trio.
+
+One connection per request (``Connection: close``), no client-side pool: httpx's pool spends
+more CPU than the server under a thousand concurrent requests, which would measure the client.
+Only for 127.0.0.1 targets.
+"""
+
+from __future__ import annotations
+
+import time
+from urllib.parse import urlsplit
+
+import msgspec
+import trio
+
+
+class Answer(msgspec.Struct):
+    status: int
+    body: bytes
+    latency_s: float
+
+
+async def post(host: str, port: int, path: str, body: bytes, timeout_s: float = 300) -> Answer:
+    assert host in ("127.0.0.1", "localhost", "::1"), "load tests target this machine only"
+    request = (
+        f"POST {path} HTTP/1.1\r\nhost: {host}:{port}\r\ncontent-type: application/json\r\n"
+        f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
+    ).encode() + body
+    start = time.perf_counter()
+    with trio.fail_after(timeout_s):
+        stream = await trio.open_tcp_stream(host, port)
+        async with stream:
+            await stream.send_all(request)
+            chunks = []
+            while True:
+                chunk = await stream.receive_some(65536)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+    raw = b"".join(chunks)
+    head, _, payload = raw.partition(b"\r\n\r\n")
+    status = int(head.split(b" ", 2)[1])
+    return Answer(status, payload, time.perf_counter() - start)
+
+
+async def post_all(url: str, path: str, bodies: list[bytes], concurrency: int) -> list[Answer]:
+    """POST every body, at most ``concurrency`` at a time; answers in the order of ``bodies``."""
+    parts = urlsplit(url)
+    host, port = parts.hostname or "127.0.0.1", parts.port or 80
+    answers: list[Answer | None] = [None] * len(bodies)
+    limiter = trio.Semaphore(concurrency)
+
+    async def one(i: int, body: bytes) -> None:
+        async with limiter:
+            answers[i] = await post(host, port, path, body)
+
+    async with trio.open_nursery() as nursery:
+        for i, body in enumerate(bodies):
+            nursery.start_soon(one, i, body)
+    return [a for a in answers if a is not None]
