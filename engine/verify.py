@@ -108,6 +108,12 @@ class Verifier:
         if token is None:
             return reject(reasons.INVALID_REQUIREMENTS, f"asset {req.asset!r} is not configured")
         extra = req.extra or {}
+        method = extra.get("assetTransferMethod", "eip3009")
+        if method != "eip3009":
+            return reject(
+                reasons.INVALID_REQUIREMENTS,
+                f"assetTransferMethod {method!r} is not supported (only eip3009)",
+            )
         if ("name" in extra and extra["name"] != token.name) or (
             "version" in extra and extra["version"] != token.version
         ):

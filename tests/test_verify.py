@@ -157,3 +157,22 @@ def test_garbage_bytes_are_rejected_not_raised(offline_config: EngineConfig, now
     for junk in [b"", b"{", b"[]", b"null", b'{"x402Version": 2}', "\x00" * 10]:
         payment, rejected = _check(offline_config, junk, b"{}", now)
         assert payment is None and rejected is not None
+
+
+def test_only_the_eip3009_transfer_method_is_accepted(
+    offline_config: EngineConfig, domain: TokenDomain, payer_key: bytes, now: int
+) -> None:
+    payload, req = payment_v2(domain, payer_key, PAYEE, 1000, now)
+    ok = _tamper(
+        to_json(req),
+        ["extra"],
+        {"name": "USD Coin", "version": "2", "assetTransferMethod": "eip3009"},
+    )
+    permit2 = _tamper(
+        to_json(req),
+        ["extra"],
+        {"name": "USD Coin", "version": "2", "assetTransferMethod": "permit2"},
+    )
+    assert _check(offline_config, to_json(payload), ok, now)[1] is None
+    _, rejected = _check(offline_config, to_json(payload), permit2, now)
+    assert rejected is not None and rejected.reason == reasons.INVALID_REQUIREMENTS
