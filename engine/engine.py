@@ -24,7 +24,7 @@ from .clock import Clock, TrioWallClock
 from .config import ChainConfig, EngineConfig, signer_keys, validate
 from .confirm import ConfirmStage
 from .dedup import Claim, DedupIndex
-from .intake import IntakeRequest, IntakeStage
+from .intake import Group, IntakeStage
 from .ledger import AsyncLedger, Ledger, Recovered
 from .metrics import Histogram
 from .model import Accepted, Outcome, Payment, Rejected, hex_addr
@@ -125,10 +125,7 @@ class Engine:
         self._recorder = Recorder(ledger, self._tracker, clock)
         self._chains: dict[int, _Chain] = {}
         self._next_id = 1
-        self._intake_pending: dict[int, IntakeRequest] = {}
-        self._intake_send, self._intake_recv = trio.open_memory_channel[IntakeRequest](
-            max(config.ledger.group_max, 1)
-        )
+        self._intake_pending: dict[int, Group] = {}  # record id -> group not yet durable
         self._intake: IntakeStage | None = None
         self._policy_factory: Callable[[ChainConfig], BatchPolicy] = lambda _chain: ImmediatePolicy(
             config.policy.max_wait_ms / 1000
@@ -196,7 +193,7 @@ class Engine:
             self.config.ledger.group_max,
         )
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._intake.run, self._intake_recv)
+            nursery.start_soon(self._intake.run)
             for runtime in self._chains.values():
                 nursery.start_soon(runtime.run)
             nursery.start_soon(self._sweep_dedup)
@@ -327,6 +324,11 @@ class Engine:
             return rejected
         assert payment is not None
         payer = hex_addr(payment.payer)
+        assert self._intake is not None, "engine not running"
+        # Wait for room before claiming, so that claim, admission and registration happen with
+        # no checkpoint in between: a concurrent identical submit then always finds the group
+        # to wait on and is never acknowledged before the payment is durable.
+        await self._intake.wait_for_room()
         rid = self._next_id
         claim, owner = self._dedup.claim(payment, rid)
         if claim is Claim.CONFLICT:
@@ -341,21 +343,16 @@ class Engine:
             self._tracker.duplicates += 1
             return Accepted(owner, payer, duplicate=True)
         self._next_id += 1
-        request = IntakeRequest(PendingItem(rid, payment, now))
-        self._intake_pending[rid] = request
+        group = self._intake.admit(PendingItem(rid, payment, now))
+        self._intake_pending[rid] = group
         try:
-            await self._intake_send.send(request)
             with trio.CancelScope(shield=True):  # once queued, see it through
-                await request.done.wait()
-        except BaseException:
-            if not request.done.is_set():
-                self._dedup.release(payment, rid)
-            raise
+                await group.done.wait()
         finally:
             self._intake_pending.pop(rid, None)
-        if request.error is not None:
+        if group.error is not None:
             self._dedup.release(payment, rid)
-            raise EngineError(f"ledger write failed: {request.error}") from request.error
+            raise EngineError(f"ledger write failed: {group.error}") from group.error
         return Accepted(rid, payer, duplicate=False)
 
     async def status(self, record_id: int) -> Outcome | None:

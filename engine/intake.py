@@ -1,13 +1,18 @@
 """The intake stage: group commit of accepted payments.
 
-``submit`` hands each verified, deduplicated payment to this stage and waits. The stage takes
-everything queued (up to ``group_max``), writes it to DuckDB as one Arrow batch in one commit,
-wakes the submitters (now their payments are durable), then forwards the group to the chains'
-batch stages. A full downstream channel blocks this stage and, through its bounded input
-channel, the submitters: backpressure instead of unbounded queues.
+``submit`` admits each verified, deduplicated payment into the open group and waits for that
+group's commit. The stage takes the oldest group, writes it to DuckDB as one Arrow batch in one
+commit, wakes every submitter of the group at once (their payments are now durable), then
+forwards the group to the chains' batch stages. One event per group rather than a channel
+message and an event per payment keeps the per-payment cost of durability small.
+
+Bounded: at most ``groups_max`` groups of ``group_max`` payments wait; further submitters wait
+for room (backpressure), as do all of them when a downstream batch stage is full.
 """
 
 from __future__ import annotations
+
+from collections import deque
 
 import trio
 
@@ -17,11 +22,13 @@ from .outcomes import Tracker
 from .policy import PendingItem
 
 
-class IntakeRequest:
-    __slots__ = ("done", "error", "item")
+class Group:
+    """Payments committed together; ``done`` is set once they are durable (or failed)."""
 
-    def __init__(self, item: PendingItem) -> None:
-        self.item = item
+    __slots__ = ("done", "error", "items")
+
+    def __init__(self) -> None:
+        self.items: list[PendingItem] = []
         self.done = trio.Event()
         self.error: BaseException | None = None
 
@@ -33,46 +40,75 @@ class IntakeStage:
         tracker: Tracker,
         batch_sends: dict[int, trio.MemorySendChannel[list[PendingItem]]],
         group_max: int,
+        groups_max: int = 4,
     ) -> None:
-        assert group_max >= 1
+        assert group_max >= 1 and groups_max >= 2
         self._ledger = ledger
         self._tracker = tracker
         self._batch_sends = batch_sends
         self._group_max = group_max
+        self._groups_max = groups_max
+        self._groups: deque[Group] = deque()
+        self._open: Group | None = None  # the group new payments join
+        self._arrived = trio.Event()
+        self._room = trio.Event()
         self.groups_written = 0
 
-    async def run(self, receive: trio.MemoryReceiveChannel[IntakeRequest]) -> None:
-        async with receive:
-            while True:
-                try:
-                    first = await receive.receive()
-                except trio.EndOfChannel:
-                    return
-                group = [first]
-                while len(group) < self._group_max:
-                    try:
-                        group.append(receive.receive_nowait())
-                    except (trio.WouldBlock, trio.EndOfChannel):
-                        break
-                await self._commit(group)
+    def waiting(self) -> int:
+        return sum(len(g.items) for g in self._groups)
 
-    async def _commit(self, group: list[IntakeRequest]) -> None:
+    def has_room(self) -> bool:
+        open_has_space = self._open is not None and len(self._open.items) < self._group_max
+        return open_has_space or len(self._groups) < self._groups_max
+
+    async def wait_for_room(self) -> None:
+        """Backpressure: wait until :meth:`admit` can take a payment."""
+        while not self.has_room():
+            if self._room.is_set():
+                self._room = trio.Event()
+            await self._room.wait()
+
+    def admit(self, item: PendingItem) -> Group:
+        """Add ``item`` to the open group (call right after :meth:`wait_for_room`, with no
+        checkpoint in between); returns the group, whose ``done`` event tells when the payment
+        is durable."""
+        assert self.has_room()
+        group = self._open
+        if group is None or len(group.items) >= self._group_max:
+            group = self._open = Group()
+            self._groups.append(group)
+        group.items.append(item)
+        self._arrived.set()
+        return group
+
+    async def run(self) -> None:
+        while True:
+            if not self._groups:
+                self._arrived = trio.Event()
+                await self._arrived.wait()
+                continue
+            group = self._groups.popleft()
+            if group is self._open:
+                self._open = None  # close it: later payments start a new group
+            self._room.set()
+            await self._commit(group)
+
+    async def _commit(self, group: Group) -> None:
         rows: list[tuple[int, Payment, int]] = [
-            (r.item.id, r.item.payment, int(r.item.arrived_at * 1000)) for r in group
+            (i.id, i.payment, int(i.arrived_at * 1000)) for i in group.items
         ]
         try:
             await self._ledger.run(self._ledger.sync.insert_payments, rows)
         except Exception as exc:  # disk full, I/O error: every submitter in the group is told
-            for r in group:
-                r.error = exc
-                r.done.set()
+            group.error = exc
+            group.done.set()
             return
         self.groups_written += 1
         by_chain: dict[int, list[PendingItem]] = {}
-        for r in group:
-            self._tracker.track(r.item)
-            self._tracker.accepted += 1
-            r.done.set()
-            by_chain.setdefault(r.item.payment.chain_id, []).append(r.item)
+        for item in group.items:
+            self._tracker.track(item)
+            by_chain.setdefault(item.payment.chain_id, []).append(item)
+        self._tracker.accepted += len(group.items)
+        group.done.set()
         for chain_id, items in by_chain.items():
             await self._batch_sends[chain_id].send(items)
