@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 
 .PHONY: setup demo test lint bench gas clean
 
-setup: $(VENV)/.installed contracts/node_modules/.installed
+setup: $(VENV)/.installed contracts/node_modules/.installed tests/ts/node_modules/.installed
 
 $(VENV)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -17,6 +17,11 @@ $(VENV)/.installed: pyproject.toml
 
 contracts/node_modules/.installed: contracts/package.json contracts/package-lock.json
 	cd contracts && npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+# The official x402 TypeScript client, only for an interoperability test.
+tests/ts/node_modules/.installed: tests/ts/package.json tests/ts/package-lock.json
+	cd tests/ts && npm ci --no-audit --no-fund --loglevel=error
 	touch $@
 
 demo: setup

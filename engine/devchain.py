@@ -142,9 +142,16 @@ class DevChain(msgspec.Struct):
         return [bytes.fromhex(k[2:]) for k in self.payer_keys]
 
 
-def new_key() -> bytes:
+def new_key(seed: bytes | None = None, label: str = "", index: int = 0) -> bytes:
+    """A random private key, or with ``seed`` a deterministic one (same seed, label and index:
+    same key), so that benchmark deployments get the same addresses on every fresh chain."""
+    counter = 0
     while True:
-        key = os.urandom(32)
+        if seed is None:
+            key = os.urandom(32)
+        else:
+            key = crypto.keccak256(seed + f"/{label}/{index}/{counter}".encode())
+            counter += 1
         if 0 < int.from_bytes(key, "big") < crypto.SECP256K1_N:
             return key
 
@@ -217,12 +224,14 @@ async def setup_devchain(
     signers: int = 1,
     token_name: str = TOKEN_NAME,
     token_version: str = TOKEN_VERSION,
+    seed: bytes | None = None,
 ) -> DevChain:
-    """Deploy the token and batcher, fund ``payers`` payer accounts and the payee."""
+    """Deploy the token and batcher, fund ``payers`` payer accounts and the payee. With a
+    ``seed`` every key, and so every address, is the same on each fresh chain."""
     rpc = Rpc(rpc_url)
     try:
         chain_id = await rpc.chain_id()
-        deployer_key = new_key()
+        deployer_key = new_key(seed, "deployer")
         deployer = Deployer(rpc, deployer_key, chain_id)
         await set_balance(rpc, deployer.address, 1_000 * ETH)
         token = await deploy(
@@ -232,11 +241,11 @@ async def setup_devchain(
             [token_name, token_version, "USDC", 6],
         )
         batcher = await deploy(deployer, "X402Batcher", [], [])
-        signer_keys = [new_key() for _ in range(signers)]
+        signer_keys = [new_key(seed, "signer", i) for i in range(signers)]
         for key in signer_keys:
             await set_balance(rpc, hex_addr(crypto.private_key_address(key)), 1_000 * ETH)
-        payer_keys = [new_key() for _ in range(payers)]
-        payee_key = new_key()
+        payer_keys = [new_key(seed, "payer", i) for i in range(payers)]
+        payee_key = new_key(seed, "payee")
         payee = hex_addr(crypto.private_key_address(payee_key))
         holders = [hex_addr(crypto.private_key_address(k)) for k in payer_keys]
         await mint_batch(deployer, token, holders, payer_balance)

@@ -149,3 +149,33 @@ def test_sdk_resource_server_and_client_pay_end_to_end_through_our_facilitator(
         finally:
             server.kill()
             server.wait()
+
+
+def test_typescript_sdk_payload_verifies_and_settles(tmp_path: Path) -> None:
+    """A payload signed by the official TypeScript client (@x402/evm 2.27.0 with viem)."""
+    import httpx
+
+    with running_service(tmp_path, payers=1) as svc:
+        dev = svc.dev
+        signed = subprocess.run(
+            [
+                "node",
+                str(ROOT / "tests" / "ts" / "sign.mjs"),
+                dev.payer_keys[0],
+                dev.token,
+                dev.payee,
+                "1000",
+                str(dev.chain_id),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
+        body = signed.stdout.strip().encode()
+        before = _balance(svc, dev.payee)
+        verified = httpx.post(svc.url + "/verify", content=body).json()
+        assert verified["isValid"] is True, verified
+        settled = httpx.post(svc.url + "/settle", content=body, timeout=60).json()
+        assert settled["success"] is True and settled["transaction"].startswith("0x"), settled
+        assert _balance(svc, dev.payee) - before == 1000
