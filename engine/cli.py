@@ -121,6 +121,17 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    try:
+        from benchmarks.bench import FULL, QUICK, SCENARIOS, run
+    except ImportError as exc:  # installed without the repository's benchmarks/
+        raise SystemExit(f"x402-engine bench needs the repository checkout: {exc}") from exc
+
+    scenarios = args.scenario or list(SCENARIOS)
+    run(scenarios, QUICK if args.quick else FULL, Path(args.out), Console())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="x402-engine", description=__doc__)
     parser.add_argument("--log-level", default="warning", help="debug, info, warning, error")
@@ -140,6 +151,17 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--env-file", default=None, help="KEY=VALUE file, e.g. signer keys")
     serve.add_argument("--bind", default=None, help="host:port (default: [service] host/port)")
     serve.set_defaults(func=_serve)
+
+    bench = sub.add_parser("bench", help="run the benchmark scenarios (see benchmarks/)")
+    bench.add_argument("--quick", action="store_true", help="small sizes, about a minute")
+    bench.add_argument(
+        "--scenario",
+        action="append",
+        choices=["ingest", "settlement", "scale"],
+        help="repeatable; default: all",
+    )
+    bench.add_argument("--out", default="bench-results", help="output directory")
+    bench.set_defaults(func=_bench)
 
     demo = sub.add_parser("demo", help="devchain + engine + a synthetic load of payments")
     demo.add_argument("--payments", type=int, default=5000)
