@@ -1,19 +1,29 @@
 """The dedup stage: an in-memory index of live replay keys (chain, token, payer, nonce).
 
-A key maps to the record id that owns it and the 32-byte fingerprint of the exact signed
-authorization. Resubmitting the identical authorization returns the existing id (idempotent);
-a different authorization with a used key is rejected. A key can be forgotten once its
-validBefore has passed: any payload carrying it is then refused as expired by ingest, and the
-token itself refuses the nonce on chain.
+Resubmitting the identical authorization returns the existing record id (idempotent); a
+different authorization with a used key is rejected. A key can be forgotten once its validBefore
+has passed: any payload carrying it is then refused as expired by ingest, and the token itself
+refuses the nonce on chain.
+
+Memory matters here (one entry per live authorization, millions of them), so an entry is a
+16-byte digest of the replay key mapping to one integer that packs the record id with a 64-bit
+fingerprint of the exact signed authorization; expiry is kept in per-minute buckets of keys
+rather than a heap of tuples. About 150 bytes per live entry in CPython (measured by
+``x402-engine bench --scenario scale``). Digest collisions (2^-128) and fingerprint collisions
+(2^-64) can only ever make the index refuse a payment or take it for a duplicate; they can never
+let an authorization be settled twice, which the token prevents on chain anyway.
 """
 
 from __future__ import annotations
 
-import heapq
 from enum import Enum
 
 from . import crypto
 from .model import Payment
+
+_FP_BITS = 64
+_FP_MASK = (1 << _FP_BITS) - 1
+_BUCKET_S = 60
 
 
 class Claim(Enum):
@@ -22,63 +32,75 @@ class Claim(Enum):
     CONFLICT = "conflict"  # another authorization already uses this key
 
 
-def fingerprint(payment: Payment) -> bytes:
-    """Identifies the exact authorization (all signed fields and the signature)."""
-    return crypto.keccak256(
+def key_digest(payment: Payment) -> bytes:
+    """16-byte digest of the replay key (chain, token, payer, nonce)."""
+    return crypto.keccak256(payment.key)[:16]
+
+
+def fingerprint(payment: Payment) -> int:
+    """64-bit fingerprint of the exact authorization (all signed fields and the signature)."""
+    digest = crypto.keccak256(
         payment.key
         + payment.payee
         + payment.value.to_bytes(32, "big")
         + payment.valid_after.to_bytes(8, "big")
         + payment.valid_before.to_bytes(8, "big")
         + payment.signature
-    )[:16]
+    )
+    return int.from_bytes(digest[:8], "big")
 
 
 class DedupIndex:
-    """Live replay keys → (record id, fingerprint). Not thread-safe: used from the trio thread."""
+    """Live replay keys → record id and fingerprint. Used only from the trio thread."""
 
     def __init__(self) -> None:
-        self._entries: dict[bytes, tuple[int, bytes]] = {}
-        self._expiry: list[tuple[int, bytes]] = []  # (valid_before, key) min-heap
+        self._entries: dict[bytes, int] = {}  # key digest -> record_id << 64 | fingerprint
+        self._buckets: dict[int, list[bytes]] = {}  # validBefore minute -> key digests
 
     def __len__(self) -> int:
         return len(self._entries)
 
     def claim(self, payment: Payment, record_id: int) -> tuple[Claim, int]:
-        """Reserve ``payment.key`` for ``record_id``; returns the claim and the owning id."""
-        key = payment.key
+        """Reserve ``payment``'s key for ``record_id``; returns the claim and the owning id."""
+        key = key_digest(payment)
         fp = fingerprint(payment)
         found = self._entries.get(key)
         if found is not None:
-            owner, owner_fp = found
-            return (Claim.SAME if owner_fp == fp else Claim.CONFLICT), owner
-        self._entries[key] = (record_id, fp)
-        heapq.heappush(self._expiry, (payment.valid_before, key))
+            owner = found >> _FP_BITS
+            return (Claim.SAME if (found & _FP_MASK) == fp else Claim.CONFLICT), owner
+        self._insert(key, record_id, fp, payment.valid_before)
         return Claim.NEW, record_id
 
     def peek(self, payment: Payment) -> Claim:
         """What :meth:`claim` would answer, without reserving anything."""
-        found = self._entries.get(payment.key)
+        found = self._entries.get(key_digest(payment))
         if found is None:
             return Claim.NEW
-        return Claim.SAME if found[1] == fingerprint(payment) else Claim.CONFLICT
+        return Claim.SAME if (found & _FP_MASK) == fingerprint(payment) else Claim.CONFLICT
 
     def release(self, payment: Payment, record_id: int) -> None:
         """Undo a claim whose durable write failed."""
-        found = self._entries.get(payment.key)
-        if found is not None and found[0] == record_id:
-            del self._entries[payment.key]
+        key = key_digest(payment)
+        found = self._entries.get(key)
+        if found is not None and found >> _FP_BITS == record_id:
+            del self._entries[key]
 
     def restore(self, payment: Payment, record_id: int) -> None:
         """Load a recorded payment at start-up."""
-        self._entries[payment.key] = (record_id, fingerprint(payment))
-        heapq.heappush(self._expiry, (payment.valid_before, payment.key))
+        self._insert(key_digest(payment), record_id, fingerprint(payment), payment.valid_before)
 
     def evict_expired(self, now: float, grace_s: int) -> int:
-        """Forget keys whose validBefore is more than ``grace_s`` in the past."""
+        """Forget keys whose validBefore is more than ``grace_s`` (plus up to one bucket, a
+        minute) in the past."""
+        limit = int(now - grace_s) // _BUCKET_S  # buckets wholly before now - grace
         evicted = 0
-        while self._expiry and self._expiry[0][0] + grace_s < now:
-            _, key = heapq.heappop(self._expiry)
-            if self._entries.pop(key, None) is not None:
-                evicted += 1
+        for minute in [m for m in self._buckets if m < limit]:
+            for key in self._buckets.pop(minute):
+                if self._entries.pop(key, None) is not None:
+                    evicted += 1
         return evicted
+
+    def _insert(self, key: bytes, record_id: int, fp: int, valid_before: int) -> None:
+        assert record_id >= 0
+        self._entries[key] = (record_id << _FP_BITS) | fp
+        self._buckets.setdefault(valid_before // _BUCKET_S, []).append(key)
