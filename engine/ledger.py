@@ -116,7 +116,7 @@ _EVENT_SCHEMA = pa.schema(
 )
 
 
-class PaymentEvent(msgspec.Struct, frozen=True):
+class PaymentEvent(msgspec.Struct, frozen=True, gc=False):
     """One state change of one payment."""
 
     payment_id: int

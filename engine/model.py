@@ -96,7 +96,7 @@ class Payment(msgspec.Struct, frozen=True, gc=False):
         return self.chain_id.to_bytes(8, "big") + self.token + self.payer + self.nonce
 
 
-class Accepted(msgspec.Struct, frozen=True):
+class Accepted(msgspec.Struct, frozen=True, gc=False):
     """Result of a successful submit: the payment is durable under ``id``."""
 
     id: int
@@ -104,7 +104,7 @@ class Accepted(msgspec.Struct, frozen=True):
     duplicate: bool  # True when an identical payload was already on record
 
 
-class Rejected(msgspec.Struct, frozen=True):
+class Rejected(msgspec.Struct, frozen=True, gc=False):
     """Result of a refused submit: nothing was stored."""
 
     reason: str
@@ -112,7 +112,7 @@ class Rejected(msgspec.Struct, frozen=True):
     payer: str | None = None
 
 
-class Outcome(msgspec.Struct, frozen=True):
+class Outcome(msgspec.Struct, frozen=True, gc=False):
     """The recorded final (or current) state of one payment."""
 
     id: int

@@ -20,7 +20,7 @@ from .model import Payment
 BATCH_BASE_GAS = 60_000  # intrinsic gas + calldata head + loop set-up, planning figure
 
 
-class PendingItem(msgspec.Struct, frozen=True):
+class PendingItem(msgspec.Struct, frozen=True, gc=False):
     id: int
     payment: Payment
     arrived_at: float  # unix seconds; for max-wait and latency
