@@ -6,6 +6,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import msgspec
 import pytest
 import trio
 
@@ -189,3 +190,35 @@ async def test_failing_items_are_recorded_with_reasons_and_good_ones_settle(
     assert history[-1]["state"] == "failed"
     assert (await balances(rpc, dev.token, [dev.payee]))[0] - before == 2 * VALUE
     await rpc.aclose()
+
+
+async def test_bad_signature_is_rejected_at_submit_and_frees_the_nonce(
+    anvil: Anvil, tmp_path: Path
+) -> None:
+    dev = await setup_devchain(anvil.url, payers=1)
+    config, env = engine_config(dev, str(tmp_path / "l.duckdb"))
+    payee = bytes.fromhex(dev.payee[2:])
+    key = dev.payer_key_bytes()[0]
+    now = int(time.time())
+    good, req = payment_v2(dev.domain, key, payee, VALUE, now)
+    # Same authorization, signed by someone else: the form is fine, recovery gives another address.
+    forged_sig = payment_v2(dev.domain, new_key(), payee, VALUE, now)[0].payload.signature
+    forged_auth = msgspec.structs.replace(good.payload, signature=forged_sig)
+    forged = msgspec.structs.replace(good, payload=forged_auth)
+    async with Engine.open(config, environ=env) as engine:
+        results = []
+
+        async def submit(p: object) -> None:
+            results.append(await engine.submit(p, req))
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(3):
+                nursery.start_soon(submit, forged)
+        assert all(isinstance(r, Rejected) and r.reason == reasons.SIGNATURE for r in results), (
+            results
+        )
+        assert await engine.query("SELECT count(*) FROM payments") == [(0,)]
+        accepted = await engine.submit(good, req)  # the nonce was never taken
+        assert isinstance(accepted, Accepted) and not accepted.duplicate
+        assert (await engine.wait(accepted.id, timeout_s=30)).state == "settled"
+        assert engine.statistics().rejected == {reasons.SIGNATURE: 3}
