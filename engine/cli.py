@@ -111,7 +111,11 @@ def _serve(args: argparse.Namespace) -> int:
         async with trio.open_nursery() as nursery:
             addresses = await nursery.start(
                 lambda task_status: run_service(
-                    config, environ=environ, bind=args.bind, task_status=task_status
+                    config,
+                    environ=environ,
+                    bind=args.bind,
+                    task_status=task_status,
+                    tune_collector=True,
                 )
             )
             console.print(f"x402 facilitator listening on {', '.join(addresses)}")

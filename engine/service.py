@@ -18,6 +18,7 @@ from hypercorn.trio import serve as hypercorn_serve
 from .config import ConfigError, EngineConfig, ServiceConfig
 from .engine import Engine
 from .facilitator import Facilitator, Response, error
+from .gctune import tune_gc
 
 log = logging.getLogger("x402_engine.service")
 
@@ -169,11 +170,15 @@ async def run_service(
     bind: str | None = None,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
     shutdown_trigger: Callable[[], Awaitable[None]] | None = None,
+    tune_collector: bool = False,
 ) -> None:
     """Open the engine and serve HTTP until cancelled (or ``shutdown_trigger`` returns).
-    ``task_status.started`` receives the bound addresses."""
+    ``task_status.started`` receives the bound addresses. ``tune_collector`` applies
+    :func:`engine.gctune.tune_gc` once the engine is open (the CLI does; it is process-wide)."""
     token = bearer_token(config.service, environ)
     async with Engine.open(config, environ=environ) as engine:
+        if tune_collector:
+            tune_gc()
         app = App(Facilitator(engine, config.service), token)
         await hypercorn_serve(
             app,  # type: ignore[arg-type]

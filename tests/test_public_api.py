@@ -18,6 +18,7 @@ def test_public_names_are_pinned() -> None:
         "SystemClock",
         "TrioWallClock",
         "load_config",
+        "tune_gc",
     ]
     for name in engine.__all__:
         assert getattr(engine, name) is not None
