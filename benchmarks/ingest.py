@@ -22,7 +22,7 @@ import trio
 from engine import crypto
 from engine.devchain import DevChain, engine_config
 from engine.engine import Engine
-from engine.gctune import tune_gc
+from engine.gctune import tuned_gc
 from engine.policy import Limits, PoolView
 from engine.verify import Verifier
 
@@ -172,9 +172,9 @@ async def measure_engine_ingest(
     n_max = min(len(rest) // 2, max(20_000, len(rest) // 2))
     closed, open_pool = rest[:n_max], rest[n_max:]
     async with Engine.open(config, environ=env, policy=lambda _c: HoldPolicy()) as engine:
-        tune_gc()  # as `x402-engine serve` does
-        await _submit_closed_loop(engine, warm, concurrency)
-        seconds, latencies, completions = await _submit_closed_loop(engine, closed, concurrency)
+        with tuned_gc():  # as `x402-engine serve` does
+            await _submit_closed_loop(engine, warm, concurrency)
+            seconds, latencies, completions = await _submit_closed_loop(engine, closed, concurrency)
     max_rate = len(closed) / seconds
     result: dict[str, Any] = {
         "payments": len(closed),
@@ -194,8 +194,8 @@ async def measure_engine_ingest(
         used += n
         config, env = engine_config(dev, str(workdir / f"load-{fraction}.duckdb"))
         async with Engine.open(config, environ=env, policy=lambda _c: HoldPolicy()) as engine:
-            tune_gc()
-            lat = await _submit_open_loop(engine, slice_, rate)
+            with tuned_gc():
+                lat = await _submit_open_loop(engine, slice_, rate)
         result["offered"].append(
             {
                 "fraction": fraction,

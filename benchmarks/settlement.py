@@ -15,7 +15,6 @@ from engine.config import PolicyConfig
 from engine.devchain import Anvil, setup_devchain
 from engine.devchain import engine_config as make_config
 from engine.engine import Engine
-from engine.gctune import tune_gc
 
 from .ingest import percentiles
 from .workload import BENCH_SEED, cached_workload
@@ -44,7 +43,6 @@ async def run_mode(mode: str, payments: int, payers: int, block_time_s: float) -
         )
         envelopes = [msgspec.json.decode(b, type=_Envelope) for b in bodies]
         async with Engine.open(config, environ=env) as engine:
-            tune_gc()
             start = time.time()
             it = iter(envelopes)
 

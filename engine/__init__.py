@@ -9,7 +9,7 @@ from __future__ import annotations
 from .clock import Clock, ManualClock, SystemClock, TrioWallClock
 from .config import ConfigError, EngineConfig, load_config
 from .engine import ChainMismatch, Engine, EngineError
-from .gctune import tune_gc
+from .gctune import tuned_gc
 from .handle import EngineHandle
 from .model import Accepted, Outcome, Rejected
 from .outcomes import Statistics
@@ -30,5 +30,5 @@ __all__ = [
     "SystemClock",
     "TrioWallClock",
     "load_config",
-    "tune_gc",
+    "tuned_gc",
 ]

@@ -16,7 +16,6 @@ from rich.table import Table
 from .config import PolicyConfig
 from .devchain import Anvil, DevChain, engine_config, setup_devchain, token_balance
 from .engine import Engine
-from .gctune import tune_gc
 from .loadgen import payment_v2
 from .model import Accepted, PaymentPayloadV2, RequirementsV2
 from .rpc import Rpc
@@ -92,7 +91,6 @@ async def run_demo(
             transient=False,
         ) as progress:
             async with Engine.open(config, environ=env) as engine:
-                tune_gc()
                 ingest_task = progress.add_task("accepted", total=payments)
                 settle_task = progress.add_task("final   ", total=payments)
                 send, receive = trio.open_memory_channel[tuple[object, object]](concurrency)

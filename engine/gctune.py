@@ -3,19 +3,28 @@
 CPython's full collections scan every tracked object; with hundreds of thousands of live
 payments they pause the trio thread for tens of milliseconds, which is most of the
 acknowledgement tail (measured: p99 at 3,000 payments/s offered fell from about 55 ms to about
-20 ms). The engine's own records are untracked Structs; this also makes young collections rarer
-and moves everything allocated during start-up out of the collector's sight. Process-wide, so
-the CLI calls it; an embedding application decides for itself.
+20 ms). The engine's own records are untracked Structs; :func:`tuned_gc` also makes young
+collections rarer and moves everything allocated during start-up out of the collector's sight.
+It is process-wide, so the CLI uses it; an embedding application decides for itself.
 """
 
 from __future__ import annotations
 
 import gc
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 
-def tune_gc(gen0_threshold: int = 50_000) -> None:
-    """Call once start-up is done (configuration loaded, engine open, workload in memory)."""
+@contextmanager
+def tuned_gc(gen0_threshold: int = 50_000) -> Iterator[None]:
+    """Enter once start-up is done (engine open, workload in memory); leaving restores the
+    collector's settings and lets it see the frozen objects again (so they are freed)."""
+    before = gc.get_threshold()
     gc.collect()
     gc.freeze()
-    _, gen1, gen2 = gc.get_threshold()
-    gc.set_threshold(gen0_threshold, max(gen1, 50), max(gen2, 100))
+    gc.set_threshold(gen0_threshold, max(before[1], 50), max(before[2], 100))
+    try:
+        yield
+    finally:
+        gc.set_threshold(*before)
+        gc.unfreeze()

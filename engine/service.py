@@ -4,6 +4,7 @@ server share one trio run, one thread and no asyncio)."""
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import ipaddress
 import logging
@@ -18,7 +19,7 @@ from hypercorn.trio import serve as hypercorn_serve
 from .config import ConfigError, EngineConfig, ServiceConfig
 from .engine import Engine
 from .facilitator import Facilitator, Response, error
-from .gctune import tune_gc
+from .gctune import tuned_gc
 
 log = logging.getLogger("x402_engine.service")
 
@@ -174,15 +175,14 @@ async def run_service(
 ) -> None:
     """Open the engine and serve HTTP until cancelled (or ``shutdown_trigger`` returns).
     ``task_status.started`` receives the bound addresses. ``tune_collector`` applies
-    :func:`engine.gctune.tune_gc` once the engine is open (the CLI does; it is process-wide)."""
+    :func:`engine.gctune.tuned_gc` once the engine is open (the CLI does; it is process-wide)."""
     token = bearer_token(config.service, environ)
     async with Engine.open(config, environ=environ) as engine:
-        if tune_collector:
-            tune_gc()
         app = App(Facilitator(engine, config.service), token)
-        await hypercorn_serve(
-            app,  # type: ignore[arg-type]
-            hypercorn_config(config.service, bind),
-            shutdown_trigger=shutdown_trigger,
-            task_status=task_status,
-        )
+        with tuned_gc() if tune_collector else contextlib.nullcontext():
+            await hypercorn_serve(
+                app,  # type: ignore[arg-type]
+                hypercorn_config(config.service, bind),
+                shutdown_trigger=shutdown_trigger,
+                task_status=task_status,
+            )

@@ -18,7 +18,7 @@ def test_public_names_are_pinned() -> None:
         "SystemClock",
         "TrioWallClock",
         "load_config",
-        "tune_gc",
+        "tuned_gc",
     ]
     for name in engine.__all__:
         assert getattr(engine, name) is not None
