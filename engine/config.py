@@ -81,7 +81,13 @@ class IngestConfig(msgspec.Struct, forbid_unknown_fields=True):
 
 class LedgerConfig(msgspec.Struct, forbid_unknown_fields=True):
     path: str = "x402-ledger.duckdb"
-    group_max: int = 4096  # accepted payments committed in one transaction at most
+    group_max: int = 4096  # accepted payments made durable in one journal append at most
+    # The write-ahead journal (<path>.journal/): an acknowledgement waits for one append and
+    # fdatasync instead of a DuckDB commit. Off: every intake group is a DuckDB commit.
+    journal: bool = True
+    journal_segment_mb: int = 64
+    flush_interval_ms: int = 50  # journaled payments reach DuckDB at least this often
+    flush_rows: int = 2_000  # ... or as soon as this many wait
 
 
 SettlementMode = Literal["confirmed", "deferred"]
@@ -152,6 +158,11 @@ def validate(config: EngineConfig) -> EngineConfig:
         _check_address(payee, "service.payee_settlement")
     if config.service.settle_timeout_s <= 0 or config.service.body_max_bytes < 1024:
         raise ConfigError("service: settle_timeout_s must be > 0 and body_max_bytes >= 1024")
+    ledger = config.ledger
+    if ledger.group_max < 1 or ledger.flush_rows < 1 or ledger.flush_interval_ms <= 0:
+        raise ConfigError("ledger: group_max, flush_rows and flush_interval_ms must be >= 1")
+    if ledger.journal_segment_mb < 1:
+        raise ConfigError("ledger.journal_segment_mb must be >= 1")
     if not 0 < config.ingest.value_max <= 2**128 - 1:
         raise ConfigError("ingest.value_max must be in (0, 2**128 - 1]")
     return config

@@ -10,6 +10,7 @@ bounded memory channels, one batch/submit/confirm chain of stages per configured
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
@@ -150,8 +151,15 @@ class Engine:
         chain's batching policy (default: :class:`ImmediatePolicy` from ``[policy]``).
         """
         validate(config)
-        ledger_sync = await trio.to_thread.run_sync(Ledger, config.ledger.path)
-        ledger = AsyncLedger(ledger_sync)
+        ledger_sync = await trio.to_thread.run_sync(
+            functools.partial(
+                Ledger,
+                config.ledger.path,
+                journal=config.ledger.journal,
+                journal_segment_bytes_max=config.ledger.journal_segment_mb << 20,
+            )
+        )
+        ledger = AsyncLedger(ledger_sync, flush_rows=config.ledger.flush_rows)
         engine = cls(config, clock or TrioWallClock(), ledger)
         if policy is not None:
             engine._policy_factory = policy
@@ -194,6 +202,9 @@ class Engine:
         )
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._intake.run)
+            nursery.start_soon(
+                self._ledger.run_flusher, self.config.ledger.flush_interval_ms / 1000
+            )
             for runtime in self._chains.values():
                 nursery.start_soon(runtime.run)
             nursery.start_soon(self._sweep_dedup)

@@ -98,7 +98,7 @@ class IntakeStage:
             (i.id, i.payment, int(i.arrived_at * 1000)) for i in group.items
         ]
         try:
-            await self._ledger.run(self._ledger.sync.insert_payments, rows)
+            await self._ledger.record_accepted(rows)
         except Exception as exc:  # disk full, I/O error: every submitter in the group is told
             group.error = exc
             group.done.set()

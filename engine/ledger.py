@@ -1,9 +1,13 @@
 """The ledger stage: an append-only DuckDB record of every payment, batch and state change.
 
-Accepted payments are written in groups as Arrow tables (one INSERT ... SELECT per group, one
-commit), because per-row INSERTs manage under 1,000 rows/s. State changes are appended to
-``payment_events`` / ``batch_events`` and never updated in place: a payment's current state is
-its latest event (highest ``seq``); no event means "accepted".
+An accepted payment is durable once its intake group is in the journal (``journal.py``, one
+``fdatasync`` per group); the ledger stages journaled payments and writes them to DuckDB in bulk
+(Arrow tables, one INSERT ... SELECT and one commit per flush; per-row INSERTs manage under 1,000
+rows/s). Every other ledger call flushes the staged payments first, so DuckDB never shows an
+event of a payment it does not hold. Opening a ledger replays the journal into DuckDB.
+
+State changes are appended to ``payment_events`` / ``batch_events`` and never updated in place:
+a payment's current state is its latest event (highest ``seq``); no event means "accepted".
 
 All DuckDB work runs in a worker thread (DuckDB releases the GIL) behind a one-slot limiter, so
 the connection is never used by two threads at once and the trio thread never blocks on disk.
@@ -21,6 +25,7 @@ import msgspec
 import pyarrow as pa
 import trio
 
+from .journal import Journal, JournalRow, encode_frame
 from .model import Outcome, Payment, hex_addr
 
 T = TypeVar("T")
@@ -173,9 +178,14 @@ class Recovered(msgspec.Struct, frozen=True):
 
 
 class Ledger:
-    """Synchronous DuckDB access. Use through :class:`AsyncLedger` from trio code."""
+    """Synchronous DuckDB access. Use through :class:`AsyncLedger` from trio code.
 
-    def __init__(self, path: str | Path) -> None:
+    ``journal``: keep a write-ahead journal beside the file (``<path>.journal/``) so accepted
+    payments are durable without a DuckDB commit each (ignored for ``:memory:``)."""
+
+    def __init__(
+        self, path: str | Path, *, journal: bool = True, journal_segment_bytes_max: int = 64 << 20
+    ) -> None:
         self.path = str(path)
         if self.path != ":memory:":
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
@@ -188,14 +198,53 @@ class Ledger:
         assert row is not None
         self._seq = int(row[0])
         self._owner: int | None = None
+        self._staged: list[JournalRow] = []
+        self._staged_lock = threading.Lock()
+        self.replayed = 0
+        self.journal: Journal | None = None
+        if journal and self.path != ":memory:":
+            self.journal = Journal(Path(self.path + ".journal"), journal_segment_bytes_max)
+            self.replayed = self._insert_missing(self.journal.replay())
+            self.journal.reset()  # DuckDB holds every replayed row now
 
     def close(self) -> None:
+        self.flush_staged()
+        if self.journal is not None:
+            self.journal.reset()  # everything is in DuckDB
+            self.journal.close()
         self._con.close()
 
     # -- writes -----------------------------------------------------------------------------
 
-    def insert_payments(self, rows: Sequence[tuple[int, Payment, int]]) -> None:
-        """Durably record accepted payments ``(id, payment, accepted_at_ms)`` in one commit."""
+    def stage(self, rows: Sequence[JournalRow]) -> int:
+        """Take journaled payments for the next flush (any thread); returns how many wait."""
+        with self._staged_lock:
+            self._staged.extend(rows)
+            return len(self._staged)
+
+    def staged_count(self) -> int:
+        return len(self._staged)
+
+    def flush_staged(self) -> int:
+        """Write every staged payment to DuckDB in one commit, then let the journal drop the
+        segments DuckDB now covers; returns how many were written."""
+        with self._staged_lock:
+            rows, self._staged = self._staged, []
+        if not rows:
+            return 0
+        try:
+            self.insert_payments(rows)
+        except BaseException:
+            with self._staged_lock:  # still in the journal; keep them for the next try
+                self._staged[:0] = rows
+            raise
+        if self.journal is not None:
+            self.journal.release_through(max(r[0] for r in rows))
+        return len(rows)
+
+    def insert_payments(self, rows: Sequence[JournalRow]) -> None:
+        """Record accepted payments ``(id, payment, accepted_at_ms)`` in DuckDB in one commit
+        (bypasses the journal: the engine goes through :meth:`AsyncLedger.record_accepted`)."""
         if not rows:
             return
         table = pa.Table.from_pydict(
@@ -219,6 +268,7 @@ class Ledger:
         self._in_transaction(lambda: self._insert_arrow("payments", table, value_cols=("value",)))
 
     def append_events(self, events: Sequence[PaymentEvent], at_ms: int) -> None:
+        self.flush_staged()
         if events:
             self._in_transaction(lambda: self._write_events(events, at_ms))
 
@@ -226,6 +276,7 @@ class Ledger:
         self, batch: BatchRecord, events: Sequence[PaymentEvent], at_ms: int
     ) -> None:
         """Write-ahead: the signed transaction and its items' ``submitted`` events, atomically."""
+        self.flush_staged()
 
         def work() -> None:
             self._con.execute(
@@ -254,6 +305,7 @@ class Ledger:
         self, event: BatchEvent, events: Sequence[PaymentEvent], at_ms: int
     ) -> None:
         """The batch's fate and every item's outcome, atomically."""
+        self.flush_staged()
 
         def work() -> None:
             self._write_batch_event(event, at_ms)
@@ -265,6 +317,7 @@ class Ledger:
 
     def recover(self) -> Recovered:
         """Everything not yet final: payments to queue again, batches to reconcile."""
+        self.flush_staged()
         con = self._con
         rows = con.execute(
             """
@@ -327,6 +380,7 @@ class Ledger:
 
     def live_payments(self, valid_before_min: int) -> list[tuple[int, Payment]]:
         """Payments whose authorization is still valid: their replay keys must stay known."""
+        self.flush_staged()
         rows = self._con.execute(
             "SELECT id, chain_id, network, x402_version, token, payer, payee, value::VARCHAR,"
             " valid_after, valid_before, nonce, signature FROM payments"
@@ -336,6 +390,7 @@ class Ledger:
         return [(int(r[0]), _payment_from_row(r[1:12])) for r in rows]
 
     def outcome(self, payment_id: int) -> Outcome | None:
+        self.flush_staged()
         row = self._con.execute(
             """
             SELECT p.id, coalesce(e.state, 'accepted'), p.chain_id, p.payer, p.payee,
@@ -366,6 +421,7 @@ class Ledger:
 
     def history(self, payment_id: int) -> list[dict[str, Any]]:
         """Every recorded event of one payment, oldest first."""
+        self.flush_staged()
         cur = self._con.execute(
             "SELECT at_ms, state, batch_id, tx_hash, block_number, gas_used,"
             " fee_wei::VARCHAR AS fee_wei, reason, message"
@@ -377,9 +433,23 @@ class Ledger:
 
     def query(self, sql: str, params: Sequence[Any] | None = None) -> list[tuple[Any, ...]]:
         """Read-only SQL for reports and tests."""
+        self.flush_staged()
         return self._con.execute(sql, params or []).fetchall()
 
     # -- internals --------------------------------------------------------------------------
+
+    def _insert_missing(self, rows: list[JournalRow]) -> int:
+        """Journal rows DuckDB does not hold yet (a crash came before their flush)."""
+        if not rows:
+            return 0
+        low = min(r[0] for r in rows)
+        have = {
+            int(r[0])
+            for r in self._con.execute("SELECT id FROM payments WHERE id >= ?", [low]).fetchall()
+        }
+        missing = [r for r in rows if r[0] not in have]
+        self.insert_payments(missing)
+        return len(missing)
 
     def _in_transaction(self, work: Callable[[], None]) -> None:
         me = threading.get_ident()
@@ -464,11 +534,40 @@ def _payment_from_row(r: Sequence[Any]) -> Payment:
 
 
 class AsyncLedger:
-    """Runs :class:`Ledger` calls in a worker thread, one at a time."""
+    """Runs :class:`Ledger` calls in a worker thread, one at a time; journal appends run on a
+    thread of their own so that an acknowledgement never waits behind a DuckDB commit."""
 
-    def __init__(self, ledger: Ledger) -> None:
+    def __init__(self, ledger: Ledger, flush_rows: int = 20_000) -> None:
+        assert flush_rows >= 1
         self.sync = ledger
+        self.flush_rows = flush_rows
         self._limiter = trio.CapacityLimiter(1)
+        self._journal_limiter = trio.CapacityLimiter(1)
+        self._flush_wanted = trio.Event()
+
+    async def record_accepted(self, rows: Sequence[JournalRow]) -> None:
+        """Make accepted payments durable: journal append + fdatasync (or, with no journal, a
+        DuckDB commit). Returns once they would survive a crash."""
+        journal = self.sync.journal
+        if journal is None:
+            await self.run(self.sync.insert_payments, rows)
+            return
+        frame = encode_frame(rows)
+        max_id = max(r[0] for r in rows)
+        await trio.to_thread.run_sync(journal.append, frame, max_id, limiter=self._journal_limiter)
+        if self.sync.stage(rows) >= self.flush_rows:
+            self._flush_wanted.set()
+
+    async def run_flusher(self, interval_s: float) -> None:
+        """Move staged payments into DuckDB every ``interval_s`` or ``flush_rows``, whichever
+        comes first. A DuckDB failure propagates (the payments stay in the journal)."""
+        assert interval_s > 0
+        while True:
+            with trio.move_on_after(interval_s):
+                await self._flush_wanted.wait()
+            self._flush_wanted = trio.Event()
+            if self.sync.staged_count():
+                await self.run(self.sync.flush_staged)
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)
