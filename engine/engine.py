@@ -35,6 +35,7 @@ from .rpc import Rpc, RpcError, RpcUnavailable
 from .signer import Signer, SignerPool
 from .submit import BatchIds, InflightBatch, SubmitStage
 from .verify import Verifier
+from .verify_pool import VerifyPool
 
 DEDUP_GRACE_S = 60
 DEDUP_SWEEP_S = 60.0
@@ -121,6 +122,7 @@ class Engine:
         self.clock = clock
         self._ledger = ledger
         self._verifier = Verifier(config)
+        self._verify_pool: VerifyPool | None = None
         self._dedup = DedupIndex()
         self._tracker = Tracker(clock)
         self._recorder = Recorder(ledger, self._tracker, clock)
@@ -201,6 +203,14 @@ class Engine:
             self.config.ledger.group_max,
         )
         async with trio.open_nursery() as nursery:
+            if self.config.ingest.verify_workers:
+                self._verify_pool = VerifyPool(
+                    self.config,
+                    self.clock,
+                    self.config.ingest.verify_workers,
+                    batch_max=self.config.ingest.verify_batch_max,
+                )
+                await nursery.start(self._verify_pool.run)
             nursery.start_soon(self._intake.run)
             nursery.start_soon(
                 self._ledger.run_flusher, self.config.ledger.flush_interval_ms / 1000
@@ -329,7 +339,10 @@ class Engine:
         Submitting the identical payload again returns the same id with ``duplicate=True``.
         """
         now = self.clock.now()
-        payment, rejected = self._verifier.check(payload, requirements, now)
+        if self._verify_pool is not None:
+            payment, rejected = await self._verify_pool.check(payload, requirements)
+        else:
+            payment, rejected = self._verifier.check(payload, requirements, now)
         if rejected is not None:
             self._tracker.rejected[rejected.reason] += 1
             return rejected
@@ -348,7 +361,7 @@ class Engine:
         if claim is Claim.SAME:
             pending = self._intake_pending.get(owner)
             if pending is not None:
-                await pending.done.wait()
+                await pending.wait_durable()
                 if pending.error is not None:
                     raise EngineError(f"ledger write failed: {pending.error}") from pending.error
             self._tracker.duplicates += 1
@@ -357,8 +370,7 @@ class Engine:
         group = self._intake.admit(PendingItem(rid, payment, now))
         self._intake_pending[rid] = group
         try:
-            with trio.CancelScope(shield=True):  # once queued, see it through
-                await group.done.wait()
+            await group.wait_durable()  # once queued, see it through (not cancellable)
         finally:
             self._intake_pending.pop(rid, None)
         if group.error is not None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections import deque
 
 import trio
+import trio.lowlevel
 
 from .ledger import AsyncLedger
 from .model import Payment
@@ -22,15 +23,39 @@ from .outcomes import Tracker
 from .policy import PendingItem
 
 
-class Group:
-    """Payments committed together; ``done`` is set once they are durable (or failed)."""
+class IntakeStopped(RuntimeError):
+    """The engine stopped while the payment waited for its durable write."""
 
-    __slots__ = ("done", "error", "items")
+
+class Group:
+    """Payments committed together; :meth:`wait_durable` returns once they are durable (or the
+    write failed: ``error``)."""
+
+    __slots__ = ("_waiters", "error", "finished", "items")
 
     def __init__(self) -> None:
         self.items: list[PendingItem] = []
-        self.done = trio.Event()
+        self.finished = False
         self.error: BaseException | None = None
+        self._waiters: list[trio.lowlevel.Task] = []
+
+    async def wait_durable(self) -> None:
+        """Wait for the group's write, and do not give up on cancellation: a submitter whose
+        payment is queued is told its fate. (Cheaper than a shielded cancel scope per
+        payment; the task is rescheduled by :meth:`finish`.)"""
+        if self.finished:
+            await trio.lowlevel.checkpoint()
+            return
+        self._waiters.append(trio.lowlevel.current_task())
+        await trio.lowlevel.wait_task_rescheduled(lambda _: trio.lowlevel.Abort.FAILED)
+
+    def finish(self, error: BaseException | None = None) -> None:
+        assert not self.finished
+        self.finished = True
+        self.error = error
+        for task in self._waiters:
+            trio.lowlevel.reschedule(task)
+        self._waiters.clear()
 
 
 class IntakeStage:
@@ -70,8 +95,8 @@ class IntakeStage:
 
     def admit(self, item: PendingItem) -> Group:
         """Add ``item`` to the open group (call right after :meth:`wait_for_room`, with no
-        checkpoint in between); returns the group, whose ``done`` event tells when the payment
-        is durable."""
+        checkpoint in between); returns the group, whose :meth:`Group.wait_durable` tells when
+        the payment is durable."""
         assert self.has_room()
         group = self._open
         if group is None or len(group.items) >= self._group_max:
@@ -82,16 +107,27 @@ class IntakeStage:
         return group
 
     async def run(self) -> None:
-        while True:
-            if not self._groups:
-                self._arrived = trio.Event()
-                await self._arrived.wait()
-                continue
-            group = self._groups.popleft()
-            if group is self._open:
-                self._open = None  # close it: later payments start a new group
-            self._room.set()
-            await self._commit(group)
+        current: Group | None = None
+        try:
+            while True:
+                if not self._groups:
+                    self._arrived = trio.Event()
+                    await self._arrived.wait()
+                    continue
+                current = self._groups.popleft()
+                if current is self._open:
+                    self._open = None  # close it: later payments start a new group
+                self._room.set()
+                await self._commit(current)
+        finally:
+            # Stopping: nobody may wait forever. A group cut off mid-write may be in the journal
+            # (then it settles after the next start; resubmitting it returns its id).
+            stopped = IntakeStopped("the engine stopped before this payment was acknowledged")
+            for group in [current, *self._groups]:
+                if group is not None and not group.finished:
+                    group.finish(stopped)
+            self._groups.clear()
+            self._open = None
 
     async def _commit(self, group: Group) -> None:
         rows: list[tuple[int, Payment, int]] = [
@@ -100,8 +136,7 @@ class IntakeStage:
         try:
             await self._ledger.record_accepted(rows)
         except Exception as exc:  # disk full, I/O error: every submitter in the group is told
-            group.error = exc
-            group.done.set()
+            group.finish(exc)
             return
         self.groups_written += 1
         by_chain: dict[int, list[PendingItem]] = {}
@@ -109,6 +144,6 @@ class IntakeStage:
             self._tracker.track(item)
             by_chain.setdefault(item.payment.chain_id, []).append(item)
         self._tracker.accepted += len(group.items)
-        group.done.set()
+        group.finish()
         for chain_id, items in by_chain.items():
             await self._batch_sends[chain_id].send(items)

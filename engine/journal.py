@@ -28,15 +28,13 @@ from pathlib import Path
 
 import msgspec
 
-from .model import Payment
+from .model import Payment, PaymentTuple, payment_from_tuple, payment_to_tuple
 
 _HEADER = struct.Struct("<II")
 _SUFFIX = ".seg"
-_VALUE_BYTES = 32
 
-# (id, accepted_at_ms, chain_id, token, payer, payee, value (32 bytes BE), valid_after,
-#  valid_before, nonce, signature, network, x402_version): msgpack has no integers past 2**64.
-_Row = tuple[int, int, int, bytes, bytes, bytes, bytes, int, int, bytes, bytes, str, int]
+# (id, accepted_at_ms, payment)
+_Row = tuple[int, int, PaymentTuple]
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(list[_Row])
 
@@ -49,26 +47,7 @@ class JournalCorrupt(RuntimeError):
 
 def encode_frame(rows: Sequence[JournalRow]) -> bytes:
     """One checksummed frame holding ``rows`` (pure; runs on the caller's thread)."""
-    body = _encoder.encode(
-        [
-            (
-                rid,
-                at_ms,
-                p.chain_id,
-                p.token,
-                p.payer,
-                p.payee,
-                p.value.to_bytes(_VALUE_BYTES, "big"),
-                p.valid_after,
-                p.valid_before,
-                p.nonce,
-                p.signature,
-                p.network,
-                p.x402_version,
-            )
-            for rid, p, at_ms in rows
-        ]
-    )
+    body = _encoder.encode([(rid, at_ms, payment_to_tuple(p)) for rid, p, at_ms in rows])
     return _HEADER.pack(len(body), zlib.crc32(body)) + body
 
 
@@ -82,21 +61,7 @@ def decode_frames(data: bytes) -> tuple[list[JournalRow], int]:
         body = data[start : start + length]
         if len(body) < length or zlib.crc32(body) != crc:
             break
-        for r in _decoder.decode(body):
-            payment = Payment(
-                chain_id=r[2],
-                token=r[3],
-                payer=r[4],
-                payee=r[5],
-                value=int.from_bytes(r[6], "big"),
-                valid_after=r[7],
-                valid_before=r[8],
-                nonce=r[9],
-                signature=r[10],
-                network=r[11],
-                x402_version=r[12],
-            )
-            rows.append((r[0], payment, r[1]))
+        rows.extend((rid, payment_from_tuple(t), at_ms) for rid, at_ms, t in _decoder.decode(body))
         offset = start + length
     return rows, offset
 

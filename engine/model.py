@@ -132,5 +132,42 @@ class Outcome(msgspec.Struct, frozen=True, gc=False):
         return self.state in FINAL_STATES
 
 
+# A payment as a msgpack-friendly tuple (msgpack has no integers past 2**64, so the value is 32
+# bytes big-endian): the journal's rows and the verify workers' answers.
+PaymentTuple = tuple[int, bytes, bytes, bytes, bytes, int, int, bytes, bytes, str, int]
+
+
+def payment_to_tuple(p: Payment) -> PaymentTuple:
+    return (
+        p.chain_id,
+        p.token,
+        p.payer,
+        p.payee,
+        p.value.to_bytes(32, "big"),
+        p.valid_after,
+        p.valid_before,
+        p.nonce,
+        p.signature,
+        p.network,
+        p.x402_version,
+    )
+
+
+def payment_from_tuple(t: PaymentTuple) -> Payment:
+    return Payment(
+        chain_id=t[0],
+        token=t[1],
+        payer=t[2],
+        payee=t[3],
+        value=int.from_bytes(t[4], "big"),
+        valid_after=t[5],
+        valid_before=t[6],
+        nonce=t[7],
+        signature=t[8],
+        network=t[9],
+        x402_version=t[10],
+    )
+
+
 def hex_addr(raw: bytes) -> str:
     return "0x" + raw.hex()
