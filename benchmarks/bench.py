@@ -45,8 +45,8 @@ class Profile(msgspec.Struct, frozen=True):
     scale_entries: int
 
 
-QUICK = Profile("quick", 12_000, 200, 1.5, 50, 400, 400, 1.0, 50_000)
-FULL = Profile("full", 120_000, 2000, 5.0, 300, 5000, 5000, 1.0, 1_000_000)
+QUICK = Profile("quick", 40_000, 200, 1.0, 50, 400, 400, 1.0, 50_000)
+FULL = Profile("full", 200_000, 2000, 3.0, 300, 5000, 5000, 1.0, 1_000_000)
 
 
 def run(scenarios: list[str], profile: Profile, out: Path, console: Console) -> dict[str, Any]:

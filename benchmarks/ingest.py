@@ -155,54 +155,154 @@ async def _submit_open_loop(engine: Engine, bodies: list[bytes], rate_per_s: flo
     return latencies
 
 
+async def _submit_many_closed_loop(
+    engine: Engine, bodies: list[bytes], chunk: int, concurrency: int
+) -> tuple[float, list[float], list[float]]:
+    """All bodies through ``submit_many`` in chunks, ``concurrency`` chunks at a time."""
+    envelopes = [msgspec.json.decode(b, type=_Envelope) for b in bodies]
+    chunks = [envelopes[i : i + chunk] for i in range(0, len(envelopes), chunk)]
+    it = iter(chunks)
+    latencies: list[float] = []
+    completions: list[float] = []
+    start = time.perf_counter()
+
+    async def caller() -> None:
+        for part in it:
+            t0 = time.perf_counter()
+            results = await engine.submit_many(
+                [(e.paymentPayload, e.paymentRequirements) for e in part]
+            )
+            t1 = time.perf_counter()
+            assert all(getattr(r, "id", None) is not None for r in results), results
+            latencies.extend([t1 - t0] * len(part))
+            completions.extend([t1 - start] * len(part))
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(concurrency):
+            nursery.start_soon(caller)
+    return time.perf_counter() - start, latencies, completions
+
+
+class Variant(msgspec.Struct, frozen=True):
+    """One way to run ingest: which API, how many verify worker processes."""
+
+    name: str
+    api: str  # submit | submit_many
+    verify_workers: int
+
+    def cores(self) -> int:
+        return (os.cpu_count() or 1) if self.verify_workers else 1
+
+
+def variants() -> list[Variant]:
+    cores = os.cpu_count() or 1
+    return [
+        Variant("submit, in-process verify", "submit", 0),
+        Variant("submit_many, in-process verify", "submit_many", 0),
+        Variant(f"submit, {cores} verify workers", "submit", cores),
+        Variant(f"submit_many, {cores} verify workers", "submit_many", cores),
+    ]
+
+
+def _config_for(dev: DevChain, path: Path, variant: Variant) -> tuple[Any, dict[str, str]]:
+    config, env = engine_config(dev, str(path))
+    ingest = msgspec.structs.replace(
+        config.ingest, verify_workers=variant.verify_workers, verify_batch_max=64
+    )
+    return msgspec.structs.replace(config, ingest=ingest), env
+
+
+async def _max_rate(
+    dev: DevChain, workdir: Path, variant: Variant, warm: list[bytes], closed: list[bytes]
+) -> tuple[float, list[float], list[float]]:
+    config, env = _config_for(
+        dev, workdir / f"max-{variant.api}-{variant.verify_workers}.duckdb", variant
+    )
+    async with Engine.open(config, environ=env, policy=lambda _c: HoldPolicy()) as engine:
+        with tuned_gc():  # as `x402-engine serve` does
+            if variant.api == "submit":
+                await _submit_closed_loop(engine, warm, CONCURRENCY)
+                seconds, lat, comp = await _submit_closed_loop(engine, closed, CONCURRENCY)
+            else:
+                await _submit_many_closed_loop(engine, warm, MANY_CHUNK, MANY_CONCURRENCY)
+                seconds, lat, comp = await _submit_many_closed_loop(
+                    engine, closed, MANY_CHUNK, MANY_CONCURRENCY
+                )
+    return len(closed) / seconds, lat, comp
+
+
+CONCURRENCY = 256  # concurrent submit callers (like concurrent HTTP requests)
+MANY_CHUNK = 500  # payments per submit_many call
+MANY_CONCURRENCY = 8  # concurrent submit_many callers
+
+
 async def measure_engine_ingest(
     dev: DevChain,
     bodies: list[bytes],
     *,
     loads: tuple[float, ...] = (0.25, 0.5, 0.75),
-    concurrency: int = 256,
     open_loop_s: float = 4.0,
 ) -> dict[str, Any]:
-    """Maximum ingest rate (closed loop), then latency at fractions of it (open loop), each on a
-    fresh ledger file and fresh payments."""
+    """Maximum ingest rate (closed loop) of every variant on the same payments, each on a fresh
+    ledger; then acknowledgement latency at fractions of the per-call API's maximum with verify
+    workers (the facilitator service's path), on fresh ledgers and fresh payments."""
     workdir = Path(tempfile.mkdtemp(prefix="x402-bench-ingest-"))
-    config, env = engine_config(dev, str(workdir / "max.duckdb"))
     # Warm-up on a slice the measurement does not reuse.
     warm, rest = bodies[:2000], bodies[2000:]
-    n_max = min(len(rest) // 2, max(20_000, len(rest) // 2))
+    n_max = min(len(rest) // 3, 40_000)
     closed, open_pool = rest[:n_max], rest[n_max:]
-    async with Engine.open(config, environ=env, policy=lambda _c: HoldPolicy()) as engine:
-        with tuned_gc():  # as `x402-engine serve` does
-            await _submit_closed_loop(engine, warm, concurrency)
-            seconds, latencies, completions = await _submit_closed_loop(engine, closed, concurrency)
-    max_rate = len(closed) / seconds
+    runs: list[dict[str, Any]] = []
+    headline: dict[str, Any] | None = None
+    for variant in variants():
+        rate, lat, comp = await _max_rate(dev, workdir, variant, warm, closed)
+        run: dict[str, Any] = {
+            "name": variant.name,
+            "api": variant.api,
+            "verify_workers": variant.verify_workers,
+            "cores": variant.cores(),
+            "payments": len(closed),
+            "max_rate_per_s": rate,
+            "closed_loop_latency": percentiles(lat),
+            "completions_s": comp,
+        }
+        runs.append(run)
+        if variant.api == "submit" and variant.verify_workers:
+            headline = run
+    assert headline is not None
     result: dict[str, Any] = {
-        "payments": len(closed),
-        "concurrency": concurrency,
-        "max_rate_per_s": max_rate,
-        "closed_loop_latency": percentiles(latencies),
-        "completions_s": completions,
+        "variants": runs,
+        "headline": headline["name"],
+        "max_rate_per_s": headline["max_rate_per_s"],
+        "completions_s": headline["completions_s"],
         "offered": [],
     }
+    # Latency under offered load, for the per-call API (what the HTTP service uses), in-process
+    # and with workers, each at fractions of its own maximum, on fresh payments.
     used = 0
-    for fraction in loads:
-        rate = max_rate * fraction
-        n = min(int(rate * open_loop_s), len(open_pool) - used)
-        if n < 100:
-            break
-        slice_ = open_pool[used : used + n]
-        used += n
-        config, env = engine_config(dev, str(workdir / f"load-{fraction}.duckdb"))
-        async with Engine.open(config, environ=env, policy=lambda _c: HoldPolicy()) as engine:
-            with tuned_gc():
-                lat = await _submit_open_loop(engine, slice_, rate)
-        result["offered"].append(
-            {
-                "fraction": fraction,
-                "rate_per_s": rate,
-                "payments": n,
-                **percentiles(lat),
-                "latencies_s": lat,
-            }
-        )
+    for variant, run in zip(variants(), runs, strict=True):
+        if variant.api != "submit":
+            continue
+        for fraction in loads:
+            rate = run["max_rate_per_s"] * fraction
+            n = min(int(rate * open_loop_s), len(open_pool) - used)
+            if n < 100:
+                break
+            slice_ = open_pool[used : used + n]
+            used += n
+            path = workdir / f"load-{variant.verify_workers}-{fraction}.duckdb"
+            config, env = _config_for(dev, path, variant)
+            async with Engine.open(config, environ=env, policy=lambda _c: HoldPolicy()) as engine:
+                with tuned_gc():
+                    await _submit_closed_loop(engine, warm[:500], 64)  # hot paths, warm workers
+                    lat = await _submit_open_loop(engine, slice_, rate)
+            result["offered"].append(
+                {
+                    "variant": variant.name,
+                    "fraction": fraction,
+                    "rate_per_s": rate,
+                    "payments": n,
+                    **percentiles(lat),
+                    "latencies_s": lat,
+                }
+            )
     return result

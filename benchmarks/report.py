@@ -13,7 +13,7 @@ import matplotlib.pyplot as plt
 import msgspec
 
 TARGETS = {
-    "ingest_vs_recovery_one_core": 0.60,
+    "ingest_vs_recovery_same_cores": 0.60,
     "ingest_vs_sdk_verify": 10.0,
     "p99_ack_ms_at_half_max": 10.0,
     "compact_gas_per_payment_max": 43_000,
@@ -55,13 +55,16 @@ def plots(results: dict[str, Any], out: Path) -> list[str]:
     settlement = results.get("settlement")
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     if ingest:
-        comp = ingest["engine"]["completions_s"]
-        if comp:
-            width = 0.1
-            buckets = [0] * (int(max(comp) / width) + 1)
-            for t in comp:
-                buckets[int(t / width)] += 1
-            axes[0].plot([i * width for i in range(len(buckets))], [b / width for b in buckets])
+        for run in ingest["engine"]["variants"]:
+            comp = run["completions_s"]
+            if comp:
+                width = 0.1
+                buckets = [0] * (int(max(comp) / width) + 1)
+                for t in comp:
+                    buckets[int(t / width)] += 1
+                xs = [i * width for i in range(len(buckets))]
+                axes[0].plot(xs, [b / width for b in buckets], label=run["name"])
+        axes[0].legend(fontsize=7)
         axes[0].set_title("Ingest throughput (closed loop)")
         axes[0].set_xlabel("seconds")
         axes[0].set_ylabel("payments acknowledged per second")
@@ -86,11 +89,12 @@ def plots(results: dict[str, Any], out: Path) -> list[str]:
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     if ingest:
         for load in ingest["engine"]["offered"]:
-            _cdf(axes[0], load["latencies_s"], f"{load['rate_per_s']:,.0f}/s offered")
+            label = f"{load['variant']}: {load['rate_per_s']:,.0f}/s"
+            _cdf(axes[0], load["latencies_s"], label)
         axes[0].set_xscale("log")
         axes[0].set_title("Acknowledgement latency CDF")
         axes[0].set_xlabel("ms (log)")
-        axes[0].legend()
+        axes[0].legend(fontsize=7)
     if settlement:
         for run in settlement:
             _cdf(axes[1], run["latencies_s"], run["mode"])
@@ -132,45 +136,38 @@ def summary(results: dict[str, Any]) -> str:
     if ingest:
         eng = ingest["engine"]
         rec = ingest["recovery"]
-        rate = eng["max_rate_per_s"]
-        ratio1 = rate / rec["one_core_per_s"]
-        lines.append(
-            _row(
-                "ingest (verified, deduplicated, durable) / bare recovery, one core",
-                f"{rate:,.0f}/s / {rec['one_core_per_s']:,.0f}/s = {ratio1:.0%}",
-                ">= 60%",
-                ratio1 >= TARGETS["ingest_vs_recovery_one_core"],
+        rate = eng["max_rate_per_s"]  # the per-call API with verify workers (the service's path)
+        for run in eng["variants"]:
+            bare = rec["one_core_per_s"] if run["cores"] == 1 else rec["all_cores_per_s"]
+            ratio = run["max_rate_per_s"] / bare
+            lines.append(
+                _row(
+                    f"ingest ({run['name']}) / bare recovery on the same {run['cores']} core(s)",
+                    f"{run['max_rate_per_s']:,.0f}/s / {bare:,.0f}/s = {ratio:.0%}",
+                    ">= 60%",
+                    ratio >= TARGETS["ingest_vs_recovery_same_cores"],
+                )
             )
-        )
-        lines.append(
-            _row(
-                "ingest / bare recovery, all cores",
-                f"{rate:,.0f}/s / {rec['all_cores_per_s']:,.0f}/s = "
-                f"{rate / rec['all_cores_per_s']:.0%}",
-                "(reported)",
-                None,
-            )
-        )
         sdk = ingest.get("sdk")
         if sdk and sdk.get("rate_per_s"):
             ratio = rate / sdk["rate_per_s"]
             lines.append(
                 _row(
-                    "ingest / official SDK verify",
+                    f"ingest ({eng['headline']}) / official SDK verify",
                     f"{rate:,.0f}/s / {sdk['rate_per_s']:,.0f}/s = {ratio:,.1f}x",
                     ">= 10x",
                     ratio >= TARGETS["ingest_vs_sdk_verify"],
                 )
             )
-        half = [o for o in eng["offered"] if abs(o["fraction"] - 0.5) < 1e-9]
-        if half:
-            p99 = half[0]["p99_ms"]
+        for o in eng["offered"]:
+            if abs(o["fraction"] - 0.5) > 1e-9:
+                continue
             lines.append(
                 _row(
-                    "p99 acknowledgement latency at half the max rate",
-                    f"{p99:.1f} ms at {half[0]['rate_per_s']:,.0f}/s",
+                    f"p99 acknowledgement latency at half the max rate ({o['variant']})",
+                    f"{o['p99_ms']:.1f} ms at {o['rate_per_s']:,.0f}/s",
                     "<= 10 ms",
-                    p99 <= TARGETS["p99_ack_ms_at_half_max"],
+                    o["p99_ms"] <= TARGETS["p99_ack_ms_at_half_max"],
                 )
             )
     settlement = results.get("settlement")
@@ -245,10 +242,26 @@ def summary(results: dict[str, Any]) -> str:
                 f" {r['latency']['p99_ms']:,.0f} ms |"
             )
     if ingest:
-        lines += ["", "| offered load | p50 | p99 | p99.9 |", "|---:|---:|---:|---:|"]
+        lines += [
+            "",
+            "| ingest variant | cores | max rate | closed-loop latency p50 | p99 |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        for run in ingest["engine"]["variants"]:
+            lat = run["closed_loop_latency"]
+            lines.append(
+                f"| {run['name']} | {run['cores']} | {run['max_rate_per_s']:,.0f}/s |"
+                f" {lat['p50_ms']:.1f} ms | {lat['p99_ms']:.1f} ms |"
+            )
+        lines += [
+            "",
+            "| ingest variant | offered load | p50 | p99 | p99.9 |",
+            "|---|---:|---:|---:|---:|",
+        ]
         for o in ingest["engine"]["offered"]:
             lines.append(
-                f"| {o['rate_per_s']:,.0f}/s ({o['fraction']:.0%} of max) | {o['p50_ms']:.1f} ms"
+                f"| {o['variant']} | {o['rate_per_s']:,.0f}/s ({o['fraction']:.0%} of max)"
+                f" | {o['p50_ms']:.1f} ms"
                 f" | {o['p99_ms']:.1f} ms | {o['p999_ms']:.1f} ms |"
             )
     return "\n".join(lines) + "\n"

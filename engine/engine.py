@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -334,49 +334,82 @@ class Engine:
     async def submit(self, payload: Any, requirements: Any) -> Accepted | Rejected:
         """Verify, deduplicate and durably record a payment.
 
-        Returns :class:`Accepted` (with the record id) only after the payment is committed to
-        the ledger; :class:`Rejected` with an x402 reason code otherwise (nothing stored).
-        Submitting the identical payload again returns the same id with ``duplicate=True``.
+        Returns :class:`Accepted` (with the record id) only after the payment is durable (in the
+        journal, or committed to the ledger); :class:`Rejected` with an x402 reason code
+        otherwise (nothing stored). Submitting the identical payload again returns the same id
+        with ``duplicate=True``. Raises :class:`EngineError` if the durable write failed.
         """
+        return (await self.submit_many([(payload, requirements)]))[0]
+
+    async def submit_many(self, items: Sequence[tuple[Any, Any]]) -> list[Accepted | Rejected]:
+        """:meth:`submit` for several ``(payload, requirements)`` pairs at once, answers in
+        order: one verification batch and one durable write for all of them, so the per-payment
+        cost is far lower than one :meth:`submit` call each (bulk ingest, replays of a day's
+        payments, a facilitator that gathers requests)."""
+        assert self._intake is not None, "engine not running"
         now = self.clock.now()
         if self._verify_pool is not None:
-            payment, rejected = await self._verify_pool.check(payload, requirements)
+            verdicts = await self._verify_pool.check_many(items)
         else:
-            payment, rejected = self._verifier.check(payload, requirements, now)
-        if rejected is not None:
-            self._tracker.rejected[rejected.reason] += 1
-            return rejected
-        assert payment is not None
-        payer = hex_addr(payment.payer)
-        assert self._intake is not None, "engine not running"
-        # Wait for room before claiming, so that claim, admission and registration happen with
-        # no checkpoint in between: a concurrent identical submit then always finds the group
-        # to wait on and is never acknowledged before the payment is durable.
-        await self._intake.wait_for_room()
-        rid = self._next_id
-        claim, owner = self._dedup.claim(payment, rid)
-        if claim is Claim.CONFLICT:
-            self._tracker.rejected[reasons.NONCE_USED] += 1
-            return Rejected(reasons.NONCE_USED, "another authorization uses this nonce", payer)
-        if claim is Claim.SAME:
-            pending = self._intake_pending.get(owner)
-            if pending is not None:
-                await pending.wait_durable()
-                if pending.error is not None:
-                    raise EngineError(f"ledger write failed: {pending.error}") from pending.error
-            self._tracker.duplicates += 1
-            return Accepted(owner, payer, duplicate=True)
-        self._next_id += 1
-        group = self._intake.admit(PendingItem(rid, payment, now))
-        self._intake_pending[rid] = group
+            verdicts = [self._verifier.check(p, r, now) for p, r in items]
+        results: list[Accepted | Rejected | None] = [None] * len(verdicts)
+        # (index, group, record id, payment, is it this call's own new record)
+        waits: list[tuple[int, Group, int, Payment, bool]] = []
         try:
-            await group.wait_durable()  # once queued, see it through (not cancellable)
+            for i, (payment, rejected) in enumerate(verdicts):
+                if rejected is not None:
+                    self._tracker.rejected[rejected.reason] += 1
+                    results[i] = rejected
+                    continue
+                assert payment is not None
+                # Wait for room before claiming, so that claim, admission and registration
+                # happen with no checkpoint in between: a concurrent identical submit then
+                # always finds the group to wait on and is never acknowledged early.
+                await self._intake.wait_for_room()
+                rid = self._next_id
+                claim, owner = self._dedup.claim(payment, rid)
+                if claim is Claim.CONFLICT:
+                    self._tracker.rejected[reasons.NONCE_USED] += 1
+                    results[i] = Rejected(
+                        reasons.NONCE_USED,
+                        "another authorization uses this nonce",
+                        hex_addr(payment.payer),
+                    )
+                elif claim is Claim.SAME:
+                    pending = self._intake_pending.get(owner)
+                    if pending is None:
+                        self._tracker.duplicates += 1
+                        results[i] = Accepted(owner, hex_addr(payment.payer), duplicate=True)
+                    else:
+                        waits.append((i, pending, owner, payment, False))
+                else:
+                    self._next_id += 1
+                    group = self._intake.admit(PendingItem(rid, payment, now))
+                    self._intake_pending[rid] = group
+                    waits.append((i, group, rid, payment, True))
+            waited: set[int] = set()
+            for _, group, _, _, _ in waits:
+                if id(group) not in waited:
+                    waited.add(id(group))
+                    await group.wait_durable()  # once queued, see it through (uncancellable)
         finally:
-            self._intake_pending.pop(rid, None)
-        if group.error is not None:
-            self._dedup.release(payment, rid)
-            raise EngineError(f"ledger write failed: {group.error}") from group.error
-        return Accepted(rid, payer, duplicate=False)
+            for _, _, rid, _, new in waits:
+                if new:
+                    self._intake_pending.pop(rid, None)
+        error: BaseException | None = None
+        for i, group, rid, payment, new in waits:
+            if group.error is not None:
+                error = group.error
+                if new:
+                    self._dedup.release(payment, rid)
+                continue
+            if not new:
+                self._tracker.duplicates += 1
+            results[i] = Accepted(rid, hex_addr(payment.payer), duplicate=not new)
+        if error is not None:
+            raise EngineError(f"ledger write failed: {error}") from error
+        assert all(r is not None for r in results)
+        return results  # type: ignore[return-value]
 
     async def status(self, record_id: int) -> Outcome | None:
         """The current state of a payment (None: no such record)."""

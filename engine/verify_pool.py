@@ -18,6 +18,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from collections import deque
+from collections.abc import Sequence
 from typing import Any
 
 import msgspec
@@ -126,28 +127,41 @@ class VerifyPool:
         self, payload: Any, requirements: Any
     ) -> tuple[Payment | None, Rejected | None]:
         """Verify one payment on a worker; same answer as :meth:`Verifier.check`."""
-        item = (as_bytes(payload), as_bytes(requirements))
-        while self._failed is None and self._full():
-            if self._room.is_set():
-                self._room = trio.Event()
-            await self._room.wait()
-        if self._failed is not None:
-            raise VerifyWorkerError("verify workers are down") from self._failed
-        batch = self._open
-        if batch is None or len(batch.items) >= self._batch_max:
-            batch = self._open = _Batch()
-            self._queue.append(batch)
-        index = len(batch.items)
-        batch.items.append(item)
+        return (await self.check_many([(payload, requirements)]))[0]
+
+    async def check_many(
+        self, items: Sequence[tuple[Any, Any]]
+    ) -> list[tuple[Payment | None, Rejected | None]]:
+        """Verify several payments (joining and filling batches); answers in order."""
+        places: list[tuple[_Batch, int]] = []
+        for payload, requirements in items:
+            item = (as_bytes(payload), as_bytes(requirements))
+            while self._failed is None and self._full():
+                if self._room.is_set():
+                    self._room = trio.Event()
+                await self._room.wait()
+            if self._failed is not None:
+                raise VerifyWorkerError("verify workers are down") from self._failed
+            batch = self._open
+            if batch is None or len(batch.items) >= self._batch_max:
+                batch = self._open = _Batch()
+                self._queue.append(batch)
+                self._wakeup.set()
+            places.append((batch, len(batch.items)))
+            batch.items.append(item)
         self._wakeup.set()
-        await batch.done.wait()
-        if batch.error is not None:
-            raise VerifyWorkerError(str(batch.error)) from batch.error
-        found, rejected = batch.results[index]
-        if found is not None:
-            return payment_from_tuple(found), None
-        assert rejected is not None
-        return None, Rejected(*rejected)
+        answers: list[tuple[Payment | None, Rejected | None]] = []
+        for batch, index in places:
+            await batch.done.wait()
+            if batch.error is not None:
+                raise VerifyWorkerError(str(batch.error)) from batch.error
+            found, rejected = batch.results[index]
+            if found is not None:
+                answers.append((payment_from_tuple(found), None))
+            else:
+                assert rejected is not None
+                answers.append((None, Rejected(*rejected)))
+        return answers
 
     def _full(self) -> bool:
         open_has_space = self._open is not None and len(self._open.items) < self._batch_max
