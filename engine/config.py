@@ -59,6 +59,10 @@ class ChainConfig(msgspec.Struct, forbid_unknown_fields=True):
     rebroadcast_after_s: float = 6.0  # resend a signed batch not mined after this long
     simulate: bool = True  # eth_call each batch first and drop the items that would fail
     direct_single: bool = True  # send a batch of one as a plain transferWithAuthorization
+    # aggregate3 mode: gas allowed per item (a transferWithAuthorization to a new holder costs
+    # ~90k on Base with the sub-call overhead). A batch's limit is this times its items plus
+    # calldata, proven by the simulation run at that limit: no eth_estimateGas per batch.
+    aggregate3_gas_per_item_max: int = 120_000
     rpc_timeout_s: float = 10.0
     rpc_retries_max: int = 6
 

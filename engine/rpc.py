@@ -163,10 +163,14 @@ class Rpc:
     async def nonce(self, address: str, block: str = "pending") -> int:
         return int(await self.call("eth_getTransactionCount", [address, block]), 16)
 
-    async def eth_call(self, to: bytes, data: bytes, sender: str | None = None) -> bytes:
+    async def eth_call(
+        self, to: bytes, data: bytes, sender: str | None = None, gas: int | None = None
+    ) -> bytes:
         tx: dict[str, str] = {"to": "0x" + to.hex(), "data": "0x" + data.hex()}
         if sender:
             tx["from"] = sender
+        if gas is not None:
+            tx["gas"] = hex(gas)
         result = await self.call("eth_call", [tx, "latest"])
         return bytes.fromhex(result[2:])
 

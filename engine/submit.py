@@ -1,10 +1,12 @@
 """The submit stage (one per chain): simulate, size, price, sign, record, broadcast.
 
 For each planned batch: drop items that can no longer make their deadline; ``eth_call`` the
-batch and fail the items that would revert (with the token's reason); ``eth_estimateGas`` and
-split if the batch would exceed the per-transaction gas cap; choose EIP-1559 fees under the
-configured maximum; sign with a local nonce; write the signed transaction and the items'
-``submitted`` state to the ledger (write-ahead), and only then broadcast.
+batch and fail the items that would revert (with the token's reason); size the transaction from
+the simulation (compact: the gas the item calls used; aggregate3: a per-item bound the
+simulation ran under) or, with simulation off, ``eth_estimateGas``, and split if the batch
+would exceed the per-transaction gas cap; choose EIP-1559 fees under the configured maximum;
+sign with a local nonce; write the signed transaction and the items' ``submitted`` state to the
+ledger (write-ahead), and only then broadcast.
 """
 
 from __future__ import annotations
@@ -105,11 +107,12 @@ class SubmitStage:
         if not items:
             return
         try:
-            sim_gas: int | None = None
-            if self.chain.simulate:
-                items, sim_gas = await self._simulate(token, items)
-            if items:
-                await self._send_sized(token, items, sim_gas)
+            for part in self._aggregate3_parts(token, items):
+                sim_gas: int | None = None
+                if self.chain.simulate:
+                    part, sim_gas = await self._simulate(token, part)
+                if part:
+                    await self._send_sized(token, part, sim_gas)
         except (RpcUnavailable, RpcError) as exc:
             log.warning(
                 "%d items go back to the pool: RPC trouble before sending: %s", len(items), exc
@@ -126,6 +129,23 @@ class SubmitStage:
         if self.chain.mode == "compact":
             return codec.settle_calldata(token, payments, simulate=simulate)
         return codec.aggregate3_calldata(token, payments)
+
+    def _aggregate3_limit(self, data: bytes, count: int) -> int:
+        return 21_000 + codec.calldata_gas(data) + count * self.chain.aggregate3_gas_per_item_max
+
+    def _aggregate3_parts(self, token: bytes, items: list[PendingItem]) -> list[list[PendingItem]]:
+        """aggregate3 with simulation: pieces whose bounded limit fits the per-tx gas cap, so
+        each is simulated under exactly the limit it will be sent with."""
+        if self.chain.mode != "aggregate3" or not self.chain.simulate or len(items) <= 1:
+            return [items]
+        parts = [items]
+        while any(
+            len(p) > 1
+            and self._aggregate3_limit(self._calldata(token, p), len(p)) > self.chain.gas_per_tx_max
+            for p in parts
+        ):
+            parts = [half for p in parts for half in (p[: len(p) // 2], p[len(p) // 2 :]) if half]
+        return parts
 
     def _target(self) -> bytes:
         return self._batcher if self.chain.mode == "compact" else self._aggregate_target
@@ -150,8 +170,12 @@ class SubmitStage:
                     raise
                 per_item, sim_gas = decoded
         else:
-            returned = await self._rpc.eth_call(self._aggregate_target, data, sender)
+            # Run under the limit the batch will be sent with: an item that runs out of gas
+            # here fails here, instead of failing on chain.
+            limit = self._aggregate3_limit(data, len(items))
+            returned = await self._rpc.eth_call(self._aggregate_target, data, sender, gas=limit)
             per_item = codec.decode_aggregate3_result(returned)
+            sim_gas = limit
             # A sub-call that "succeeds" against an account with no code returns nothing; the
             # token's transferWithAuthorization also returns nothing, so that cannot be told apart
             # here: the receipt's AuthorizationUsed log is the proof of settlement.
@@ -178,7 +202,10 @@ class SubmitStage:
             return
         data = self._calldata(token, items)
         target = self._target()
-        if sim_gas is not None:
+        if sim_gas is not None and self.chain.mode == "aggregate3":
+            # Simulated under this bound (see _simulate); items dropped since only lower it.
+            estimate = self._aggregate3_limit(data, len(items))
+        elif sim_gas is not None:
             # Sized from the simulation (which ran the same item calls), not eth_estimateGas,
             # whose binary search re-executes the whole batch a dozen times or more. If this
             # is ever short, the batcher reverts the whole batch and the items are requeued.
