@@ -221,6 +221,14 @@ def summary(results: dict[str, Any]) -> str:
         )
         lines.append(
             _row(
+                "engine memory (RSS) per pending payment after the restart",
+                f"{scale['engine_rss_bytes_per_pending']:,.0f} B",
+                "(reported)",
+                None,
+            )
+        )
+        lines.append(
+            _row(
                 f"restart with {scale['restart_pending']:,} pending",
                 f"{scale['restart_s']:.1f} s",
                 "(reported)",

@@ -45,6 +45,11 @@ def _payments(n: int, chain_id: int, token: bytes, payee: bytes) -> list[Payment
     ]
 
 
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
 def dedup_bytes_per_entry(payments: list[Payment]) -> float:
     gc.collect()
     tracemalloc.start()
@@ -82,10 +87,15 @@ async def measure_scale(n: int) -> dict[str, Any]:
         del payments
         gc.collect()
         config, env = make_config(dev, str(path))
+        rss_before = _rss_bytes()
         start = time.perf_counter()
         async with Engine.open(config, environ=env, policy=lambda _c: HoldPolicy()) as engine:
             restart_s = time.perf_counter() - start
             pending = engine.statistics().pending
+            gc.collect()
+            # Everything the running engine holds per pending payment: dedup entry, tracker,
+            # batch pool item, Payment record (and DuckDB's buffers, which do not shrink).
+            rss_per_pending = (_rss_bytes() - rss_before) / max(1, pending)
     return {
         "live_authorizations": n,
         "dedup_bytes_per_entry": dedup,
@@ -93,4 +103,5 @@ async def measure_scale(n: int) -> dict[str, Any]:
         "ledger_write_rows_per_s": n / write_s,
         "restart_s": restart_s,
         "restart_pending": pending,
+        "engine_rss_bytes_per_pending": rss_per_pending,
     }

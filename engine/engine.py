@@ -226,7 +226,7 @@ class Engine:
     async def _restore_dedup(self, recovered: Recovered) -> None:
         self._next_id = recovered.next_payment_id
         live = await self._ledger.run(
-            self._ledger.sync.live_payments, int(self.clock.now()) - DEDUP_GRACE_S
+            self._ledger.sync.live_final_payments, int(self.clock.now()) - DEDUP_GRACE_S
         )
         for rid, payment in live:
             self._dedup.restore(payment, rid)
@@ -286,7 +286,6 @@ class Engine:
             for item in batch.items:
                 self._tracker.track(item, "submitted", batch.record.tx_hash)
         self._chains[chain.chain_id] = runtime
-        self._recovered_open = open_by_id
 
     def _requeue_unbatched(self, recovered: Recovered) -> None:
         adopted_ids = {

@@ -325,20 +325,22 @@ class Ledger:
                 SELECT payment_id, state, batch_id FROM payment_events
                 QUALIFY row_number() OVER (PARTITION BY payment_id ORDER BY seq DESC) = 1
             )
-            SELECT p.id, p.accepted_at_ms, p.chain_id, p.network, p.x402_version, p.token,
-                   p.payer, p.payee, p.value::VARCHAR, p.valid_after, p.valid_before, p.nonce,
-                   p.signature, coalesce(last.state, 'accepted'), last.batch_id
+            SELECT p.id, p.accepted_at_ms, p.chain_id, p.network, p.x402_version,
+                   unhex(p.token[3:]), unhex(p.payer[3:]), unhex(p.payee[3:]), p.value::VARCHAR,
+                   p.valid_after, p.valid_before, p.nonce, p.signature,
+                   coalesce(last.state, 'accepted'), last.batch_id
             FROM payments p LEFT JOIN last ON p.id = last.payment_id
             WHERE last.state IS NULL OR last.state NOT IN ('settled', 'failed')
             ORDER BY p.id
             """
         ).fetchall()
+        shared: dict[Any, Any] = {}
         open_payments = [
             OpenPayment(
                 id=int(r[0]),
                 accepted_at_ms=int(r[1]),
-                payment=_payment_from_row(r[2:13]),
-                state=str(r[13]),
+                payment=_payment_from_row(r[2:13], shared),
+                state=shared.setdefault(r[13], r[13]),
                 batch_id=None if r[14] is None else int(r[14]),
             )
             for r in rows
@@ -378,16 +380,19 @@ class Ledger:
         assert ids is not None
         return Recovered(open_payments, open_batches, int(ids[0]) + 1, int(ids[1]) + 1)
 
-    def live_payments(self, valid_before_min: int) -> list[tuple[int, Payment]]:
-        """Payments whose authorization is still valid: their replay keys must stay known."""
+    def live_final_payments(self, valid_before_min: int) -> list[tuple[int, Payment]]:
+        """Final (settled or failed) payments whose authorization is still valid: their replay
+        keys must stay known. (Open ones come from :meth:`recover`.)"""
         self.flush_staged()
         rows = self._con.execute(
-            "SELECT id, chain_id, network, x402_version, token, payer, payee, value::VARCHAR,"
-            " valid_after, valid_before, nonce, signature FROM payments"
-            " WHERE valid_before >= ? ORDER BY id",
+            "SELECT id, chain_id, network, x402_version, unhex(token[3:]), unhex(payer[3:]),"
+            " unhex(payee[3:]), value::VARCHAR, valid_after, valid_before, nonce, signature"
+            " FROM payments WHERE valid_before >= ? AND id IN (SELECT payment_id FROM"
+            " payment_events WHERE state IN ('settled', 'failed')) ORDER BY id",
             [valid_before_min],
         ).fetchall()
-        return [(int(r[0]), _payment_from_row(r[1:12])) for r in rows]
+        shared: dict[Any, Any] = {}
+        return [(int(r[0]), _payment_from_row(r[1:12], shared)) for r in rows]
 
     def outcome(self, payment_id: int) -> Outcome | None:
         self.flush_staged()
@@ -515,16 +520,18 @@ class Ledger:
         )
 
 
-def _payment_from_row(r: Sequence[Any]) -> Payment:
+def _payment_from_row(r: Sequence[Any], shared: dict[Any, Any]) -> Payment:
     """(chain_id, network, x402_version, token, payer, payee, value, valid_after, valid_before,
-    nonce, signature) → Payment."""
+    nonce, signature) → Payment; addresses as raw bytes (``unhex`` in the query). Values that
+    repeat across rows (network, token, payee, payer) are shared through ``shared``: a million
+    recovered payments then hold a few hundred copies of them, not a million."""
     return Payment(
         chain_id=int(r[0]),
-        network=str(r[1]),
+        network=shared.setdefault(r[1], r[1]),
         x402_version=int(r[2]),
-        token=bytes.fromhex(str(r[3])[2:]),
-        payer=bytes.fromhex(str(r[4])[2:]),
-        payee=bytes.fromhex(str(r[5])[2:]),
+        token=shared.setdefault(r[3], r[3]),
+        payer=shared.setdefault(r[4], r[4]),
+        payee=shared.setdefault(r[5], r[5]),
         value=int(r[6]),
         valid_after=int(r[7]),
         valid_before=int(r[8]),
