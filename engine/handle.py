@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import trio
@@ -71,6 +71,11 @@ class EngineHandle:
         """See :meth:`Engine.submit`; returns once the payment is durable."""
         assert self._engine is not None
         return self._call(self._engine.submit, payload, requirements)
+
+    def submit_many(self, items: Sequence[tuple[Any, Any]]) -> list[Accepted | Rejected]:
+        """See :meth:`Engine.submit_many`: one crossing into the engine's thread for many."""
+        assert self._engine is not None
+        return self._call(self._engine.submit_many, items)
 
     def wait(self, record_id: int, timeout_s: float = math.inf) -> Outcome:
         assert self._engine is not None

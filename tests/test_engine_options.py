@@ -110,6 +110,10 @@ async def test_thread_safe_handle_serves_threads_and_asyncio(anvil: Anvil, tmp_p
                 )
 
             results += asyncio.run(asyncio_host())  # type: ignore[arg-type]
+            replays = handle.submit_many(work[:3])  # identical payloads: the same ids
+            assert [r.id for r in replays if isinstance(r, Accepted) and r.duplicate] == [
+                r.id for r in results[:3] if isinstance(r, Accepted)
+            ]
             ids = [r.id for r in results if isinstance(r, Accepted)]
             assert len(ids) == 20
             states = [handle.wait(i, timeout_s=30).state for i in ids]

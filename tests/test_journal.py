@@ -13,25 +13,10 @@ import pytest
 
 from engine.journal import Journal, JournalCorrupt, decode_frames, encode_frame
 from engine.ledger import Ledger
-from engine.model import Payment
+
+from .test_ledger import _payment
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _payment(value: int = 10) -> Payment:
-    return Payment(
-        chain_id=8453,
-        token=os.urandom(20),
-        payer=os.urandom(20),
-        payee=os.urandom(20),
-        value=value,
-        valid_after=1,
-        valid_before=2_000_000_000,
-        nonce=os.urandom(32),
-        signature=os.urandom(65),
-        network="eip155:8453",
-        x402_version=2,
-    )
 
 
 def test_frames_round_trip_values_beyond_64_bits() -> None:
@@ -98,7 +83,7 @@ def test_ledger_reads_see_staged_payments_and_close_empties_the_journal(tmp_path
 _CHILD = """
 import sys, trio
 from engine.ledger import AsyncLedger, Ledger
-from tests.test_journal import _payment
+from tests.test_ledger import _payment
 
 async def main(path):
     ledger = AsyncLedger(Ledger(path), flush_rows=10**9)  # nothing reaches DuckDB
