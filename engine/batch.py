@@ -1,5 +1,9 @@
 """The batch stage (one per chain): pending pools per token, planned by the batching policy.
 
+A payee with a policy of its own (``payee_policies``: windowed, scheduled, thresholds) gets pools
+of its own, planned by that policy; every other payee shares the token's pool and the default
+policy. The deadline rule of :func:`engine.policy.plan` applies to every pool.
+
 Three tasks share the pools: one takes newly accepted payments (and stops taking them while
 the pools hold ``pool_max`` items: backpressure), one takes payments handed back by the submit
 and confirm stages (never blocked, so those stages cannot deadlock against this one), and one
@@ -31,6 +35,7 @@ class BatchStage:
         clock: Clock,
         send: trio.MemorySendChannel[Batch],
         pool_max: int = 1_000_000,
+        payee_policies: dict[bytes, BatchPolicy] | None = None,
     ) -> None:
         self.chain_id = chain_id
         self._policy = policy
@@ -38,13 +43,22 @@ class BatchStage:
         self._clock = clock
         self._send = send
         self._pool_max = pool_max
-        self._pools: dict[bytes, PendingPool] = {}
+        self._payee_policies = dict(payee_policies or {})
+        # (token, payee with its own policy, or None for the shared pool) -> pool
+        self._pools: dict[tuple[bytes, bytes | None], PendingPool] = {}
         self._changed = trio.Event()
         self._space = trio.Event()
         self.batches_planned = 0
 
     def depth(self) -> int:
         return sum(len(p) for p in self._pools.values())
+
+    def depth_by_payee(self) -> dict[bytes | None, int]:
+        """Unbatched items per payee with its own policy (None: the shared pools)."""
+        out: dict[bytes | None, int] = {}
+        for (_, payee), pool in self._pools.items():
+            out[payee] = out.get(payee, 0) + len(pool)
+        return out
 
     def preload(self, items: list[PendingItem]) -> None:
         """Queue recovered payments before the stage starts."""
@@ -62,10 +76,13 @@ class BatchStage:
 
     def _add(self, items: list[PendingItem]) -> None:
         now = self._clock.now()
+        own = self._payee_policies
         for item in items:
-            pool = self._pools.get(item.payment.token)
+            payee = item.payment.payee
+            key = (item.payment.token, payee if payee in own else None)
+            pool = self._pools.get(key)
             if pool is None:
-                pool = self._pools[item.payment.token] = PendingPool()
+                pool = self._pools[key] = PendingPool()
             pool.add(item, now)
         self._changed.set()
 
@@ -84,8 +101,9 @@ class BatchStage:
             while True:
                 wake = math.inf
                 sent = False
-                for token, pool in list(self._pools.items()):
-                    decision = plan(pool, self._policy, self._limits, self._clock.now())
+                for (token, payee), pool in list(self._pools.items()):
+                    policy = self._policy if payee is None else self._payee_policies[payee]
+                    decision = plan(pool, policy, self._limits, self._clock.now())
                     if decision.batch:
                         self.batches_planned += 1
                         await self._send.send(Batch(token, decision.batch))

@@ -71,10 +71,29 @@ class ChainConfig(msgspec.Struct, forbid_unknown_fields=True):
         return f"eip155:{self.chain_id}"
 
 
-class PolicyConfig(msgspec.Struct, forbid_unknown_fields=True):
+PolicyMode = Literal["immediate", "windowed", "scheduled"]
+
+
+class ScheduleConfig(msgspec.Struct, forbid_unknown_fields=True):
+    """When accumulated payments are settled (see engine.policy)."""
+
+    mode: PolicyMode = "immediate"  # immediate: full batch or max_wait_ms
+    window_s: int = 3600  # windowed: every window_s seconds, aligned to the epoch (UTC)
+    times_utc: list[str] = msgspec.field(default_factory=lambda: ["00:00"])  # scheduled
+    value_threshold: int = 0  # also settle once this much value waits (base units; 0: off)
+    count_threshold: int = 0  # ... or this many payments wait (0: off)
+    payer_unsettled_threshold: int = 0  # ... or one payer owes this much unsettled (0: off)
+
+
+class PayeeScheduleConfig(ScheduleConfig, kw_only=True):
+    payee: str  # 0x address: its payments get pools and a schedule of their own
+
+
+class PolicyConfig(ScheduleConfig):
     max_batch_size: int = 400
     max_wait_ms: int = 500
     deadline_margin_s: int = 30  # flush when the earliest validBefore is this close
+    payees: list[PayeeScheduleConfig] = msgspec.field(default_factory=list)
 
 
 class IngestConfig(msgspec.Struct, forbid_unknown_fields=True):
@@ -162,6 +181,15 @@ def validate(config: EngineConfig) -> EngineConfig:
             raise ConfigError(f"{where}.max_inflight_batches must be >= 1")
     if config.policy.max_batch_size < 1:
         raise ConfigError("policy.max_batch_size must be >= 1")
+    seen_payees: set[str] = set()
+    for i, schedule in enumerate([config.policy, *config.policy.payees]):
+        where = "policy" if i == 0 else f"policy.payees[{i - 1}]"
+        if isinstance(schedule, PayeeScheduleConfig):
+            _check_address(schedule.payee, f"{where}.payee")
+            if schedule.payee.lower() in seen_payees:
+                raise ConfigError(f"{where}: payee {schedule.payee} listed twice")
+            seen_payees.add(schedule.payee.lower())
+        _check_schedule(schedule, where)
     for payee in config.service.payee_settlement:
         _check_address(payee, "service.payee_settlement")
     if config.service.settle_timeout_s <= 0 or config.service.body_max_bytes < 1024:
@@ -176,6 +204,23 @@ def validate(config: EngineConfig) -> EngineConfig:
     if not 0 < config.ingest.value_max <= 2**128 - 1:
         raise ConfigError("ingest.value_max must be in (0, 2**128 - 1]")
     return config
+
+
+def _check_schedule(schedule: ScheduleConfig, where: str) -> None:
+    if schedule.window_s <= 0:
+        raise ConfigError(f"{where}.window_s must be > 0")
+    if (
+        min(schedule.value_threshold, schedule.count_threshold, schedule.payer_unsettled_threshold)
+        < 0
+    ):
+        raise ConfigError(f"{where}: thresholds must be >= 0")
+    if schedule.mode == "scheduled":
+        from .policy import parse_utc_times  # pure; imported here to keep config free of it
+
+        try:
+            parse_utc_times(schedule.times_utc)
+        except ValueError as exc:
+            raise ConfigError(f"{where}.times_utc: {exc}") from exc
 
 
 def load_config(path: str | Path) -> EngineConfig:

@@ -30,7 +30,7 @@ from .ledger import AsyncLedger, Ledger, Recovered
 from .metrics import Histogram
 from .model import Accepted, Outcome, Payment, Rejected, hex_addr
 from .outcomes import Recorder, Statistics, Tracker
-from .policy import BatchPolicy, ImmediatePolicy, Limits, PendingItem
+from .policy import BatchPolicy, Limits, PendingItem, schedule_policy
 from .rpc import Rpc, RpcError, RpcUnavailable
 from .signer import Signer, SignerPool
 from .submit import BatchIds, InflightBatch, SubmitStage
@@ -93,6 +93,10 @@ class _Chain:
             limits,
             clock,
             self.batch_send,
+            payee_policies={
+                bytes.fromhex(p.payee[2:]): schedule_policy(p, policy_cfg.max_wait_ms / 1000)
+                for p in policy_cfg.payees
+            },
         )
         self.submit = SubmitStage(
             config,
@@ -130,8 +134,8 @@ class Engine:
         self._next_id = 1
         self._intake_pending: dict[int, Group] = {}  # record id -> group not yet durable
         self._intake: IntakeStage | None = None
-        self._policy_factory: Callable[[ChainConfig], BatchPolicy] = lambda _chain: ImmediatePolicy(
-            config.policy.max_wait_ms / 1000
+        self._policy_factory: Callable[[ChainConfig], BatchPolicy] = lambda _chain: schedule_policy(
+            config.policy, config.policy.max_wait_ms / 1000
         )
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -150,7 +154,8 @@ class Engine:
 
         ``clock`` is the engine's one source of time (default: wall time following trio's
         clock); ``environ`` replaces ``os.environ`` for signer keys; ``policy`` builds each
-        chain's batching policy (default: :class:`ImmediatePolicy` from ``[policy]``).
+        chain's default batching policy (default: the one ``[policy]`` describes; payees in
+        ``[[policy.payees]]`` keep their own).
         """
         validate(config)
         ledger_sync = await trio.to_thread.run_sync(

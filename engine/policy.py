@@ -1,7 +1,9 @@
 """Batching policy and the pending pool, as pure logic (no I/O, time passed in).
 
 The pool holds accepted payments waiting for a batch. A pluggable :class:`BatchPolicy` says when
-the pool is *due* (size, age, and later schedules or windows); independent of any policy, the
+the pool is *due*: :class:`ImmediatePolicy` (size or age), :class:`WindowedPolicy` (every N
+seconds), :class:`ScheduledPolicy` (fixed UTC times of day), and :class:`Thresholds` on top of
+any of them (accumulated value, count, one payer's unsettled value). Independent of any policy, the
 planner always flushes items whose deadline (validBefore minus a safety margin) has come, never
 takes an item before its validAfter has passed, and never plans more items than fit the
 per-transaction and block gas limits.
@@ -10,11 +12,13 @@ per-transaction and block gas limits.
 from __future__ import annotations
 
 import heapq
-from collections.abc import Iterator
+import math
+from collections.abc import Iterator, Sequence
 from typing import Protocol
 
 import msgspec
 
+from .config import ScheduleConfig
 from .model import Payment
 
 BATCH_BASE_GAS = 60_000  # intrinsic gas + calldata head + loop set-up, planning figure
@@ -42,6 +46,7 @@ class PoolView(msgspec.Struct, frozen=True):
     ready_count: int
     oldest_arrival: float | None
     ready_value: int
+    payer_value_max: int = 0  # the largest unsettled value of one payer among ready items
 
 
 class Limits(msgspec.Struct, frozen=True):
@@ -86,12 +91,140 @@ class ImmediatePolicy:
         return view.oldest_arrival + self.max_wait_s
 
 
+_DAY_S = 86_400
+
+
+class WindowedPolicy:
+    """Settle what has accumulated every ``window_s`` seconds, on boundaries aligned to the Unix
+    epoch (``window_s = 3600``: on the hour, UTC), plus ``offset_s``. A batch is due once a
+    boundary has passed since the oldest ready item arrived; a full batch goes at once."""
+
+    def __init__(self, window_s: float, offset_s: float = 0.0) -> None:
+        assert window_s > 0 and 0 <= offset_s < window_s
+        self.window_s = window_s
+        self.offset_s = offset_s
+
+    def next_boundary(self, after: float) -> float:
+        """The first boundary strictly after ``after``."""
+        k = math.floor((after - self.offset_s) / self.window_s) + 1
+        return k * self.window_s + self.offset_s
+
+    def due(self, view: PoolView, limits: Limits, now: float) -> bool:
+        if view.ready_count == 0:
+            return False
+        if view.ready_count >= limits.items_per_batch_max:
+            return True
+        assert view.oldest_arrival is not None
+        return self.next_boundary(view.oldest_arrival) <= now
+
+    def wake_at(self, view: PoolView, limits: Limits, now: float) -> float | None:
+        if view.oldest_arrival is None:
+            return None
+        return self.next_boundary(view.oldest_arrival)
+
+
+def parse_utc_times(times: Sequence[str]) -> list[int]:
+    """``["00:00", "12:30"]`` → seconds after midnight UTC, sorted; ValueError on bad input."""
+    out: set[int] = set()
+    for text in times:
+        hours, sep, minutes = text.partition(":")
+        if not sep or not (hours.isdigit() and minutes.isdigit()) or len(minutes) != 2:
+            raise ValueError(f"time of day must be HH:MM (UTC), got {text!r}")
+        h, m = int(hours), int(minutes)
+        if not (0 <= h < 24 and 0 <= m < 60):
+            raise ValueError(f"time of day out of range: {text!r}")
+        out.add(h * 3600 + m * 60)
+    if not out:
+        raise ValueError("at least one time of day is required")
+    return sorted(out)
+
+
+class ScheduledPolicy:
+    """Settle at fixed UTC times of day (several allowed): a batch is due once a scheduled time
+    has passed since the oldest ready item arrived; a full batch goes at once (a sweep of a
+    day's payments leaves as back-to-back full batches)."""
+
+    def __init__(self, times_utc: Sequence[str]) -> None:
+        self.times_s = parse_utc_times(times_utc)
+
+    def next_time(self, after: float) -> float:
+        """The first scheduled instant strictly after ``after`` (Unix seconds)."""
+        day = math.floor(after / _DAY_S) * _DAY_S
+        for offset in self.times_s:
+            if day + offset > after:
+                return float(day + offset)
+        return float(day + _DAY_S + self.times_s[0])
+
+    def due(self, view: PoolView, limits: Limits, now: float) -> bool:
+        if view.ready_count == 0:
+            return False
+        if view.ready_count >= limits.items_per_batch_max:
+            return True
+        assert view.oldest_arrival is not None
+        return self.next_time(view.oldest_arrival) <= now
+
+    def wake_at(self, view: PoolView, limits: Limits, now: float) -> float | None:
+        if view.oldest_arrival is None:
+            return None
+        return self.next_time(view.oldest_arrival)
+
+
+class Thresholds:
+    """Any policy, plus early triggers: the pool is due as soon as its ready value reaches
+    ``value_min``, its ready count reaches ``count_min``, or one payer's unsettled ready value
+    reaches ``payer_value_max`` (a limit on credit extended to one payer). 0 turns one off."""
+
+    def __init__(
+        self, inner: BatchPolicy, value_min: int = 0, count_min: int = 0, payer_value_max: int = 0
+    ) -> None:
+        assert value_min >= 0 and count_min >= 0 and payer_value_max >= 0
+        self.inner = inner
+        self.value_min = value_min
+        self.count_min = count_min
+        self.payer_value_max = payer_value_max
+
+    def due(self, view: PoolView, limits: Limits, now: float) -> bool:
+        if view.ready_count == 0:
+            return False
+        return (
+            (self.value_min > 0 and view.ready_value >= self.value_min)
+            or (self.count_min > 0 and view.ready_count >= self.count_min)
+            or (self.payer_value_max > 0 and view.payer_value_max >= self.payer_value_max)
+            or self.inner.due(view, limits, now)
+        )
+
+    def wake_at(self, view: PoolView, limits: Limits, now: float) -> float | None:
+        return self.inner.wake_at(view, limits, now)
+
+
+def schedule_policy(schedule: ScheduleConfig, max_wait_s: float) -> BatchPolicy:
+    """The policy a ``[policy]`` (or ``[[policy.payees]]``) section describes."""
+    base: BatchPolicy
+    if schedule.mode == "windowed":
+        base = WindowedPolicy(schedule.window_s)
+    elif schedule.mode == "scheduled":
+        base = ScheduledPolicy(schedule.times_utc)
+    else:
+        base = ImmediatePolicy(max_wait_s)
+    if schedule.value_threshold or schedule.count_threshold or schedule.payer_unsettled_threshold:
+        return Thresholds(
+            base,
+            schedule.value_threshold,
+            schedule.count_threshold,
+            schedule.payer_unsettled_threshold,
+        )
+    return base
+
+
 class PendingPool:
     """Accepted payments not yet in a batch. Items whose validAfter has not passed wait apart."""
 
     def __init__(self) -> None:
         self._ready: dict[int, PendingItem] = {}  # insertion order = arrival order
         self._ready_value = 0
+        self._payer_value: dict[bytes, int] = {}
+        # A lazy max-heap of (-value, payer): stale entries are skipped when read.
+        self._payer_heap: list[tuple[int, bytes]] = []
         self._waiting: list[tuple[float, int, PendingItem]] = []  # (ready_at, id, item)
         self._deadlines: list[tuple[float, int]] = []  # (deadline, id), lazy deletion
 
@@ -115,7 +248,28 @@ class PendingPool:
 
     def view(self) -> PoolView:
         oldest = next(iter(self._ready.values())).arrived_at if self._ready else None
-        return PoolView(len(self._ready), oldest, self._ready_value)
+        return PoolView(len(self._ready), oldest, self._ready_value, self._payer_value_max())
+
+    def payer_value(self, payer: bytes) -> int:
+        return self._payer_value.get(payer, 0)
+
+    def _payer_value_max(self) -> int:
+        heap = self._payer_heap
+        while heap and self._payer_value.get(heap[0][1], 0) != -heap[0][0]:
+            heapq.heappop(heap)
+        if len(heap) > 4 * len(self._payer_value) + 64:  # keep stale entries bounded
+            self._payer_heap = heap = [(-v, p) for p, v in self._payer_value.items()]
+            heapq.heapify(heap)
+        return -heap[0][0] if heap else 0
+
+    def _add_payer_value(self, payer: bytes, delta: int) -> None:
+        value = self._payer_value.get(payer, 0) + delta
+        assert value >= 0
+        if value:
+            self._payer_value[payer] = value
+            heapq.heappush(self._payer_heap, (-value, payer))
+        else:
+            self._payer_value.pop(payer, None)
 
     def earliest_deadline(self) -> float | None:
         while self._deadlines and self._deadlines[0][1] not in self._ready:
@@ -128,6 +282,8 @@ class PendingPool:
     def take(self, ids: list[int]) -> list[PendingItem]:
         taken = [self._ready.pop(i) for i in ids]
         self._ready_value -= sum(t.payment.value for t in taken)
+        for t in taken:
+            self._add_payer_value(t.payment.payer, -t.payment.value)
         return taken
 
     def urgent_ids(self, before: float, limit: int) -> list[int]:
@@ -159,6 +315,7 @@ class PendingPool:
     def _add_ready(self, item: PendingItem) -> None:
         self._ready[item.id] = item
         self._ready_value += item.payment.value
+        self._add_payer_value(item.payment.payer, item.payment.value)
         heapq.heappush(self._deadlines, (item.deadline, item.id))
 
 
