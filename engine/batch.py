@@ -18,7 +18,9 @@ import msgspec
 import trio
 
 from .clock import Clock
-from .policy import BatchPolicy, Limits, PendingItem, PendingPool, plan
+from .policy import BatchPolicy, ImmediatePolicy, Limits, PendingItem, PendingPool, plan
+
+_NOW = ImmediatePolicy(0.0)  # due whenever anything is ready
 
 
 class Batch(msgspec.Struct):
@@ -48,10 +50,23 @@ class BatchStage:
         self._pools: dict[tuple[bytes, bytes | None], PendingPool] = {}
         self._changed = trio.Event()
         self._space = trio.Event()
+        self._expedite: set[tuple[bytes, bytes | None]] = set()  # pools to empty now
         self.batches_planned = 0
 
     def depth(self) -> int:
         return sum(len(p) for p in self._pools.values())
+
+    def expedite(self, token: bytes, payers: set[bytes]) -> int:
+        """Settle now, whatever the schedule, every pool of ``token`` holding a payment of one of
+        ``payers`` (a payer whose balance fell below what they owe); returns how many pools."""
+        found = 0
+        for key, pool in self._pools.items():
+            if key[0] == token and any(pool.payer_value(p) for p in payers):
+                self._expedite.add(key)
+                found += 1
+        if found:
+            self._changed.set()
+        return found
 
     def depth_by_payee(self) -> dict[bytes | None, int]:
         """Unbatched items per payee with its own policy (None: the shared pools)."""
@@ -101,8 +116,14 @@ class BatchStage:
             while True:
                 wake = math.inf
                 sent = False
-                for (token, payee), pool in list(self._pools.items()):
+                for key, pool in list(self._pools.items()):
+                    token, payee = key
                     policy = self._policy if payee is None else self._payee_policies[payee]
+                    if key in self._expedite:
+                        if pool.ready_count == 0:
+                            self._expedite.discard(key)
+                        else:
+                            policy = _NOW
                     decision = plan(pool, policy, self._limits, self._clock.now())
                     if decision.batch:
                         self.batches_planned += 1

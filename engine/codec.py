@@ -152,6 +152,21 @@ def calldata_gas(data: bytes) -> int:
     return 16 * len(data) - 12 * data.count(0)
 
 
+def balances_aggregate3_calldata(token: bytes, owners: Sequence[bytes]) -> bytes:
+    """One aggregate3 call reading ``balanceOf`` of every owner (failures allowed)."""
+    target = "0x" + token.hex()
+    calls = [(target, True, balance_of_calldata(o)) for o in owners]
+    return AGGREGATE3 + abi_encode(["(address,bool,bytes)[]"], [calls])
+
+
+def decode_balances(return_data: bytes) -> list[int | None]:
+    """Balances from :func:`balances_aggregate3_calldata`'s result (None: that call failed)."""
+    return [
+        int.from_bytes(data[:32], "big") if ok and len(data) >= 32 else None
+        for ok, data in decode_aggregate3_result(return_data)
+    ]
+
+
 def decode_aggregate3_result(return_data: bytes) -> list[tuple[bool, bytes]]:
     (results,) = abi_decode(["(bool,bytes)[]"], return_data)
     return [(bool(ok), bytes(data)) for ok, data in results]

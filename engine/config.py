@@ -117,6 +117,15 @@ class LedgerConfig(msgspec.Struct, forbid_unknown_fields=True):
     flush_rows: int = 2_000  # ... or as soon as this many wait
 
 
+class CreditConfig(msgspec.Struct, forbid_unknown_fields=True):
+    """Credit control for payments that wait for a window or a schedule (engine.credit)."""
+
+    enabled: bool = True
+    refresh_s: float = 60.0  # re-read the balances of every payer who owes something
+    balance_max_age_s: float = 300.0  # older balances are read again before more credit
+    payer_cap: int = 0  # most unsettled value one payer may owe per token (0: off)
+
+
 SettlementMode = Literal["confirmed", "deferred"]
 
 
@@ -140,6 +149,7 @@ class EngineConfig(msgspec.Struct, forbid_unknown_fields=True):
     ledger: LedgerConfig = msgspec.field(default_factory=LedgerConfig)
     policy: PolicyConfig = msgspec.field(default_factory=PolicyConfig)
     ingest: IngestConfig = msgspec.field(default_factory=IngestConfig)
+    credit: CreditConfig = msgspec.field(default_factory=CreditConfig)
     service: ServiceConfig = msgspec.field(default_factory=ServiceConfig)
     channel_capacity: int = 64  # bounded memory channels between stages (in messages)
 
@@ -194,6 +204,10 @@ def validate(config: EngineConfig) -> EngineConfig:
         _check_address(payee, "service.payee_settlement")
     if config.service.settle_timeout_s <= 0 or config.service.body_max_bytes < 1024:
         raise ConfigError("service: settle_timeout_s must be > 0 and body_max_bytes >= 1024")
+    if config.credit.refresh_s <= 0 or config.credit.balance_max_age_s <= 0:
+        raise ConfigError("credit: refresh_s and balance_max_age_s must be > 0")
+    if config.credit.payer_cap < 0:
+        raise ConfigError("credit.payer_cap must be >= 0")
     ledger = config.ledger
     if ledger.group_max < 1 or ledger.flush_rows < 1 or ledger.flush_interval_ms <= 0:
         raise ConfigError("ledger: group_max, flush_rows and flush_interval_ms must be >= 1")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import math
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
@@ -24,6 +25,7 @@ from .batch import Batch, BatchStage
 from .clock import Clock, TrioWallClock
 from .config import ChainConfig, EngineConfig, signer_keys, validate
 from .confirm import ConfirmStage
+from .credit import BalanceReader, CreditBook
 from .dedup import Claim, DedupIndex
 from .intake import Group, IntakeStage
 from .ledger import AsyncLedger, Ledger, Recovered
@@ -36,6 +38,8 @@ from .signer import Signer, SignerPool
 from .submit import BatchIds, InflightBatch, SubmitStage
 from .verify import Verifier
 from .verify_pool import VerifyPool
+
+log = logging.getLogger("x402_engine.engine")
 
 DEDUP_GRACE_S = 60
 DEDUP_SWEEP_S = 60.0
@@ -110,12 +114,59 @@ class _Chain:
             self.confirm_send,
         )
         self.confirm = ConfirmStage(config, rpc, recorder, clock, self.slots, self.requeue_send)
+        credit = engine_config.credit
+        self.credit = CreditBook(credit.balance_max_age_s, credit.payer_cap)
+        self.balances = BalanceReader(rpc, bytes.fromhex((config.multicall or config.batcher)[2:]))
+        self._credit_refresh_s = credit.refresh_s
+        self._clock = clock
+        self.shortfalls_seen = 0
 
     async def run(self) -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self.batch.run, self.new_recv, self.requeue_recv)
             nursery.start_soon(self.submit.run, self.batch_recv)
             nursery.start_soon(self.confirm.run, self.confirm_recv)
+            nursery.start_soon(self._refresh_credit)
+
+    async def read_balances(self, keys: list[tuple[bytes, bytes]]) -> None:
+        """Read the balances of ``keys`` ((token, payer)) into the credit book."""
+        by_token: dict[bytes, list[bytes]] = {}
+        for token, payer in keys:
+            by_token.setdefault(token, []).append(payer)
+        for token, payers in by_token.items():
+            read = await self.balances.read(token, payers)
+            now = self._clock.now()
+            for payer, balance in read.items():
+                self.credit.set_balance((token, payer), balance, now)
+
+    async def _refresh_credit(self) -> None:
+        """Re-read every debtor's balance; settle a payer who can no longer cover what they owe
+        at once (what then fails is recorded as the uncollected amount)."""
+        while True:
+            await trio.sleep(self._credit_refresh_s)
+            debtors = self.credit.debtors()
+            if not debtors:
+                self.credit.forget_unowed()
+                continue
+            try:
+                await self.read_balances(debtors)
+            except (RpcError, RpcUnavailable) as exc:
+                log.warning("credit refresh failed, will retry: %s", exc)
+                continue
+            short: dict[bytes, set[bytes]] = {}
+            for s in self.credit.shortfalls():
+                log.warning(
+                    "payer 0x%s owes %d of token 0x%s but holds %d: settling their payments now",
+                    s.payer.hex(),
+                    s.owed,
+                    s.token.hex(),
+                    s.balance,
+                )
+                short.setdefault(s.token, set()).add(s.payer)
+            for token, payers in short.items():
+                self.shortfalls_seen += len(payers)
+                self.batch.expedite(token, payers)
+            self.credit.forget_unowed()
 
 
 class Engine:
@@ -127,8 +178,16 @@ class Engine:
         self._ledger = ledger
         self._verifier = Verifier(config)
         self._verify_pool: VerifyPool | None = None
+        # Credit control applies to payments that wait for a window or a schedule.
+        listed = {bytes.fromhex(p.payee[2:]): p.mode for p in config.policy.payees}
+        self._credit_default = config.credit.enabled and config.policy.mode != "immediate"
+        self._credit_payees = {
+            payee for payee, mode in listed.items() if config.credit.enabled and mode != "immediate"
+        }
+        self._listed_payees = set(listed)
         self._dedup = DedupIndex()
         self._tracker = Tracker(clock)
+        self._tracker.on_final.append(self._release_credit)
         self._recorder = Recorder(ledger, self._tracker, clock)
         self._chains: dict[int, _Chain] = {}
         self._next_id = 1
@@ -201,6 +260,10 @@ class Engine:
             rpcs.append(rpc)
             await self._start_chain(chain, rpc, recovered, environ)
         self._requeue_unbatched(recovered)
+        for op in recovered.open_payments:  # what payers owe survives a restart
+            if self._credit_applies(op.payment):
+                chain_rt = self._chains[op.payment.chain_id]
+                chain_rt.credit.reserve((op.payment.token, op.payment.payer), op.payment.value)
         self._intake = IntakeStage(
             self._ledger,
             self._tracker,
@@ -320,6 +383,35 @@ class Engine:
             await trio.sleep(DEDUP_SWEEP_S)
             self._dedup.evict_expired(self.clock.now(), DEDUP_GRACE_S)
 
+    # -- credit -----------------------------------------------------------------------------
+
+    def _credit_applies(self, payment: Payment) -> bool:
+        if payment.payee in self._listed_payees:
+            return payment.payee in self._credit_payees
+        return self._credit_default
+
+    def _release_credit(self, item: PendingItem) -> None:
+        p = item.payment
+        runtime = self._chains.get(p.chain_id)
+        if runtime is not None and self._credit_applies(p):
+            runtime.credit.release((p.token, p.payer), p.value)
+
+    async def _read_stale_balances(self, payments: list[Payment]) -> str | None:
+        """Read the balances credit decisions need; returns why that failed (None: done)."""
+        now = self.clock.now()
+        by_chain: dict[int, set[tuple[bytes, bytes]]] = {}
+        for p in payments:
+            by_chain.setdefault(p.chain_id, set()).add((p.token, p.payer))
+        for chain_id, keys in by_chain.items():
+            runtime = self._chains[chain_id]
+            stale = runtime.credit.stale(keys, now)
+            if stale:
+                try:
+                    await runtime.read_balances(stale)
+                except (RpcError, RpcUnavailable) as exc:
+                    return f"payer balances could not be read: {exc}"
+        return None
+
     # -- the API ----------------------------------------------------------------------------
 
     def check(self, payload: Any, requirements: Any) -> tuple[Payment | None, Rejected | None]:
@@ -357,10 +449,16 @@ class Engine:
         else:
             verdicts = [self._verifier.check(p, r, now) for p, r in items]
         results: list[Accepted | Rejected | None] = [None] * len(verdicts)
+        credit = [p for p, _ in verdicts if p is not None and self._credit_applies(p)]
+        credit_error = await self._read_stale_balances(credit) if credit else None
         # (index, group, record id, payment, is it this call's own new record)
         waits: list[tuple[int, Group, int, Payment, bool]] = []
+        reserved: list[tuple[int, Payment]] = []  # (record id, payment) with credit reserved
         try:
             for i, (payment, rejected) in enumerate(verdicts):
+                if rejected is None and payment is not None and self._credit_applies(payment):
+                    await self._intake.wait_for_room()  # then no checkpoint until admitted
+                    rejected = self._check_credit(payment, credit_error)
                 if rejected is not None:
                     self._tracker.rejected[rejected.reason] += 1
                     results[i] = rejected
@@ -391,6 +489,10 @@ class Engine:
                     group = self._intake.admit(PendingItem(rid, payment, now))
                     self._intake_pending[rid] = group
                     waits.append((i, group, rid, payment, True))
+                    if self._credit_applies(payment):
+                        runtime = self._chains[payment.chain_id]
+                        runtime.credit.reserve((payment.token, payment.payer), payment.value)
+                        reserved.append((rid, payment))
             waited: set[int] = set()
             for _, group, _, _, _ in waits:
                 if id(group) not in waited:
@@ -406,6 +508,9 @@ class Engine:
                 error = group.error
                 if new:
                     self._dedup.release(payment, rid)
+                    if any(r == rid for r, _ in reserved):
+                        key = (payment.token, payment.payer)
+                        self._chains[payment.chain_id].credit.release(key, payment.value)
                 continue
             if not new:
                 self._tracker.duplicates += 1
@@ -414,6 +519,21 @@ class Engine:
             raise EngineError(f"ledger write failed: {error}") from error
         assert all(r is not None for r in results)
         return results  # type: ignore[return-value]
+
+    def _check_credit(self, payment: Payment, read_error: str | None) -> Rejected | None:
+        """Refuse a payment that would lend the payer more than they hold (or the cap).
+        A replay of a payment on record is not new credit and passes."""
+        if self._dedup.peek(payment) is not Claim.NEW:
+            return None
+        payer = hex_addr(payment.payer)
+        if read_error is not None:
+            return Rejected(reasons.UNEXPECTED_VERIFY, read_error, payer)
+        book = self._chains[payment.chain_id].credit
+        why = book.check((payment.token, payment.payer), payment.value)
+        if why is None:
+            return None
+        book.refused += 1
+        return Rejected(reasons.INSUFFICIENT_FUNDS, why, payer)
 
     async def status(self, record_id: int) -> Outcome | None:
         """The current state of a payment (None: no such record)."""

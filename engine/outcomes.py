@@ -7,7 +7,7 @@ observes is always already durable.
 from __future__ import annotations
 
 from collections import Counter, OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import msgspec
 import trio
@@ -58,6 +58,7 @@ class Tracker:
         self.all_final = trio.Event()
         self.all_final.set()
         self.settle_latency = Histogram()  # acceptance to final state, seconds
+        self.on_final: list[Callable[[PendingItem], None]] = []  # called once per final item
         self._clock = clock
 
     def track(self, item: PendingItem, state: str = "accepted", tx_hash: str | None = None) -> None:
@@ -104,7 +105,9 @@ class Tracker:
             self.settled += 1
         else:
             self.failed[event.reason or "unknown"] += 1
-        self._live.pop(item.id, None)
+        if self._live.pop(item.id, None) is not None:
+            for hook in self.on_final:
+                hook(item)
         if self._clock is not None:
             self.settle_latency.observe(max(0.0, self._clock.now() - item.arrived_at))
         self._recent[item.id] = outcome
