@@ -18,9 +18,7 @@ import msgspec
 import trio
 
 from .clock import Clock
-from .policy import BatchPolicy, ImmediatePolicy, Limits, PendingItem, PendingPool, plan
-
-_NOW = ImmediatePolicy(0.0)  # due whenever anything is ready
+from .policy import BatchPolicy, Limits, PendingItem, PendingPool, plan
 
 
 class Batch(msgspec.Struct):
@@ -50,19 +48,21 @@ class BatchStage:
         self._pools: dict[tuple[bytes, bytes | None], PendingPool] = {}
         self._changed = trio.Event()
         self._space = trio.Event()
-        self._expedite: set[tuple[bytes, bytes | None]] = set()  # pools to empty now
+        # pool -> payers whose ready items are to be settled now, whatever the schedule
+        self._expedite: dict[tuple[bytes, bytes | None], set[bytes]] = {}
         self.batches_planned = 0
 
     def depth(self) -> int:
         return sum(len(p) for p in self._pools.values())
 
     def expedite(self, token: bytes, payers: set[bytes]) -> int:
-        """Settle now, whatever the schedule, every pool of ``token`` holding a payment of one of
-        ``payers`` (a payer whose balance fell below what they owe); returns how many pools."""
+        """Settle the ready payments of ``payers`` in ``token`` now, whatever the schedule (a payer
+        whose balance fell below what they owe); returns how many pools hold some."""
         found = 0
         for key, pool in self._pools.items():
-            if key[0] == token and any(pool.payer_value(p) for p in payers):
-                self._expedite.add(key)
+            owing = {p for p in payers if pool.payer_value(p)}
+            if key[0] == token and owing:
+                self._expedite.setdefault(key, set()).update(owing)
                 found += 1
         if found:
             self._changed.set()
@@ -119,11 +119,16 @@ class BatchStage:
                 for key, pool in list(self._pools.items()):
                     token, payee = key
                     policy = self._policy if payee is None else self._payee_policies[payee]
-                    if key in self._expedite:
-                        if pool.ready_count == 0:
-                            self._expedite.discard(key)
-                        else:
-                            policy = _NOW
+                    early = self._expedite.get(key)
+                    if early is not None:
+                        ids = pool.payer_ids(early, self._limits.items_per_batch_max)
+                        if ids:
+                            self.batches_planned += 1
+                            await self._send.send(Batch(token, pool.take(ids)))
+                            self._space.set()
+                            sent = True
+                            continue
+                        del self._expedite[key]
                     decision = plan(pool, policy, self._limits, self._clock.now())
                     if decision.batch:
                         self.batches_planned += 1

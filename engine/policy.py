@@ -286,6 +286,16 @@ class PendingPool:
             self._add_payer_value(t.payment.payer, -t.payment.value)
         return taken
 
+    def payer_ids(self, payers: set[bytes], limit: int) -> list[int]:
+        """Ids of ready items of ``payers``, oldest first (a scan: for rare, early settlements)."""
+        found: list[int] = []
+        for rid, item in self._ready.items():
+            if len(found) >= limit:
+                break
+            if item.payment.payer in payers:
+                found.append(rid)
+        return found
+
     def urgent_ids(self, before: float, limit: int) -> list[int]:
         """Ids of ready items whose deadline is at or before ``before``, earliest first."""
         found: list[int] = []
