@@ -70,7 +70,7 @@ class BatchStage:
 
     def depth_by_payee(self) -> dict[bytes | None, int]:
         """Unbatched items per payee with its own policy (None: the shared pools)."""
-        out: dict[bytes | None, int] = {}
+        out: dict[bytes | None, int] = {None: 0, **dict.fromkeys(self._payee_policies, 0)}
         for (_, payee), pool in self._pools.items():
             out[payee] = out.get(payee, 0) + len(pool)
         return out

@@ -91,6 +91,12 @@ class CreditBook:
     def debtors(self) -> list[Key]:
         return list(self._owed)
 
+    def owed_by_token(self) -> dict[bytes, int]:
+        out: dict[bytes, int] = {}
+        for (token, _), owed in self._owed.items():
+            out[token] = out.get(token, 0) + owed
+        return out
+
     def shortfalls(self) -> list[Shortfall]:
         """Payers who owe more than their last read balance."""
         out: list[Shortfall] = []

@@ -588,6 +588,27 @@ class Engine:
         """Acceptance-to-final-state latency of the payments finalized since start."""
         return self._tracker.settle_latency
 
+    def payee_queue_depths(self) -> dict[tuple[int, str], int]:
+        """Unbatched items per (chain, payee with a schedule of its own; "" for the rest): a
+        sweep's progress is this falling to zero."""
+        out: dict[tuple[int, str], int] = {}
+        for cid, c in self._chains.items():
+            for payee, n in c.batch.depth_by_payee().items():
+                out[(cid, "" if payee is None else hex_addr(payee))] = n
+        return out
+
+    def credit_statistics(self) -> dict[int, dict[str, Any]]:
+        """Per chain: unsettled credit per token, debtors, refusals and shortfalls seen."""
+        return {
+            cid: {
+                "owed": {hex_addr(t): v for t, v in c.credit.owed_by_token().items()},
+                "debtors": len(c.credit.debtors()),
+                "refused": c.credit.refused,
+                "shortfalls": c.shortfalls_seen,
+            }
+            for cid, c in self._chains.items()
+        }
+
     def queue_depths(self) -> dict[int, int]:
         """Pending (unbatched) items per chain."""
         return {cid: c.batch.depth() for cid, c in self._chains.items()}

@@ -274,6 +274,38 @@ class Facilitator:
             [({"chain_id": str(c)}, n) for c, n in sorted(self.engine.queue_depths().items())],
         )
         page.metric(
+            "x402_payee_queue_depth",
+            "gauge",
+            "Payments waiting for a batch, per payee with a schedule of its own (sweep progress).",
+            [
+                ({"chain_id": str(c), "payee": p}, n)
+                for (c, p), n in sorted(self.engine.payee_queue_depths().items())
+            ],
+        )
+        credit = self.engine.credit_statistics()
+        page.metric(
+            "x402_credit_owed",
+            "gauge",
+            "Accepted but unsettled value of deferred payments, per token (base units).",
+            [
+                ({"chain_id": str(c), "token": t}, v)
+                for c, s in sorted(credit.items())
+                for t, v in sorted(s["owed"].items())
+            ],
+        )
+        page.metric(
+            "x402_credit_refused_total",
+            "counter",
+            "Deferred payments refused because the payer's balance or cap would be exceeded.",
+            [({"chain_id": str(c)}, s["refused"]) for c, s in sorted(credit.items())],
+        )
+        page.metric(
+            "x402_credit_shortfalls_total",
+            "counter",
+            "Payers found holding less than they owe (settled early).",
+            [({"chain_id": str(c)}, s["shortfalls"]) for c, s in sorted(credit.items())],
+        )
+        page.metric(
             "x402_batches_inflight",
             "gauge",
             "Batches sent and not yet final, per chain.",
