@@ -125,6 +125,37 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    from .config import load_config
+    from .ledger import Ledger
+    from .report import build_report, chart, export
+
+    path = args.ledger or load_config(args.config).ledger.path
+    if not Path(path).exists():
+        raise SystemExit(f"no ledger at {path}")
+    ledger = Ledger(path)  # replays the journal: acknowledged payments are all there
+    try:
+        columns, rows = build_report(ledger, args.by)
+        table = Table(title=f"x402 ledger {path}, by {args.by}")
+        for name in columns:
+            table.add_column(name, justify="left" if name == args.by else "right")
+        for row in rows:
+            table.add_row(*(f"{v:,}" if isinstance(v, int) else str(v) for v in row))
+        Console().print(table)
+        for target, fmt in ((args.csv, "csv"), (args.parquet, "parquet")):
+            if target:
+                export(ledger, args.by, Path(target), fmt)  # type: ignore[arg-type]
+                Console().print(f"wrote {target}")
+        if args.chart:
+            chart(ledger, Path(args.chart), args.decimals)
+            Console().print(f"wrote {args.chart}")
+    finally:
+        ledger.close()
+    return 0
+
+
 def _bench(args: argparse.Namespace) -> int:
     try:
         from benchmarks.bench import FULL, QUICK, SCENARIOS, run
@@ -155,6 +186,17 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--env-file", default=None, help="KEY=VALUE file, e.g. signer keys")
     serve.add_argument("--bind", default=None, help="host:port (default: [service] host/port)")
     serve.set_defaults(func=_serve)
+
+    report = sub.add_parser("report", help="counts, amounts, gas and fees from the ledger")
+    source = report.add_mutually_exclusive_group(required=True)
+    source.add_argument("--config", help="engine TOML: report on its [ledger] path")
+    source.add_argument("--ledger", help="a ledger file (not open in a running engine)")
+    report.add_argument("--by", choices=["day", "payee", "payer", "status"], default="day")
+    report.add_argument("--csv", default=None, help="also write the report as CSV here")
+    report.add_argument("--parquet", default=None, help="also write the report as Parquet here")
+    report.add_argument("--chart", default=None, help="PNG of accepted vs settled value")
+    report.add_argument("--decimals", type=int, default=6, help="token decimals for the chart")
+    report.set_defaults(func=_report)
 
     bench = sub.add_parser("bench", help="run the benchmark scenarios (see benchmarks/)")
     bench.add_argument("--quick", action="store_true", help="small sizes, about a minute")

@@ -441,6 +441,20 @@ class Ledger:
         self.flush_staged()
         return self._con.execute(sql, params or []).fetchall()
 
+    def query_with_columns(
+        self, sql: str, params: Sequence[Any] | None = None
+    ) -> tuple[list[str], list[tuple[Any, ...]]]:
+        """Read-only SQL with the result's column names (reports)."""
+        self.flush_staged()
+        cur = self._con.execute(sql, params or [])
+        return [d[0] for d in cur.description or []], cur.fetchall()
+
+    def copy_to(self, sql: str, path: str | Path, options: str) -> None:
+        """DuckDB's COPY of a query's result to a file (CSV, Parquet)."""
+        self.flush_staged()
+        target = str(path).replace("'", "''")
+        self._con.execute(f"COPY ({sql}) TO '{target}' ({options})")
+
     # -- internals --------------------------------------------------------------------------
 
     def _insert_missing(self, rows: list[JournalRow]) -> int:
