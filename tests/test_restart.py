@@ -59,15 +59,24 @@ async def _read_until(proc: subprocess.Popen[str], marker: str, timeout_s: float
         return await trio.to_thread.run_sync(read, abandon_on_cancel=True)
 
 
-@pytest.mark.parametrize("mined_while_down", [True, False])
+@pytest.mark.parametrize(
+    ("mined_while_down", "mode"),
+    [(True, "immediate"), (False, "immediate"), (False, "windowed")],
+)
 async def test_sigkill_after_ack_then_restart_settles_every_payment_exactly_once(
-    anvil: Anvil, tmp_path: Path, mined_while_down: bool
+    anvil: Anvil, tmp_path: Path, mined_while_down: bool, mode: str
 ) -> None:
+    """``windowed``: a deferred sweep (credit control on) is killed half sent."""
     dev = await setup_devchain(anvil.url, payers=PAYMENTS, payer_balance=5 * VALUE)
     config, env = engine_config(
         dev,
         str(tmp_path / "ledger.duckdb"),
-        policy=PolicyConfig(max_batch_size=40, max_wait_ms=100),
+        policy=PolicyConfig(
+            max_batch_size=40,
+            max_wait_ms=100,
+            mode=mode,  # type: ignore[arg-type]
+            window_s=2,
+        ),
         max_inflight_batches=2,
     )
     cfg_path, env_path, work_path = tmp_path / "e.toml", tmp_path / "env.json", tmp_path / "w.json"
