@@ -25,12 +25,13 @@ from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from engine.devchain import Anvil, setup_devchain
 
 from . import report
+from .crawler_day import Day, measure_crawler_day
 from .ingest import bare_recovery_rates, measure_engine_ingest
 from .scale import measure_scale
 from .settlement import measure_settlement
 from .workload import BENCH_SEED, cached_workload
 
-SCENARIOS = ("ingest", "settlement", "scale")
+SCENARIOS = ("ingest", "settlement", "scale", "crawler-day")
 
 
 class Profile(msgspec.Struct, frozen=True):
@@ -43,10 +44,11 @@ class Profile(msgspec.Struct, frozen=True):
     settle_payers: int
     block_time_s: float
     scale_entries: int
+    crawler_day: Day
 
 
-QUICK = Profile("quick", 40_000, 200, 1.0, 50, 400, 400, 1.0, 50_000)
-FULL = Profile("full", 200_000, 2000, 3.0, 300, 5000, 5000, 1.0, 1_000_000)
+QUICK = Profile("quick", 40_000, 200, 1.0, 50, 400, 400, 1.0, 50_000, Day(20, 500, 5))
+FULL = Profile("full", 200_000, 2000, 3.0, 300, 5000, 5000, 1.0, 1_000_000, Day(100, 10_000, 20))
 
 
 def run(scenarios: list[str], profile: Profile, out: Path, console: Console) -> dict[str, Any]:
@@ -99,6 +101,8 @@ def run(scenarios: list[str], profile: Profile, out: Path, console: Console) -> 
             task = progress.add_task(f"scale: {profile.scale_entries:,} live entries", total=None)
             results["scale"] = trio.run(measure_scale, profile.scale_entries)
             progress.update(task, description="scale: done", total=1, completed=1)
+        if "crawler-day" in scenarios:
+            results["crawler_day"] = measure_crawler_day(profile.crawler_day, progress)
     files = report.write(results, out)
     console.print(Markdown((out / "summary.md").read_text()))
     console.print(f"wrote {', '.join(str(out / f) for f in files)}")

@@ -249,6 +249,21 @@ def summary(results: dict[str, Any]) -> str:
                 f" {r['tx_bytes_per_payment']:,.0f} | {r['latency']['p50_ms']:,.0f} ms |"
                 f" {r['latency']['p99_ms']:,.0f} ms |"
             )
+    crawler = results.get("crawler_day")
+    if crawler:
+        lines += [
+            "",
+            "| crawler day | payments | transactions | gas/payment | ingest | settle |"
+            " ledger on disk | engine RSS growth |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for r in crawler:
+            lines.append(
+                f"| {r['mode']} | {r['settled']:,} of {r['payments']:,} | {r['transactions']:,} |"
+                f" {r['gas_per_payment']:,.0f} | {r['ingest_per_s']:,.0f}/s |"
+                f" {r['settle_s']:,.1f} s | {r['ledger_bytes'] / 2**20:,.1f} MiB |"
+                f" {r['engine_rss_growth_bytes'] / 2**20:,.0f} MiB |"
+            )
     if ingest:
         lines += [
             "",
