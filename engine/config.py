@@ -215,6 +215,11 @@ def validate(config: EngineConfig) -> EngineConfig:
         raise ConfigError("ledger.journal_segment_mb must be >= 1")
     if not 0 <= config.ingest.verify_workers <= 64 or config.ingest.verify_batch_max < 1:
         raise ConfigError("ingest: verify_workers must be in [0, 64], verify_batch_max >= 1")
+    from .policy import SEND_MARGIN_S
+
+    if config.ingest.valid_before_margin_s <= SEND_MARGIN_S:
+        # Otherwise an authorization could be accepted that no batch may still be sent for.
+        raise ConfigError(f"ingest.valid_before_margin_s must be > {SEND_MARGIN_S} (send margin)")
     if not 0 < config.ingest.value_max <= 2**128 - 1:
         raise ConfigError("ingest.value_max must be in (0, 2**128 - 1]")
     return config

@@ -22,6 +22,7 @@ from .config import ScheduleConfig
 from .model import Payment
 
 BATCH_BASE_GAS = 60_000  # intrinsic gas + calldata head + loop set-up, planning figure
+SEND_MARGIN_S = 4  # an item must have this long before validBefore to be worth sending
 
 
 class PendingItem(msgspec.Struct, frozen=True, gc=False):

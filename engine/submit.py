@@ -23,13 +23,12 @@ from .config import ChainConfig
 from .fees import Fees, choose_fees
 from .ledger import BatchRecord
 from .outcomes import Recorder
-from .policy import PendingItem
+from .policy import SEND_MARGIN_S, PendingItem
 from .rpc import Rpc, RpcError, RpcUnavailable
 from .signer import Signer, SignerPool
 
 log = logging.getLogger("x402_engine.submit")
 
-SEND_MARGIN_S = 4  # an item must have this long before validBefore to be worth sending
 ATTEMPTS_MAX = 5
 SETTLE_OVERHEAD_GAS = 30_000  # settle()'s own work beyond the item calls, with headroom
 FEE_WAIT_MAX_S = 120.0

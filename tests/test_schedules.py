@@ -164,6 +164,10 @@ def test_configuration_refuses_bad_schedules(offline_config: EngineConfig) -> No
     with pytest.raises(ConfigError, match="window_s"):
         validate(with_policy(PolicyConfig(mode="windowed", window_s=0)))
     validate(with_policy(PolicyConfig(payees=[twice])))
+    too_short = msgspec.structs.replace(offline_config.ingest, valid_before_margin_s=4)
+    with pytest.raises(ConfigError, match="valid_before_margin_s"):
+        # An authorization accepted with 4 s left could never be sent (send margin).
+        validate(msgspec.structs.replace(offline_config, ingest=too_short))
 
 
 async def test_payees_with_schedules_of_their_own_settle_on_them(
