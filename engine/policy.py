@@ -97,8 +97,10 @@ _DAY_S = 86_400
 
 class WindowedPolicy:
     """Settle what has accumulated every ``window_s`` seconds, on boundaries aligned to the Unix
-    epoch (``window_s = 3600``: on the hour, UTC), plus ``offset_s``. A batch is due once a
-    boundary has passed since the oldest ready item arrived; a full batch goes at once."""
+    epoch (``window_s = 3600``: on the hour, UTC), plus ``offset_s``. The pool is due once a
+    boundary has passed since its oldest ready item arrived, and stays due (batch after full
+    batch) until it is empty; full batches wait for the boundary too (use ``count_threshold``
+    to settle earlier)."""
 
     def __init__(self, window_s: float, offset_s: float = 0.0) -> None:
         assert window_s > 0 and 0 <= offset_s < window_s
@@ -113,8 +115,6 @@ class WindowedPolicy:
     def due(self, view: PoolView, limits: Limits, now: float) -> bool:
         if view.ready_count == 0:
             return False
-        if view.ready_count >= limits.items_per_batch_max:
-            return True
         assert view.oldest_arrival is not None
         return self.next_boundary(view.oldest_arrival) <= now
 
@@ -141,9 +141,9 @@ def parse_utc_times(times: Sequence[str]) -> list[int]:
 
 
 class ScheduledPolicy:
-    """Settle at fixed UTC times of day (several allowed): a batch is due once a scheduled time
-    has passed since the oldest ready item arrived; a full batch goes at once (a sweep of a
-    day's payments leaves as back-to-back full batches)."""
+    """Settle at fixed UTC times of day (several allowed): the pool is due once a scheduled time
+    has passed since its oldest ready item arrived, and the sweep leaves as back-to-back full
+    batches until the pool is empty. Full batches wait for the schedule too."""
 
     def __init__(self, times_utc: Sequence[str]) -> None:
         self.times_s = parse_utc_times(times_utc)
@@ -159,8 +159,6 @@ class ScheduledPolicy:
     def due(self, view: PoolView, limits: Limits, now: float) -> bool:
         if view.ready_count == 0:
             return False
-        if view.ready_count >= limits.items_per_batch_max:
-            return True
         assert view.oldest_arrival is not None
         return self.next_time(view.oldest_arrival) <= now
 
