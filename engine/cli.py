@@ -163,7 +163,18 @@ def _bench(args: argparse.Namespace) -> int:
         raise SystemExit(f"x402-engine bench needs the repository checkout: {exc}") from exc
 
     scenarios = args.scenario or list(SCENARIOS)
-    run(scenarios, QUICK if args.quick else FULL, Path(args.out), Console())
+    profile = QUICK if args.quick else FULL
+    if args.crawler_day:
+        from benchmarks.crawler_day import Day
+
+        try:
+            crawlers, requests, sites = (int(x) for x in args.crawler_day.split("x"))
+        except ValueError as exc:
+            raise SystemExit(
+                "--crawler-day takes CRAWLERSxREQUESTSxSITES, e.g. 100x1000x20"
+            ) from exc
+        profile = msgspec.structs.replace(profile, crawler_day=Day(crawlers, requests, sites))
+    run(scenarios, profile, Path(args.out), Console())
     return 0
 
 
@@ -207,6 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="repeatable; default: all",
     )
     bench.add_argument("--out", default="bench-results", help="output directory")
+    bench.add_argument(
+        "--crawler-day", default=None, help="CRAWLERSxREQUESTSxSITES, e.g. 100x1000x20"
+    )
     bench.set_defaults(func=_bench)
 
     demo = sub.add_parser("demo", help="devchain + engine + a synthetic load of payments")
