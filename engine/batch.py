@@ -18,7 +18,9 @@ import msgspec
 import trio
 
 from .clock import Clock
-from .policy import BatchPolicy, Limits, PendingItem, PendingPool, plan
+from .policy import BatchPolicy, ImmediatePolicy, Limits, PendingItem, PendingPool, plan
+
+_NOW = ImmediatePolicy(0.0)  # due whenever anything is ready
 
 
 class Batch(msgspec.Struct):
@@ -50,6 +52,8 @@ class BatchStage:
         self._space = trio.Event()
         # pool -> payers whose ready items are to be settled now, whatever the schedule
         self._expedite: dict[tuple[bytes, bytes | None], set[bytes]] = {}
+        self._drain: set[tuple[bytes, bytes | None]] = set()  # pools to empty now (settle_now)
+        self._own = frozenset(self._payee_policies)
         self.batches_planned = 0
 
     def depth(self) -> int:
@@ -67,6 +71,17 @@ class BatchStage:
         if found:
             self._changed.set()
         return found
+
+    def settle_now(self, payee: bytes | None = None) -> int:
+        """Send every waiting payment (of ``payee``, or all) now, whatever the schedules, as
+        back-to-back full batches; returns how many were waiting."""
+        waiting = 0
+        for key, pool in self._pools.items():
+            if payee is None or key[1] == payee or (key[1] is None and payee not in self._own):
+                self._drain.add(key)
+                waiting += len(pool)
+        self._changed.set()
+        return waiting
 
     def depth_by_payee(self) -> dict[bytes | None, int]:
         """Unbatched items per payee with its own policy (None: the shared pools)."""
@@ -119,6 +134,11 @@ class BatchStage:
                 for key, pool in list(self._pools.items()):
                     token, payee = key
                     policy = self._policy if payee is None else self._payee_policies[payee]
+                    if key in self._drain:
+                        if len(pool) == 0:
+                            self._drain.discard(key)
+                        else:
+                            policy = _NOW
                     early = self._expedite.get(key)
                     if early is not None:
                         ids = pool.payer_ids(early, self._limits.items_per_batch_max)

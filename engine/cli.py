@@ -125,6 +125,53 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sweep(args: argparse.Namespace) -> int:
+    """Open the engine on its ledger, settle everything waiting now, show progress, report."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    from .config import load_config
+    from .engine import Engine
+
+    config = load_config(args.config)
+    environ = {**os.environ, **read_env_file(args.env_file)}
+    console = Console()
+
+    async def main() -> int:
+        async with Engine.open(config, environ=environ) as engine:
+            before = engine.statistics()
+            waiting = engine.settle_now(args.payee)
+            console.print(f"{waiting:,} payments waiting; {before.pending:,} not yet final")
+            columns = (BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+            with Progress(*columns, console=console) as progress:
+                task = progress.add_task("sweep", total=before.pending)
+                with trio.fail_after(args.timeout):
+                    while True:
+                        now = engine.statistics()
+                        progress.update(task, completed=before.pending - now.pending)
+                        rest = sum(
+                            n
+                            for (_, payee), n in engine.payee_queue_depths().items()
+                            if args.payee is None or payee in ("", args.payee.lower())
+                        )
+                        if rest == 0 and not any(engine.inflight_batches().values()):
+                            break
+                        await trio.sleep(0.5)
+            after = engine.statistics()
+        settled = after.settled - before.settled
+        failed = {r: n - before.failed.get(r, 0) for r, n in after.failed.items()}
+        failed = {r: n for r, n in failed.items() if n}
+        txs = after.batches_mined - before.batches_mined
+        gas = after.gas_used - before.gas_used
+        console.print(
+            f"settled {settled:,} in {txs:,} transactions"
+            f" ({gas / max(1, after.items_in_mined_batches - before.items_in_mined_batches):,.0f}"
+            f" gas per payment); failed: {failed or 'none'}"
+        )
+        return 0 if not failed else 1
+
+    return trio.run(main)
+
+
 def _report(args: argparse.Namespace) -> int:
     from rich.table import Table
 
@@ -197,6 +244,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--env-file", default=None, help="KEY=VALUE file, e.g. signer keys")
     serve.add_argument("--bind", default=None, help="host:port (default: [service] host/port)")
     serve.set_defaults(func=_serve)
+
+    sweep = sub.add_parser("sweep", help="settle every waiting payment now (end of day)")
+    sweep.add_argument("--config", required=True, help="engine TOML (see README)")
+    sweep.add_argument("--env-file", default=None, help="KEY=VALUE file, e.g. signer keys")
+    sweep.add_argument("--payee", default=None, help="only this payee's payments")
+    sweep.add_argument("--timeout", type=float, default=3600.0, help="seconds")
+    sweep.set_defaults(func=_sweep)
 
     report = sub.add_parser("report", help="counts, amounts, gas and fees from the ledger")
     source = report.add_mutually_exclusive_group(required=True)

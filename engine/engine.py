@@ -588,6 +588,14 @@ class Engine:
         """Acceptance-to-final-state latency of the payments finalized since start."""
         return self._tracker.settle_latency
 
+    def settle_now(self, payee: str | None = None) -> int:
+        """Settle every waiting payment (of ``payee``, or of everyone) now, whatever the
+        schedules: a manual end-of-day sweep. Returns how many payments were waiting."""
+        raw = None if payee is None else bytes.fromhex(payee.lower().removeprefix("0x"))
+        if raw is not None and len(raw) != 20:
+            raise ValueError(f"not an address: {payee!r}")
+        return sum(c.batch.settle_now(raw) for c in self._chains.values())
+
     def payee_queue_depths(self) -> dict[tuple[int, str], int]:
         """Unbatched items per (chain, payee with a schedule of its own; "" for the rest): a
         sweep's progress is this falling to zero."""

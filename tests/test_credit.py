@@ -115,3 +115,33 @@ async def test_payer_who_drains_their_balance_is_settled_early_and_the_shortfall
         assert engine.queue_depths() == {dev.chain_id: 2}
     assert (await balances(rpc, dev.token, [dev.payee]))[0] >= VALUE
     await rpc.aclose()
+
+
+async def test_sweep_command_settles_a_stopped_engines_waiting_payments(
+    anvil: Anvil, tmp_path: Path
+) -> None:
+    """The day's payments wait in the ledger for a schedule hours away; ``x402-engine sweep``
+    reopens the engine, settles them all now and exits 0."""
+    from engine.cli import main as cli_main
+    from engine.config import dump_config
+
+    dev = await setup_devchain(anvil.url, payers=5, payer_balance=5 * VALUE)
+    config, env = _config(dev, tmp_path / "l.duckdb", CreditConfig())
+    payee = bytes.fromhex(dev.payee[2:])
+    now = int(time.time())
+    work = [payment_v2(dev.domain, k, payee, VALUE, now) for k in dev.payer_key_bytes() * 3]
+    async with Engine.open(config, environ=env) as engine:
+        assert all(isinstance(r, Accepted) for r in await engine.submit_many(work))
+        assert engine.statistics().batches_sent == 0
+    cfg, env_file = tmp_path / "e.toml", tmp_path / "signer.env"
+    cfg.write_bytes(dump_config(config))
+    env_file.write_text("".join(f"{k}={v}\n" for k, v in env.items()))
+    rpc = Rpc(anvil.url)
+    before = (await balances(rpc, dev.token, [dev.payee]))[0]
+    code = await trio.to_thread.run_sync(
+        cli_main, ["sweep", "--config", str(cfg), "--env-file", str(env_file), "--timeout", "60"]
+    )
+    assert code == 0
+    after = (await balances(rpc, dev.token, [dev.payee]))[0]
+    assert after - before == 15 * VALUE
+    await rpc.aclose()
