@@ -206,10 +206,12 @@ async def _run(
     }
 
 
-def measure_crawler_day(day: Day, progress: Progress) -> list[dict[str, Any]]:
+def measure_crawler_day(
+    day: Day, progress: Progress, modes: tuple[str, ...] = ("end-of-day", "immediate")
+) -> list[dict[str, Any]]:
     """End-of-day sweep, then immediate settlement of the same day on a fresh chain."""
     out: list[dict[str, Any]] = []
-    for mode in ("end-of-day", "immediate"):
+    for mode in modes:
         clock = trio.testing.MockClock(rate=1.0)
         out.append(trio.run(_run, mode, day, progress, clock, clock=clock))
     return out
