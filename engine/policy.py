@@ -95,7 +95,27 @@ class ImmediatePolicy:
 _DAY_S = 86_400
 
 
-class WindowedPolicy:
+class _TimedPolicy:
+    """Due once the next firing time after the oldest ready arrival has come; stays due until
+    the pool is empty (the sweep leaves as back-to-back full batches)."""
+
+    def next_firing(self, after: float) -> float:
+        """The first firing instant strictly after ``after`` (Unix seconds)."""
+        raise NotImplementedError
+
+    def due(self, view: PoolView, limits: Limits, now: float) -> bool:
+        if view.ready_count == 0:
+            return False
+        assert view.oldest_arrival is not None
+        return self.next_firing(view.oldest_arrival) <= now
+
+    def wake_at(self, view: PoolView, limits: Limits, now: float) -> float | None:
+        if view.oldest_arrival is None:
+            return None
+        return self.next_firing(view.oldest_arrival)
+
+
+class WindowedPolicy(_TimedPolicy):
     """Settle what has accumulated every ``window_s`` seconds, on boundaries aligned to the Unix
     epoch (``window_s = 3600``: on the hour, UTC), plus ``offset_s``. The pool is due once a
     boundary has passed since its oldest ready item arrived, and stays due (batch after full
@@ -107,21 +127,10 @@ class WindowedPolicy:
         self.window_s = window_s
         self.offset_s = offset_s
 
-    def next_boundary(self, after: float) -> float:
-        """The first boundary strictly after ``after``."""
+    def next_firing(self, after: float) -> float:
+        """The first window boundary strictly after ``after``."""
         k = math.floor((after - self.offset_s) / self.window_s) + 1
         return k * self.window_s + self.offset_s
-
-    def due(self, view: PoolView, limits: Limits, now: float) -> bool:
-        if view.ready_count == 0:
-            return False
-        assert view.oldest_arrival is not None
-        return self.next_boundary(view.oldest_arrival) <= now
-
-    def wake_at(self, view: PoolView, limits: Limits, now: float) -> float | None:
-        if view.oldest_arrival is None:
-            return None
-        return self.next_boundary(view.oldest_arrival)
 
 
 def parse_utc_times(times: Sequence[str]) -> list[int]:
@@ -140,7 +149,7 @@ def parse_utc_times(times: Sequence[str]) -> list[int]:
     return sorted(out)
 
 
-class ScheduledPolicy:
+class ScheduledPolicy(_TimedPolicy):
     """Settle at fixed UTC times of day (several allowed): the pool is due once a scheduled time
     has passed since its oldest ready item arrived, and the sweep leaves as back-to-back full
     batches until the pool is empty. Full batches wait for the schedule too."""
@@ -148,24 +157,13 @@ class ScheduledPolicy:
     def __init__(self, times_utc: Sequence[str]) -> None:
         self.times_s = parse_utc_times(times_utc)
 
-    def next_time(self, after: float) -> float:
+    def next_firing(self, after: float) -> float:
         """The first scheduled instant strictly after ``after`` (Unix seconds)."""
         day = math.floor(after / _DAY_S) * _DAY_S
         for offset in self.times_s:
             if day + offset > after:
                 return float(day + offset)
         return float(day + _DAY_S + self.times_s[0])
-
-    def due(self, view: PoolView, limits: Limits, now: float) -> bool:
-        if view.ready_count == 0:
-            return False
-        assert view.oldest_arrival is not None
-        return self.next_time(view.oldest_arrival) <= now
-
-    def wake_at(self, view: PoolView, limits: Limits, now: float) -> float | None:
-        if view.oldest_arrival is None:
-            return None
-        return self.next_time(view.oldest_arrival)
 
 
 class Thresholds:

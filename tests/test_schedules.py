@@ -74,8 +74,8 @@ def _view(count: int, oldest: float | None, value: int = 0, payer_max: int = 0) 
 
 def test_window_boundaries_are_aligned_to_the_epoch() -> None:
     hourly = WindowedPolicy(3600)
-    assert hourly.next_boundary(START) == START + 40 * 60  # 15:20 -> 16:00
-    assert hourly.next_boundary(START + 40 * 60) == START + 100 * 60  # on a boundary: the next
+    assert hourly.next_firing(START) == START + 40 * 60  # 15:20 -> 16:00
+    assert hourly.next_firing(START + 40 * 60) == START + 100 * 60  # on a boundary: the next
     view = _view(3, START)
     assert not hourly.due(view, LIMITS, START + 39 * 60)
     assert hourly.due(view, LIMITS, START + 40 * 60)
@@ -86,10 +86,10 @@ def test_window_boundaries_are_aligned_to_the_epoch() -> None:
 
 def test_schedule_fires_at_the_next_utc_time_and_rolls_over_midnight() -> None:
     daily = ScheduledPolicy(["00:00"])
-    assert daily.next_time(START) == MIDNIGHT
+    assert daily.next_firing(START) == MIDNIGHT
     twice = ScheduledPolicy(["18:30", "06:00"])
-    assert twice.next_time(START) == MIDNIGHT - 5.5 * 3600  # 18:30 the same day
-    assert twice.next_time(MIDNIGHT - 5.5 * 3600) == MIDNIGHT + 6 * 3600  # then 06:00
+    assert twice.next_firing(START) == MIDNIGHT - 5.5 * 3600  # 18:30 the same day
+    assert twice.next_firing(MIDNIGHT - 5.5 * 3600) == MIDNIGHT + 6 * 3600  # then 06:00
     view = _view(5, START)
     assert not daily.due(view, LIMITS, MIDNIGHT - 1)
     assert daily.due(view, LIMITS, MIDNIGHT)
