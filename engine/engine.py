@@ -453,7 +453,7 @@ class Engine:
         credit_error = await self._read_stale_balances(credit) if credit else None
         # (index, group, record id, payment, is it this call's own new record)
         waits: list[tuple[int, Group, int, Payment, bool]] = []
-        reserved: list[tuple[int, Payment]] = []  # (record id, payment) with credit reserved
+        reserved: set[int] = set()  # record ids with credit reserved
         try:
             for i, (payment, rejected) in enumerate(verdicts):
                 if rejected is None and payment is not None and self._credit_applies(payment):
@@ -492,7 +492,7 @@ class Engine:
                     if self._credit_applies(payment):
                         runtime = self._chains[payment.chain_id]
                         runtime.credit.reserve((payment.token, payment.payer), payment.value)
-                        reserved.append((rid, payment))
+                        reserved.add(rid)
             waited: set[int] = set()
             for _, group, _, _, _ in waits:
                 if id(group) not in waited:
@@ -508,7 +508,7 @@ class Engine:
                 error = group.error
                 if new:
                     self._dedup.release(payment, rid)
-                    if any(r == rid for r, _ in reserved):
+                    if rid in reserved:
                         key = (payment.token, payment.payer)
                         self._chains[payment.chain_id].credit.release(key, payment.value)
                 continue
