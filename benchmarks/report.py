@@ -258,11 +258,15 @@ def summary(results: dict[str, Any]) -> str:
             "|---|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for r in crawler:
+            growth = r["engine_rss_growth_bytes"]
+            # Within one process, memory freed by earlier scenarios is reused (growth reads low,
+            # even negative): run --scenario crawler-day alone for this column.
+            growth_text = f"{growth / 2**20:,.0f} MiB" if growth > 0 else "n/a (run alone)"
             lines.append(
                 f"| {r['mode']} | {r['settled']:,} of {r['payments']:,} | {r['transactions']:,} |"
                 f" {r['gas_per_payment']:,.0f} | {r['ingest_per_s']:,.0f}/s |"
                 f" {r['settle_s']:,.1f} s | {r['ledger_bytes'] / 2**20:,.1f} MiB |"
-                f" {r['engine_rss_growth_bytes'] / 2**20:,.0f} MiB |"
+                f" {growth_text} |"
             )
     if ingest:
         lines += [
