@@ -33,6 +33,7 @@ from engine.devchain import Anvil, DevChain, engine_config, new_key, setup_devch
 from engine.engine import Engine
 from engine.model import hex_addr
 
+from .scale import ledger_disk_bytes, rss_bytes
 from .workload import BENCH_SEED, CACHE_DIR
 
 PRICE = 1000  # $0.001 in a 6-decimal token
@@ -129,21 +130,6 @@ def _cached_day(dev: DevChain, day: Day, progress: Progress) -> list[tuple[bytes
     return items
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _disk_bytes(path: Path) -> int:
-    total = path.stat().st_size if path.exists() else 0
-    for extra in (path.with_name(path.name + ".wal"), path.with_name(path.name + ".journal")):
-        if extra.is_dir():
-            total += sum(f.stat().st_size for f in extra.iterdir())
-        elif extra.exists():
-            total += extra.stat().st_size
-    return total
-
-
 async def _run(
     mode: str, day: Day, progress: Progress, mock_clock: trio.testing.MockClock
 ) -> dict[str, Any]:
@@ -171,7 +157,7 @@ async def _run(
         today = time.gmtime()
         day_start = calendar.timegm((today.tm_year, today.tm_mon, today.tm_mday, 0, 0, 0))
         clock_start = day_start + 60
-        rss_before = _rss_bytes()
+        rss_before = rss_bytes()
         async with Engine.open(config, environ=env, clock=TrioWallClock(clock_start)) as engine:
             task = progress.add_task(f"crawler day ({mode}): ingest", total=len(items))
             start = time.perf_counter()
@@ -180,7 +166,7 @@ async def _run(
                 assert all(getattr(r, "id", None) for r in results), results[:3]
                 progress.advance(task, len(results))
             ingest_s = time.perf_counter() - start
-            rss_growth = _rss_bytes() - rss_before  # the engine holding the day's payments
+            rss_growth = rss_bytes() - rss_before  # the engine holding the day's payments
             if mode == "end-of-day":
                 assert engine.statistics().batches_sent == 0
                 mock_clock.jump(day_start + 86_400 - engine.clock.now())  # to midnight UTC
@@ -202,7 +188,7 @@ async def _run(
         "ingest_s": ingest_s,
         "ingest_per_s": len(items) / ingest_s,
         "settle_s": sweep_s,
-        "ledger_bytes": _disk_bytes(ledger),
+        "ledger_bytes": ledger_disk_bytes(ledger),
         "engine_rss_growth_bytes": rss_growth,
         "process_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
     }

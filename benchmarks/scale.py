@@ -45,9 +45,21 @@ def _payments(n: int, chain_id: int, token: bytes, payee: bytes) -> list[Payment
     ]
 
 
-def _rss_bytes() -> int:
+def rss_bytes() -> int:
+    """This process's resident memory now."""
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def ledger_disk_bytes(path: Path) -> int:
+    """A ledger's size on disk: the DuckDB file, its WAL and its journal segments."""
+    total = path.stat().st_size if path.exists() else 0
+    for extra in (path.with_name(path.name + ".wal"), path.with_name(path.name + ".journal")):
+        if extra.is_dir():
+            total += sum(f.stat().st_size for f in extra.iterdir())
+        elif extra.exists():
+            total += extra.stat().st_size
+    return total
 
 
 def dedup_bytes_per_entry(payments: list[Payment]) -> float:
@@ -79,15 +91,11 @@ async def measure_scale(n: int) -> dict[str, Any]:
             )
         write_s = time.perf_counter() - start
         ledger.close()
-        size = path.stat().st_size + (
-            path.with_suffix(".duckdb.wal").stat().st_size
-            if path.with_suffix(".duckdb.wal").exists()
-            else 0
-        )
+        size = ledger_disk_bytes(path)
         del payments
         gc.collect()
         config, env = make_config(dev, str(path))
-        rss_before = _rss_bytes()
+        rss_before = rss_bytes()
         start = time.perf_counter()
         async with Engine.open(config, environ=env, policy=lambda _c: HoldPolicy()) as engine:
             restart_s = time.perf_counter() - start
@@ -95,7 +103,7 @@ async def measure_scale(n: int) -> dict[str, Any]:
             gc.collect()
             # Everything the running engine holds per pending payment: dedup entry, tracker,
             # batch pool item, Payment record (and DuckDB's buffers, which do not shrink).
-            rss_per_pending = (_rss_bytes() - rss_before) / max(1, pending)
+            rss_per_pending = (rss_bytes() - rss_before) / max(1, pending)
     return {
         "live_authorizations": n,
         "dedup_bytes_per_entry": dedup,

@@ -18,7 +18,16 @@ import msgspec
 import trio
 
 from .clock import Clock
-from .policy import BatchPolicy, ImmediatePolicy, Limits, PendingItem, PendingPool, plan
+from .policy import (
+    BatchPolicy,
+    ImmediatePolicy,
+    Limits,
+    PendingItem,
+    PendingPool,
+    Plan,
+    needs_payer_max,
+    plan,
+)
 
 _NOW = ImmediatePolicy(0.0)  # due whenever anything is ready
 
@@ -112,7 +121,7 @@ class BatchStage:
             key = (item.payment.token, payee if payee in own else None)
             pool = self._pools.get(key)
             if pool is None:
-                pool = self._pools[key] = PendingPool()
+                pool = self._pools[key] = PendingPool(needs_payer_max(self._policy_for(key)))
             pool.add(item, now)
         self._changed.set()
 
@@ -126,33 +135,37 @@ class BatchStage:
                     self._space = trio.Event()
                     await self._space.wait()
 
+    def _policy_for(self, key: tuple[bytes, bytes | None]) -> BatchPolicy:
+        payee = key[1]
+        return self._policy if payee is None else self._payee_policies[payee]
+
+    def _decide(self, key: tuple[bytes, bytes | None], pool: PendingPool, now: float) -> Plan:
+        """The next batch of one pool: a short payer's payments first (expedite), then the
+        pool's policy, or everything if the pool is being drained (settle_now)."""
+        early = self._expedite.get(key)
+        if early is not None:
+            ids = pool.payer_ids(early, self._limits.items_per_batch_max)
+            if ids:
+                return Plan(pool.take(ids), now)
+            del self._expedite[key]
+        policy = self._policy_for(key)
+        if key in self._drain:
+            if len(pool) == 0:
+                self._drain.discard(key)
+            else:
+                policy = _NOW
+        return plan(pool, policy, self._limits, now)
+
     async def _flush(self) -> None:
         async with self._send:
             while True:
                 wake = math.inf
                 sent = False
                 for key, pool in list(self._pools.items()):
-                    token, payee = key
-                    policy = self._policy if payee is None else self._payee_policies[payee]
-                    if key in self._drain:
-                        if len(pool) == 0:
-                            self._drain.discard(key)
-                        else:
-                            policy = _NOW
-                    early = self._expedite.get(key)
-                    if early is not None:
-                        ids = pool.payer_ids(early, self._limits.items_per_batch_max)
-                        if ids:
-                            self.batches_planned += 1
-                            await self._send.send(Batch(token, pool.take(ids)))
-                            self._space.set()
-                            sent = True
-                            continue
-                        del self._expedite[key]
-                    decision = plan(pool, policy, self._limits, self._clock.now())
+                    decision = self._decide(key, pool, self._clock.now())
                     if decision.batch:
                         self.batches_planned += 1
-                        await self._send.send(Batch(token, decision.batch))
+                        await self._send.send(Batch(key[0], decision.batch))
                         self._space.set()
                         sent = True
                     if decision.wake_at is not None:

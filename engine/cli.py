@@ -225,6 +225,12 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _engine_arguments(parser: argparse.ArgumentParser) -> None:
+    """What every command that runs the engine needs: its configuration and secrets."""
+    parser.add_argument("--config", required=True, help="engine TOML (see README)")
+    parser.add_argument("--env-file", default=None, help="KEY=VALUE file, e.g. signer keys")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="x402-engine", description=__doc__)
     parser.add_argument("--log-level", default="warning", help="debug, info, warning, error")
@@ -240,14 +246,12 @@ def build_parser() -> argparse.ArgumentParser:
     dc.set_defaults(func=_devchain)
 
     serve = sub.add_parser("serve", help="run the HTTP facilitator on the engine")
-    serve.add_argument("--config", required=True, help="engine TOML (see README)")
-    serve.add_argument("--env-file", default=None, help="KEY=VALUE file, e.g. signer keys")
+    _engine_arguments(serve)
     serve.add_argument("--bind", default=None, help="host:port (default: [service] host/port)")
     serve.set_defaults(func=_serve)
 
     sweep = sub.add_parser("sweep", help="settle every waiting payment now (end of day)")
-    sweep.add_argument("--config", required=True, help="engine TOML (see README)")
-    sweep.add_argument("--env-file", default=None, help="KEY=VALUE file, e.g. signer keys")
+    _engine_arguments(sweep)
     sweep.add_argument("--payee", default=None, help="only this payee's payments")
     sweep.add_argument("--timeout", type=float, default=3600.0, help="seconds")
     sweep.set_defaults(func=_sweep)

@@ -449,14 +449,15 @@ class Engine:
         else:
             verdicts = [self._verifier.check(p, r, now) for p, r in items]
         results: list[Accepted | Rejected | None] = [None] * len(verdicts)
-        credit = [p for p, _ in verdicts if p is not None and self._credit_applies(p)]
+        on_credit = [p is not None and self._credit_applies(p) for p, _ in verdicts]
+        credit = [p for (p, _), c in zip(verdicts, on_credit, strict=True) if c and p]
         credit_error = await self._read_stale_balances(credit) if credit else None
         # (index, group, record id, payment, is it this call's own new record)
         waits: list[tuple[int, Group, int, Payment, bool]] = []
         reserved: set[int] = set()  # record ids with credit reserved
         try:
             for i, (payment, rejected) in enumerate(verdicts):
-                if rejected is None and payment is not None and self._credit_applies(payment):
+                if rejected is None and payment is not None and on_credit[i]:
                     await self._intake.wait_for_room()  # then no checkpoint until admitted
                     rejected = self._check_credit(payment, credit_error)
                 if rejected is not None:
@@ -489,7 +490,7 @@ class Engine:
                     group = self._intake.admit(PendingItem(rid, payment, now))
                     self._intake_pending[rid] = group
                     waits.append((i, group, rid, payment, True))
-                    if self._credit_applies(payment):
+                    if on_credit[i]:
                         runtime = self._chains[payment.chain_id]
                         runtime.credit.reserve((payment.token, payment.payer), payment.value)
                         reserved.add(rid)

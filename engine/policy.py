@@ -194,6 +194,11 @@ class Thresholds:
         return self.inner.wake_at(view, limits, now)
 
 
+def needs_payer_max(policy: BatchPolicy) -> bool:
+    """Does ``policy`` read :attr:`PoolView.payer_value_max`?"""
+    return isinstance(policy, Thresholds) and policy.payer_value_max > 0
+
+
 def schedule_policy(schedule: ScheduleConfig, max_wait_s: float) -> BatchPolicy:
     """The policy a ``[policy]`` (or ``[[policy.payees]]``) section describes."""
     base: BatchPolicy
@@ -216,7 +221,10 @@ def schedule_policy(schedule: ScheduleConfig, max_wait_s: float) -> BatchPolicy:
 class PendingPool:
     """Accepted payments not yet in a batch. Items whose validAfter has not passed wait apart."""
 
-    def __init__(self) -> None:
+    def __init__(self, track_payer_max: bool = False) -> None:
+        # The largest single payer's value is kept up to date only for policies that look at
+        # it (see needs_payer_max): it costs a heap push per payment.
+        self._track_payer_max = track_payer_max
         self._ready: dict[int, PendingItem] = {}  # insertion order = arrival order
         self._ready_value = 0
         self._payer_value: dict[bytes, int] = {}
@@ -245,7 +253,8 @@ class PendingPool:
 
     def view(self) -> PoolView:
         oldest = next(iter(self._ready.values())).arrived_at if self._ready else None
-        return PoolView(len(self._ready), oldest, self._ready_value, self._payer_value_max())
+        payer_max = self._payer_value_max() if self._track_payer_max else 0
+        return PoolView(len(self._ready), oldest, self._ready_value, payer_max)
 
     def payer_value(self, payer: bytes) -> int:
         return self._payer_value.get(payer, 0)
@@ -264,7 +273,8 @@ class PendingPool:
         assert value >= 0
         if value:
             self._payer_value[payer] = value
-            heapq.heappush(self._payer_heap, (-value, payer))
+            if self._track_payer_max:
+                heapq.heappush(self._payer_heap, (-value, payer))
         else:
             self._payer_value.pop(payer, None)
 

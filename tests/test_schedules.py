@@ -116,7 +116,7 @@ def test_thresholds_trigger_early_and_otherwise_defer_to_the_schedule() -> None:
 
 
 def test_pool_tracks_each_payers_unsettled_value() -> None:
-    pool = PendingPool()
+    pool = PendingPool(track_payer_max=True)
     payer = b"\x77" * 20
     pool.add(_item(1, payer=payer, value=300), START)
     pool.add(_item(2, payer=payer, value=400), START)
