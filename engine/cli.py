@@ -100,12 +100,17 @@ def read_env_file(path: str | None) -> dict[str, str]:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from .config import load_config
-    from .service import run_service
+    from .config import ConfigError, load_config
+    from .service import bearer_token, run_service
 
     config = load_config(args.config)
     environ = {**os.environ, **read_env_file(args.env_file)}
     console = Console(stderr=True)
+    try:
+        bearer_token(config.service, environ, args.bind)  # refuse before opening anything
+    except ConfigError as exc:
+        print(f"x402-engine serve: {exc}", file=sys.stderr)
+        return 2
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
@@ -247,7 +252,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="run the HTTP facilitator on the engine")
     _engine_arguments(serve)
-    serve.add_argument("--bind", default=None, help="host:port (default: [service] host/port)")
+    serve.add_argument(
+        "--bind",
+        default=None,
+        help="host:port (default: $X402_ENGINE_BIND, else [service] host and port); beyond"
+        " loopback only with a bearer token",
+    )
     serve.set_defaults(func=_serve)
 
     sweep = sub.add_parser("sweep", help="settle every waiting payment now (end of day)")

@@ -100,6 +100,7 @@ class IngestConfig(msgspec.Struct, forbid_unknown_fields=True):
     valid_before_margin_s: int = 6  # as the reference facilitator: validBefore >= now + 6 s
     valid_after_tolerance_s: int = 0  # accept validAfter up to this far in the future
     value_max: int = 2**128 - 1  # the compact entry point packs value in 16 bytes
+    value_min: int = 1  # refuse smaller amounts (each payment costs a transfer's gas)
     # Worker processes that verify submitted payments (0: in the engine's own thread). Set it
     # to the number of cores for high ingest rates; each costs ~1 s at start and ~60 MB.
     verify_workers: int = 0
@@ -222,6 +223,8 @@ def validate(config: EngineConfig) -> EngineConfig:
         raise ConfigError(f"ingest.valid_before_margin_s must be > {SEND_MARGIN_S} (send margin)")
     if not 0 < config.ingest.value_max <= 2**128 - 1:
         raise ConfigError("ingest.value_max must be in (0, 2**128 - 1]")
+    if not 0 <= config.ingest.value_min <= config.ingest.value_max:
+        raise ConfigError("ingest.value_min must be in [0, value_max]")
     return config
 
 

@@ -31,6 +31,9 @@ _JSON = [(b"content-type", b"application/json")]
 _TEXT = [(b"content-type", b"text/plain; version=0.0.4; charset=utf-8")]
 
 
+BIND_ENV = "X402_ENGINE_BIND"  # host:port to listen on, between --bind and [service]
+
+
 def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -40,18 +43,47 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def bearer_token(config: ServiceConfig, environ: Mapping[str, str]) -> str | None:
+def effective_bind(service: ServiceConfig, bind: str | None, environ: Mapping[str, str]) -> str:
+    """The address the service listens on: ``--bind``, else ``$X402_ENGINE_BIND``, else
+    ``[service] host:port``. Every way goes through the loopback guard."""
+    if bind:
+        return bind
+    from_env = environ.get(BIND_ENV, "").strip()
+    if from_env:
+        return from_env
+    host = f"[{service.host}]" if ":" in service.host else service.host
+    return f"{host}:{service.port}"
+
+
+def is_loopback_bind(bind: str) -> bool:
+    """Whether a Hypercorn bind (``host:port``, ``[v6]:port``, ``unix:path``, ``fd://n``)
+    is reachable from this machine only. Unknown forms count as public."""
+    if bind.startswith("unix:"):
+        return True
+    if bind.startswith("fd://"):
+        return False  # an inherited socket: its address is unknown here
+    host, _, _ = bind.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return bool(host) and is_loopback(host)
+
+
+def bearer_token(
+    config: ServiceConfig, environ: Mapping[str, str], bind: str | None = None
+) -> str | None:
     """The token /verify and /settle require, or None. Refuses to serve beyond loopback
-    without one unless explicitly allowed."""
+    without one unless explicitly allowed, whichever way the address was chosen."""
     token = None
     if config.bearer_token_env:
         token = environ.get(config.bearer_token_env)
         if not token:
             raise ConfigError(f"environment variable {config.bearer_token_env} is not set")
-    if token is None and not is_loopback(config.host) and not config.allow_public_without_token:
+    address = effective_bind(config, bind, environ)
+    if token is None and not is_loopback_bind(address) and not config.allow_public_without_token:
         raise ConfigError(
-            f"service.host {config.host} is not loopback: set service.bearer_token_env, or"
-            " service.allow_public_without_token = true behind your own authentication"
+            f"listen address {address} is not loopback and no bearer token is set: set"
+            " service.bearer_token_env, or service.allow_public_without_token = true behind"
+            " your own authentication"
         )
     return token
 
@@ -146,16 +178,16 @@ class App:
             return "supported", f.supported()
         if path.startswith("/settlements/"):
             return "settlements", await f.settlement(path.removeprefix("/settlements/"))
-        if path == "/healthz":
+        if path in ("/healthz", "/health"):  # /health: what the reference examples serve
             return "healthz", f.healthz()
         if path == "/metrics":
             return "metrics", f.metrics()
         return "other", error(404, "not found")
 
 
-def hypercorn_config(service: ServiceConfig, bind: str | None = None) -> HypercornConfig:
+def hypercorn_config(service: ServiceConfig, bind: str) -> HypercornConfig:
     hc = HypercornConfig()
-    hc.bind = [bind or f"{service.host}:{service.port}"]
+    hc.bind = [bind]
     hc.h11_max_incomplete_size = service.header_max_bytes
     hc.accesslog = None
     hc.errorlog = log
@@ -176,13 +208,14 @@ async def run_service(
     """Open the engine and serve HTTP until cancelled (or ``shutdown_trigger`` returns).
     ``task_status.started`` receives the bound addresses. ``tune_collector`` applies
     :func:`engine.gctune.tuned_gc` once the engine is open (the CLI does; it is process-wide)."""
-    token = bearer_token(config.service, environ)
+    token = bearer_token(config.service, environ, bind)
+    address = effective_bind(config.service, bind, environ)
     async with Engine.open(config, environ=environ) as engine:
         app = App(Facilitator(engine, config.service), token)
         with tuned_gc() if tune_collector else contextlib.nullcontext():
             await hypercorn_serve(
                 app,  # type: ignore[arg-type]
-                hypercorn_config(config.service, bind),
+                hypercorn_config(config.service, address),
                 shutdown_trigger=shutdown_trigger,
                 task_status=task_status,
             )

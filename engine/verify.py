@@ -73,7 +73,7 @@ class Verifier:
         self, payload: PaymentPayload, req: PaymentRequirements, now: float
     ) -> tuple[Payment | None, Rejected | None]:
         auth = payload.payload.authorization
-        payer_text = auth.from_.lower() or None
+        payer_text = _payer_text(auth.from_)
 
         def reject(reason: str, message: str) -> tuple[None, Rejected]:
             return None, Rejected(reason, message, payer_text)
@@ -126,7 +126,16 @@ class Verifier:
             return reject(reasons.INVALID_REQUIREMENTS, "payTo is not an address")
         amount = _uint(amount_text)
         if amount is None:
-            return reject(reasons.INVALID_REQUIREMENTS, "amount is not an unsigned integer")
+            return reject(
+                reasons.INVALID_REQUIREMENTS,
+                "amount is not a canonical unsigned integer (digits, no leading zeros)",
+            )
+        if amount < self._ingest.value_min:
+            # Each payment costs the operator a transfer's gas: refuse dust (and zero).
+            return reject(
+                reasons.INVALID_REQUIREMENTS,
+                f"amount {amount} is below the facilitator's minimum of {self._ingest.value_min}",
+            )
 
         payer = _address(auth.from_)
         payee = _address(auth.to)
@@ -189,14 +198,49 @@ def decode(
         p = _decode_payload(payload)
     except (msgspec.ValidationError, msgspec.DecodeError) as exc:
         text = str(exc)
+        payer = probe_payer(payload)
         if "$.x402Version" in text:
-            return Rejected(reasons.INVALID_VERSION, f"paymentPayload: {text}")
-        return Rejected(reasons.INVALID_PAYLOAD, f"paymentPayload: {text}")
+            return Rejected(reasons.INVALID_VERSION, f"paymentPayload: {text}", payer)
+        return Rejected(reasons.INVALID_PAYLOAD, f"paymentPayload: {text}", payer)
     try:
         r = _decode_requirements(requirements, 1 if isinstance(p, PaymentPayloadV1) else 2)
     except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-        return Rejected(reasons.INVALID_REQUIREMENTS, f"paymentRequirements: {exc}")
+        payer = _payer_text(p.payload.authorization.from_)
+        return Rejected(reasons.INVALID_REQUIREMENTS, f"paymentRequirements: {exc}", payer)
     return p, r
+
+
+class _FromProbe(msgspec.Struct):
+    from_: str = msgspec.field(name="from", default="")
+
+
+class _AuthorizationProbe(msgspec.Struct):
+    authorization: _FromProbe = msgspec.field(default_factory=_FromProbe)
+
+
+class _PayloadProbe(msgspec.Struct):
+    payload: _AuthorizationProbe = msgspec.field(default_factory=_AuthorizationProbe)
+
+
+_probe_decoder = msgspec.json.Decoder(_PayloadProbe)
+
+
+def probe_payer(payload: Any) -> str | None:
+    """``payload.authorization.from`` of a payload that does not decode as a whole (so that a
+    refusal still names the payer), or None when even that is unreadable or not an address."""
+    try:
+        if isinstance(payload, bytes | bytearray | memoryview | str | msgspec.Raw):
+            probe = _probe_decoder.decode(payload)
+        else:
+            probe = msgspec.convert(payload, _PayloadProbe, from_attributes=True)
+    except (msgspec.ValidationError, msgspec.DecodeError, TypeError):
+        return None
+    return _payer_text(probe.payload.authorization.from_)
+
+
+def _payer_text(text: str) -> str | None:
+    """A payer address as reported in answers (lower-case), if ``text`` is one."""
+    return text.lower() if _address(text) is not None else None
 
 
 def _decode_payload(value: Any) -> PaymentPayload:
@@ -267,8 +311,11 @@ def _bytes32(text: str) -> bytes | None:
 
 
 def _uint(text: str) -> int | None:
-    # Decimal digits only: no sign, no whitespace, no underscores, bounded length (uint256).
+    # Canonical atomic units only: ASCII decimal digits, no sign, whitespace, underscores or
+    # leading zeros ("010000" is not 10000 on the wire), bounded length (uint256).
     if not text or len(text) > 78 or not text.isascii() or not text.isdigit():
+        return None
+    if text[0] == "0" and len(text) > 1:
         return None
     value = int(text)
     return value if value < 2**256 else None

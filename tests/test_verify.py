@@ -176,3 +176,57 @@ def test_only_the_eip3009_transfer_method_is_accepted(
     assert _check(offline_config, to_json(payload), ok, now)[1] is None
     _, rejected = _check(offline_config, to_json(payload), permit2, now)
     assert rejected is not None and rejected.reason == reasons.INVALID_REQUIREMENTS
+
+
+@pytest.mark.parametrize(
+    "text", ["01000", "001000", " 1000", "1000 ", "+1000", "1_000", "\uff11\uff10\uff10\uff10"]
+)
+def test_non_canonical_amounts_are_refused_in_authorization_and_requirements(
+    offline_config: EngineConfig, domain: TokenDomain, payer_key: bytes, now: int, text: str
+) -> None:
+    payload, req = payment_v2(domain, payer_key, PAYEE, 1000, now)
+    bad_auth = _tamper(to_json(payload), ["payload", "authorization", "value"], text)
+    _, rejected = _check(offline_config, bad_auth, to_json(req), now)
+    assert rejected is not None and rejected.reason == reasons.INVALID_PAYLOAD, rejected
+    bad_amount = _tamper(to_json(req), ["amount"], text)
+    _, rejected = _check(offline_config, to_json(payload), bad_amount, now)
+    assert rejected is not None and rejected.reason == reasons.INVALID_REQUIREMENTS, rejected
+    payload1, req1 = payment_v1(domain, payer_key, PAYEE, 1000, now, "base")
+    bad_v1 = _tamper(to_json(req1), ["maxAmountRequired"], text)
+    _, rejected = _check(offline_config, to_json(payload1), bad_v1, now)
+    assert rejected is not None and rejected.reason == reasons.INVALID_REQUIREMENTS, rejected
+
+
+def test_zero_value_is_refused_and_the_minimum_is_configurable(
+    offline_config: EngineConfig, domain: TokenDomain, payer_key: bytes, now: int
+) -> None:
+    zero = payment_v2(domain, payer_key, PAYEE, 0, now)
+    _, rejected = _check(offline_config, *zero, now)
+    assert rejected is not None and rejected.reason == reasons.INVALID_REQUIREMENTS, rejected
+    assert "minimum" in rejected.message
+    strict = msgspec.structs.replace(
+        offline_config, ingest=msgspec.structs.replace(offline_config.ingest, value_min=1000)
+    )
+    _, rejected = _check(strict, *payment_v2(domain, payer_key, PAYEE, 999, now), now)
+    assert rejected is not None and rejected.reason == reasons.INVALID_REQUIREMENTS
+    payment, rejected = _check(strict, *payment_v2(domain, payer_key, PAYEE, 1000, now), now)
+    assert rejected is None and payment is not None and payment.value == 1000
+
+
+def test_payer_is_reported_whenever_authorization_from_decodes(
+    offline_config: EngineConfig, domain: TokenDomain, payer_key: bytes, payer: bytes, now: int
+) -> None:
+    payload, req = payment_v2(domain, payer_key, PAYEE, 1000, now)
+    expected = "0x" + payer.hex()
+    # requirements unreadable, payload fine
+    _, rejected = _check(offline_config, to_json(payload), b'{"scheme": 5}', now)
+    assert rejected is not None and rejected.payer == expected, rejected
+    # payload unreadable as a whole (signature missing), but authorization.from is there
+    broken = msgspec.json.decode(to_json(payload))
+    del broken["payload"]["signature"]
+    _, rejected = _check(offline_config, msgspec.json.encode(broken), to_json(req), now)
+    assert rejected is not None and rejected.payer == expected, rejected
+    # a malformed address is not reported as a payer
+    odd = _tamper(to_json(payload), ["payload", "authorization", "from"], "0xnothex")
+    _, rejected = _check(offline_config, odd, to_json(req), now)
+    assert rejected is not None and rejected.payer is None, rejected
