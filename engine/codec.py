@@ -98,10 +98,14 @@ def transfer_calldata(p: Payment) -> bytes:
     )
 
 
+def aggregate3(calls: Sequence[tuple[str, bool, bytes]]) -> bytes:
+    """Multicall3 ``aggregate3`` calldata for (target, allowFailure, calldata) calls."""
+    return AGGREGATE3 + abi_encode(["(address,bool,bytes)[]"], [list(calls)])
+
+
 def aggregate3_calldata(token: bytes, items: Sequence[Payment]) -> bytes:
     target = "0x" + token.hex()
-    calls = [(target, True, transfer_calldata(p)) for p in items]
-    return AGGREGATE3 + abi_encode(["(address,bool,bytes)[]"], [calls])
+    return aggregate3([(target, True, transfer_calldata(p)) for p in items])
 
 
 def authorization_state_calldata(payer: bytes, nonce: bytes) -> bytes:
@@ -155,8 +159,7 @@ def calldata_gas(data: bytes) -> int:
 def balances_aggregate3_calldata(token: bytes, owners: Sequence[bytes]) -> bytes:
     """One aggregate3 call reading ``balanceOf`` of every owner (failures allowed)."""
     target = "0x" + token.hex()
-    calls = [(target, True, balance_of_calldata(o)) for o in owners]
-    return AGGREGATE3 + abi_encode(["(address,bool,bytes)[]"], [calls])
+    return aggregate3([(target, True, balance_of_calldata(o)) for o in owners])
 
 
 def decode_balances(return_data: bytes) -> list[int | None]:

@@ -105,6 +105,12 @@ class IngestConfig(msgspec.Struct, forbid_unknown_fields=True):
     # to the number of cores for high ingest rates; each costs ~1 s at start and ~60 MB.
     verify_workers: int = 0
     verify_batch_max: int = 512  # payments sent to a worker in one message at most
+    # /verify (and a deferred /settle) ask the chain: balance, nonce used or cancelled, token
+    # code. Concurrent questions share one aggregate3 eth_call; answers are reused this long.
+    state_checks: bool = True
+    state_max_age_ms: int = 1_000
+    state_window_ms: float = 2.0  # wait this long for more questions to join a read
+    state_batch_max: int = 256  # payments per read, at most
 
 
 class LedgerConfig(msgspec.Struct, forbid_unknown_fields=True):
@@ -223,6 +229,11 @@ def validate(config: EngineConfig) -> EngineConfig:
         raise ConfigError(f"ingest.valid_before_margin_s must be > {SEND_MARGIN_S} (send margin)")
     if not 0 < config.ingest.value_max <= 2**128 - 1:
         raise ConfigError("ingest.value_max must be in (0, 2**128 - 1]")
+    ingest = config.ingest
+    if ingest.state_max_age_ms < 0 or ingest.state_window_ms < 0 or ingest.state_batch_max < 1:
+        raise ConfigError(
+            "ingest: state_max_age_ms and state_window_ms must be >= 0, state_batch_max >= 1"
+        )
     if not 0 <= config.ingest.value_min <= config.ingest.value_max:
         raise ConfigError("ingest.value_min must be in [0, value_max]")
     return config

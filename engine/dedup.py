@@ -5,10 +5,14 @@ different authorization with a used key is rejected. A key can be forgotten once
 has passed: any payload carrying it is then refused as expired by ingest, and the token itself
 refuses the nonce on chain.
 
+Each entry also carries whether the payment was *sold*: a ``/settle`` answered ``success`` for
+it (one payment, one purchase). The bit is set with no checkpoint between test and set, so of
+many concurrent settles exactly one wins.
+
 Memory matters here (one entry per live authorization, millions of them), so an entry is a
-16-byte digest of the replay key mapping to one integer that packs the record id with a 64-bit
-fingerprint of the exact signed authorization; expiry is kept in per-minute buckets of keys
-rather than a heap of tuples. About 150 bytes per live entry in CPython (measured by
+16-byte digest of the replay key mapping to one integer that packs the record id, the sold bit
+and a 64-bit fingerprint of the exact signed authorization; expiry is kept in per-minute
+buckets of keys rather than a heap of tuples. About 150 bytes per live entry in CPython (measured by
 ``x402-engine bench --scenario scale``). Digest collisions (2^-128) and fingerprint collisions
 (2^-64) can only ever make the index refuse a payment or take it for a duplicate; they can never
 let an authorization be settled twice, which the token prevents on chain anyway.
@@ -23,6 +27,8 @@ from .model import Payment
 
 _FP_BITS = 64
 _FP_MASK = (1 << _FP_BITS) - 1
+_SOLD = 1 << _FP_BITS
+_ID_SHIFT = _FP_BITS + 1
 _BUCKET_S = 60
 
 
@@ -48,7 +54,7 @@ def fingerprint(payment: Payment) -> int:
 
 
 class DedupIndex:
-    """Live replay keys → record id and fingerprint. Used only from the trio thread."""
+    """Live replay keys → record id, sold bit and fingerprint. Used only from the trio thread."""
 
     def __init__(self) -> None:
         self._entries: dict[bytes, int] = {}  # key digest -> record_id << 64 | fingerprint
@@ -63,28 +69,56 @@ class DedupIndex:
         fp = fingerprint(payment)
         found = self._entries.get(key)
         if found is not None:
-            owner = found >> _FP_BITS
+            owner = found >> _ID_SHIFT
             return (Claim.SAME if (found & _FP_MASK) == fp else Claim.CONFLICT), owner
         self._insert(key, record_id, fp, payment.valid_before)
         return Claim.NEW, record_id
 
     def peek(self, payment: Payment) -> Claim:
         """What :meth:`claim` would answer, without reserving anything."""
+        return self.lookup(payment)[0]
+
+    def lookup(self, payment: Payment) -> tuple[Claim, int | None]:
+        """What :meth:`claim` would answer and the owning record id (None when NEW)."""
         found = self._entries.get(key_digest(payment))
         if found is None:
-            return Claim.NEW
-        return Claim.SAME if (found & _FP_MASK) == fingerprint(payment) else Claim.CONFLICT
+            return Claim.NEW, None
+        same = (found & _FP_MASK) == fingerprint(payment)
+        return (Claim.SAME if same else Claim.CONFLICT), found >> _ID_SHIFT
+
+    def is_sold(self, payment: Payment) -> bool:
+        found = self._entries.get(key_digest(payment))
+        return found is not None and bool(found & _SOLD)
+
+    def mark_sold(self, payment: Payment) -> bool:
+        """Mark the recorded ``payment`` sold; True if this call did (False: it already was).
+        No checkpoint between test and set: of concurrent callers, exactly one gets True."""
+        key = key_digest(payment)
+        found = self._entries.get(key)
+        assert found is not None and (found & _FP_MASK) == fingerprint(payment), "not on record"
+        if found & _SOLD:
+            return False
+        self._entries[key] = found | _SOLD
+        return True
+
+    def unmark_sold(self, payment: Payment) -> None:
+        """Undo :meth:`mark_sold` whose durable record failed."""
+        key = key_digest(payment)
+        found = self._entries.get(key)
+        if found is not None:
+            self._entries[key] = found & ~_SOLD
 
     def release(self, payment: Payment, record_id: int) -> None:
         """Undo a claim whose durable write failed."""
         key = key_digest(payment)
         found = self._entries.get(key)
-        if found is not None and found >> _FP_BITS == record_id:
+        if found is not None and found >> _ID_SHIFT == record_id:
             del self._entries[key]
 
-    def restore(self, payment: Payment, record_id: int) -> None:
+    def restore(self, payment: Payment, record_id: int, *, sold: bool = False) -> None:
         """Load a recorded payment at start-up."""
-        self._insert(key_digest(payment), record_id, fingerprint(payment), payment.valid_before)
+        fp = fingerprint(payment) | (_SOLD if sold else 0)
+        self._insert(key_digest(payment), record_id, fp, payment.valid_before)
 
     def evict_expired(self, now: float, grace_s: int) -> int:
         """Forget keys whose validBefore is more than ``grace_s`` (plus up to one bucket, a
@@ -99,5 +133,5 @@ class DedupIndex:
 
     def _insert(self, key: bytes, record_id: int, fp: int, valid_before: int) -> None:
         assert record_id >= 0
-        self._entries[key] = (record_id << _FP_BITS) | fp
+        self._entries[key] = (record_id << _ID_SHIFT) | fp
         self._buckets.setdefault(valid_before // _BUCKET_S, []).append(key)

@@ -22,21 +22,23 @@ import trio.lowlevel
 
 from . import reasons
 from .batch import Batch, BatchStage
+from .chainstate import ChainStateReader, ReaderStatistics, judge
 from .clock import Clock, TrioWallClock
-from .config import ChainConfig, EngineConfig, signer_keys, validate
+from .config import ChainConfig, EngineConfig, SettlementMode, signer_keys, validate
 from .confirm import ConfirmStage
 from .credit import BalanceReader, CreditBook
 from .dedup import Claim, DedupIndex
 from .intake import Group, IntakeStage
 from .ledger import AsyncLedger, Ledger, Recovered
 from .metrics import Histogram
-from .model import Accepted, Outcome, Payment, Rejected, hex_addr
+from .model import Accepted, Outcome, Payment, Rejected, Sale, SettleAnswer, hex_addr
 from .outcomes import Recorder, Statistics, Tracker
 from .policy import BatchPolicy, Limits, PendingItem, schedule_policy
 from .rpc import Rpc, RpcError, RpcUnavailable
+from .sales import Identifiers, SaleStatistics, SaleWriter
 from .signer import Signer, SignerPool
 from .submit import BatchIds, InflightBatch, SubmitStage
-from .verify import Verifier
+from .verify import PAYMENT_IDENTIFIER, Verifier, payment_identifier
 from .verify_pool import VerifyPool
 
 log = logging.getLogger("x402_engine.engine")
@@ -116,7 +118,17 @@ class _Chain:
         self.confirm = ConfirmStage(config, rpc, recorder, clock, self.slots, self.requeue_send)
         credit = engine_config.credit
         self.credit = CreditBook(credit.balance_max_age_s, credit.payer_cap)
-        self.balances = BalanceReader(rpc, bytes.fromhex((config.multicall or config.batcher)[2:]))
+        reader_target = bytes.fromhex((config.multicall or config.batcher)[2:])
+        self.balances = BalanceReader(rpc, reader_target)
+        ingest = engine_config.ingest
+        self.state = ChainStateReader(
+            rpc,
+            reader_target,
+            clock,
+            max_age_s=ingest.state_max_age_ms / 1000,
+            window_s=ingest.state_window_ms / 1000,
+            batch_max=ingest.state_batch_max,
+        )
         self._credit_refresh_s = credit.refresh_s
         self._clock = clock
         self.shortfalls_seen = 0
@@ -127,6 +139,7 @@ class _Chain:
             nursery.start_soon(self.submit.run, self.batch_recv)
             nursery.start_soon(self.confirm.run, self.confirm_recv)
             nursery.start_soon(self._refresh_credit)
+            nursery.start_soon(self.state.run)
 
     async def read_balances(self, keys: list[tuple[bytes, bytes]]) -> None:
         """Read the balances of ``keys`` ((token, payer)) into the credit book."""
@@ -186,6 +199,11 @@ class Engine:
         }
         self._listed_payees = set(listed)
         self._dedup = DedupIndex()
+        self._identifiers = Identifiers()
+        self._sales = SaleWriter(ledger, clock)
+        self._payee_modes = {
+            bytes.fromhex(k[2:].lower()): v for k, v in config.service.payee_settlement.items()
+        }
         self._tracker = Tracker(clock)
         self._tracker.on_final.append(self._release_credit)
         self._recorder = Recorder(ledger, self._tracker, clock)
@@ -280,6 +298,7 @@ class Engine:
                 )
                 await nursery.start(self._verify_pool.run)
             nursery.start_soon(self._intake.run)
+            nursery.start_soon(self._sales.run)
             nursery.start_soon(
                 self._ledger.run_flusher, self.config.ledger.flush_interval_ms / 1000
             )
@@ -293,13 +312,18 @@ class Engine:
 
     async def _restore_dedup(self, recovered: Recovered) -> None:
         self._next_id = recovered.next_payment_id
-        live = await self._ledger.run(
-            self._ledger.sync.live_final_payments, int(self.clock.now()) - DEDUP_GRACE_S
-        )
-        for rid, payment in live:
-            self._dedup.restore(payment, rid)
-        for op in recovered.open_payments:  # open ones even if expired: they must finish
-            self._dedup.restore(op.payment, op.id)
+        since = int(self.clock.now()) - DEDUP_GRACE_S
+        live = await self._ledger.run(self._ledger.sync.live_final_payments, since)
+        sales = {
+            s.payment_id: s for s in await self._ledger.run(self._ledger.sync.live_sales, since)
+        }
+        restored = [*live, *((op.id, op.payment) for op in recovered.open_payments)]
+        for rid, payment in restored:  # open ones even if expired: they must finish
+            sale = sales.get(rid)
+            self._dedup.restore(payment, rid, sold=sale is not None)
+            if sale is not None and sale.identifier is not None:
+                self._identifiers.bind(sale.identifier, payment.key, payment.valid_before)
+                self._identifiers.record_sale(rid, sale.identifier, sale.mode)
 
     async def _start_chain(
         self,
@@ -382,6 +406,7 @@ class Engine:
         while True:
             await trio.sleep(DEDUP_SWEEP_S)
             self._dedup.evict_expired(self.clock.now(), DEDUP_GRACE_S)
+            self._identifiers.evict_expired(self.clock.now(), DEDUP_GRACE_S)
 
     # -- credit -----------------------------------------------------------------------------
 
@@ -443,11 +468,23 @@ class Engine:
         cost is far lower than one :meth:`submit` call each (bulk ingest, replays of a day's
         payments, a facilitator that gathers requests)."""
         assert self._intake is not None, "engine not running"
-        now = self.clock.now()
+        return await self._admit(await self._verify_many(items))
+
+    async def _verify_many(
+        self, items: Sequence[tuple[Any, Any]]
+    ) -> list[tuple[Payment | None, Rejected | None]]:
+        """The stateless checks, in the worker processes when there are any."""
         if self._verify_pool is not None:
-            verdicts = await self._verify_pool.check_many(items)
-        else:
-            verdicts = [self._verifier.check(p, r, now) for p, r in items]
+            return await self._verify_pool.check_many(items)
+        now = self.clock.now()
+        return [self._verifier.check(p, r, now) for p, r in items]
+
+    async def _admit(
+        self, verdicts: Sequence[tuple[Payment | None, Rejected | None]]
+    ) -> list[Accepted | Rejected]:
+        """Credit, dedup and the durable write for verified payments; answers in order."""
+        assert self._intake is not None, "engine not running"
+        now = self.clock.now()
         results: list[Accepted | Rejected | None] = [None] * len(verdicts)
         on_credit = [p is not None and self._credit_applies(p) for p, _ in verdicts]
         credit = [p for (p, _), c in zip(verdicts, on_credit, strict=True) if c and p]
@@ -521,6 +558,223 @@ class Engine:
         assert all(r is not None for r in results)
         return results  # type: ignore[return-value]
 
+    # -- verify and settle: the facilitator's two calls --------------------------------------
+
+    def settlement_mode(self, payee: bytes) -> SettlementMode:
+        """``confirmed`` or ``deferred`` for payments to ``payee`` ([service] settings)."""
+        return self._payee_modes.get(payee, self.config.service.settlement)
+
+    async def verify(
+        self, payload: Any, requirements: Any
+    ) -> tuple[Payment | None, Rejected | None]:
+        """The facilitator's ``/verify``: every check :meth:`submit` makes, and what the ledger
+        and the chain already decided: a nonce accepted here before, used or cancelled on
+        chain, a balance below the amount, a token without code, and credit control for
+        payees that settle later. Stores nothing. Chain state is read in coalesced batches
+        (``ingest.state_*``): one ``eth_call`` answers many concurrent verifications."""
+        identifier = payment_identifier(payload)
+        if isinstance(identifier, Rejected):
+            return None, identifier
+        [(payment, rejected)] = await self._verify_many([(payload, requirements)])
+        if rejected is not None:
+            return None, rejected
+        assert payment is not None
+        payer = hex_addr(payment.payer)
+        claim, owner = self._dedup.lookup(payment)
+        if claim is Claim.CONFLICT:
+            return None, Rejected(
+                reasons.NONCE_USED, "another authorization uses this nonce", payer
+            )
+        if claim is Claim.SAME:
+            if identifier is not None and self._identifiers.bound(identifier) == payment.key:
+                return payment, None  # a retry of the same purchase: /settle answers it
+            return None, Rejected(
+                reasons.NONCE_USED, f"this authorization was already accepted ({owner})", payer
+            )
+        if identifier is not None and self._identifiers.bound(identifier) is not None:
+            return None, Rejected(
+                reasons.PAYMENT_ID_CONFLICT,
+                "this payment-identifier was sent with another payment",
+                payer,
+            )
+        if self._credit_applies(payment):
+            rejected = self._check_credit(payment, await self._read_stale_balances([payment]))
+            if rejected is not None:
+                return None, rejected
+        if self.config.ingest.state_checks:
+            rejected = await self._check_chain_state(payment)
+            if rejected is not None:
+                return None, rejected
+        return payment, None
+
+    async def _check_chain_state(self, payment: Payment) -> Rejected | None:
+        try:
+            state = await self._chains[payment.chain_id].state.read(
+                payment.token, payment.payer, payment.nonce
+            )
+        except Exception as exc:  # the node is down or answered nonsense: refuse, say why
+            return Rejected(
+                reasons.UNEXPECTED_VERIFY,
+                f"chain state could not be read: {exc}",
+                hex_addr(payment.payer),
+            )
+        return judge(payment, state)
+
+    async def settle(self, payload: Any, requirements: Any) -> SettleAnswer:
+        """The facilitator's ``/settle`` with one payment, one purchase.
+
+        Accepts the payment (durably, as :meth:`submit`), then answers by the payee's
+        settlement mode: ``deferred`` at once, ``confirmed`` when its batch is mined, or
+        ``settlement_pending`` (with the batch's transaction once sent) after
+        ``service.settle_timeout_s``. ``success`` is answered once per payment, ever: every
+        later settle of it gets ``duplicate_settlement`` with the original transaction and
+        settlement id, except a retry with the payment-identifier the sale was made with,
+        which gets the stored answer. A failed payment answers its failure every time."""
+        identifier = payment_identifier(payload)
+        if isinstance(identifier, Rejected):
+            return _refused(identifier)
+        [(payment, rejected)] = await self._verify_many([(payload, requirements)])
+        if rejected is not None:
+            return _refused(rejected)
+        assert payment is not None
+        payer = hex_addr(payment.payer)
+        mode = self.settlement_mode(payment.payee)
+        claim, _ = self._dedup.lookup(payment)
+        bound_here = False
+        if identifier is not None:
+            bound = self._identifiers.bound(identifier)
+            if bound is None:
+                bound_here = self._identifiers.bind(identifier, payment.key, payment.valid_before)
+            elif bound != payment.key or claim is Claim.CONFLICT:
+                return SettleAnswer(
+                    False,
+                    reason=reasons.PAYMENT_ID_CONFLICT,
+                    message="this payment-identifier was sent with another payment",
+                    payer=payer,
+                )
+        try:
+            if claim is Claim.NEW and mode == "deferred" and self.config.ingest.state_checks:
+                # deferred answers success before anything is sent: ask the chain first
+                rejected = await self._check_chain_state(payment)
+            if rejected is None:
+                [result] = await self._admit([(payment, None)])
+            else:
+                result = rejected
+        except BaseException:
+            if bound_here and identifier is not None:
+                self._identifiers.unbind(identifier, payment.key)
+            raise
+        if isinstance(result, Rejected):
+            if bound_here and identifier is not None:
+                self._identifiers.unbind(identifier, payment.key)
+            return _refused(result)
+        return await self._answer_settle(payment, result.id, identifier, mode)
+
+    async def _answer_settle(
+        self, payment: Payment, rid: int, identifier: str | None, mode: SettlementMode
+    ) -> SettleAnswer:
+        payer = hex_addr(payment.payer)
+        if self._dedup.is_sold(payment):
+            return await self._sold_before(payment, rid, identifier)
+        if mode == "deferred":
+            return await self._sell(payment, rid, identifier, mode, "")
+        outcome: Outcome | None = None
+        with trio.move_on_after(self.config.service.settle_timeout_s):
+            outcome = await self.wait(rid)
+        if outcome is None:
+            pending = await self.status(rid)
+            return SettleAnswer(
+                False,
+                (pending.tx_hash if pending else None) or "",
+                reasons.SETTLEMENT_PENDING,
+                f"not confirmed within {self.config.service.settle_timeout_s:g} s; settlement"
+                f" {rid} continues",
+                payer,
+                rid,
+                state=pending.state if pending else None,
+            )
+        if outcome.state != "settled":
+            return SettleAnswer(
+                False,
+                outcome.tx_hash or "",
+                outcome.reason or reasons.UNEXPECTED_SETTLE,
+                outcome.message,
+                payer,
+                rid,
+                state=outcome.state,
+            )
+        return await self._sell(payment, rid, identifier, mode, outcome.tx_hash or "")
+
+    async def _sell(
+        self,
+        payment: Payment,
+        rid: int,
+        identifier: str | None,
+        mode: SettlementMode,
+        transaction: str,
+    ) -> SettleAnswer:
+        """Answer success if nobody did before (test and set with no checkpoint between),
+        once the sale is in the ledger."""
+        claim, owner = self._dedup.lookup(payment)
+        if claim is not Claim.SAME or owner != rid:  # forgotten: its validBefore is long past
+            return SettleAnswer(
+                False,
+                transaction,
+                reasons.VALID_BEFORE,
+                "the authorization expired before it could be answered",
+                hex_addr(payment.payer),
+                rid,
+            )
+        if not self._dedup.mark_sold(payment):
+            return await self._sold_before(payment, rid, identifier)
+        if identifier is not None:
+            self._identifiers.record_sale(rid, identifier, mode)
+        try:
+            await self._sales.record(Sale(rid, mode, identifier))
+        except Exception as exc:
+            self._dedup.unmark_sold(payment)
+            self._identifiers.forget_sale(rid)
+            raise EngineError(f"the sale of payment {rid} could not be recorded: {exc}") from exc
+        current = await self.status(rid)
+        return SettleAnswer(
+            True,
+            transaction,
+            payer=hex_addr(payment.payer),
+            settlement_id=rid,
+            amount=payment.value,
+            state=current.state if current else None,
+        )
+
+    async def _sold_before(
+        self, payment: Payment, rid: int, identifier: str | None
+    ) -> SettleAnswer:
+        """A settle of a payment an earlier settle already answered with success."""
+        current = await self.status(rid)
+        transaction = (current.tx_hash if current else None) or ""
+        payer = hex_addr(payment.payer)
+        sale = self._identifiers.sold_with(rid)
+        if identifier is not None and sale is not None and sale[0] == identifier:
+            # the same purchase asked again (payment-identifier): the stored answer
+            return SettleAnswer(
+                True,
+                transaction if sale[1] == "confirmed" else "",
+                payer=payer,
+                settlement_id=rid,
+                amount=payment.value,
+                state=current.state if current else None,
+            )
+        where = f" in transaction {transaction}" if transaction else ""
+        return SettleAnswer(
+            False,
+            transaction,
+            reasons.DUPLICATE_SETTLEMENT,
+            f"payment {rid} was already settled{where} and answered to an earlier /settle:"
+            " one payment buys once",
+            payer,
+            rid,
+            state=current.state if current else None,
+        )
+
     def _check_credit(self, payment: Payment, read_error: str | None) -> Rejected | None:
         """Refuse a payment that would lend the payer more than they hold (or the cap).
         A replay of a payment on record is not new credit and passes."""
@@ -579,7 +833,22 @@ class Engine:
             runtime = self._chains.get(chain.chain_id)
             if runtime is not None:
                 signers += [s.address for s in runtime.signers.signers]
-        return {"kinds": kinds, "extensions": [], "signers": {"eip155:*": signers}}
+        return {
+            "kinds": kinds,
+            "extensions": [PAYMENT_IDENTIFIER],
+            "signers": {"eip155:*": signers},
+        }
+
+    def state_statistics(self) -> dict[int, ReaderStatistics]:
+        """Per chain: the /verify chain-state reader's reads, payments read and cache hits."""
+        return {cid: c.state.statistics() for cid, c in self._chains.items()}
+
+    def rpc_requests(self) -> dict[int, int]:
+        """Per chain: JSON-RPC HTTP requests sent since start."""
+        return {cid: c.rpc.requests for cid, c in self._chains.items()}
+
+    def sale_statistics(self) -> SaleStatistics:
+        return self._sales.statistics()
 
     def inflight_batches(self) -> dict[int, int]:
         """Sent but unconfirmed batches per chain."""
@@ -625,6 +894,10 @@ class Engine:
     async def query(self, sql: str, params: list[Any] | None = None) -> list[tuple[Any, ...]]:
         """Read-only SQL against the ledger (reports, tests)."""
         return await self._ledger.run(self._ledger.sync.query, sql, params)
+
+
+def _refused(rejected: Rejected) -> SettleAnswer:
+    return SettleAnswer(False, "", rejected.reason, rejected.message, rejected.payer)
 
 
 __all__ = ["ChainMismatch", "Engine", "EngineError", "RpcUnavailable"]

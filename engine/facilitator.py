@@ -21,25 +21,30 @@ import time
 from typing import Any
 
 import msgspec
-import trio
 
 from . import reasons
-from .config import ServiceConfig, SettlementMode
+from .config import ServiceConfig
 from .engine import Engine
 from .metrics import Exposition, Histogram
-from .model import Accepted, Outcome
+from .model import hex_addr
+from .verify import probe_payer
 
 _encoder = msgspec.json.Encoder()
 
 
 class FacilitatorRequest(msgspec.Struct, rename="camel"):
-    x402_version: int
     payment_payload: msgspec.Raw
     payment_requirements: msgspec.Raw
+    # Optional, as in the reference example facilitators: the version is paymentPayload's.
+    x402_version: int | None = None
 
 
 class _NetworkProbe(msgspec.Struct):
     network: str = ""
+
+
+class _VersionProbe(msgspec.Struct, rename="camel"):
+    x402_version: Any = None
 
 
 class VerifyResponse(msgspec.Struct, rename="camel", omit_defaults=True):
@@ -67,6 +72,7 @@ class ErrorBody(msgspec.Struct):
 
 _request_decoder = msgspec.json.Decoder(FacilitatorRequest)
 _probe_decoder = msgspec.json.Decoder(_NetworkProbe)
+_version_decoder = msgspec.json.Decoder(_VersionProbe)
 
 Response = tuple[int, bytes]
 
@@ -84,6 +90,23 @@ def _parse(body: bytes) -> FacilitatorRequest | Response:
         return error(400, "invalid request body", str(exc))
 
 
+def _version_problem(request: FacilitatorRequest) -> str | None:
+    """Why the envelope's version is unusable (None: fine). The top-level ``x402Version`` may
+    be left out; when given it must be 1 or 2 and agree with the payload's."""
+    try:
+        inner = _version_decoder.decode(request.payment_payload).x402_version
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        inner = None  # the payload's own decoding reports it
+    outer = request.x402_version
+    if outer is None:
+        return None
+    if outer not in (1, 2):
+        return "x402Version must be 1 or 2"
+    if inner is not None and inner != outer:
+        return f"x402Version {outer} differs from paymentPayload.x402Version {inner!r}"
+    return None
+
+
 def _network(raw: msgspec.Raw) -> str:
     try:
         return _probe_decoder.decode(raw).network
@@ -97,12 +120,8 @@ class Facilitator:
     def __init__(self, engine: Engine, config: ServiceConfig) -> None:
         self.engine = engine
         self.config = config
-        self._payee_modes = {k.lower(): v for k, v in config.payee_settlement.items()}
         self.http_latency = {"verify": Histogram(), "settle": Histogram()}
         self.requests: dict[tuple[str, int], int] = {}
-
-    def mode_for(self, payee: str) -> SettlementMode:
-        return self._payee_modes.get(payee.lower(), self.config.settlement)
 
     def count(self, route: str, status: int, started: float) -> None:
         self.requests[(route, status)] = self.requests.get((route, status), 0) + 1
@@ -113,86 +132,49 @@ class Facilitator:
         parsed = _parse(body)
         if not isinstance(parsed, FacilitatorRequest):
             return parsed
-        if parsed.x402_version not in (1, 2):
+        problem = _version_problem(parsed)
+        if problem is not None:
+            payer = probe_payer(parsed.payment_payload)
             return 200, _encoder.encode(
-                VerifyResponse(False, reasons.INVALID_VERSION, "x402Version must be 1 or 2")
+                VerifyResponse(False, reasons.INVALID_VERSION, problem, payer)
             )
-        payment, rejected = self.engine.check(parsed.payment_payload, parsed.payment_requirements)
+        payment, rejected = await self.engine.verify(
+            parsed.payment_payload, parsed.payment_requirements
+        )
         if rejected is not None:
             return 200, _encoder.encode(
                 VerifyResponse(False, rejected.reason, rejected.message, rejected.payer)
             )
         assert payment is not None
-        return 200, _encoder.encode(VerifyResponse(True, payer="0x" + payment.payer.hex()))
+        return 200, _encoder.encode(VerifyResponse(True, payer=hex_addr(payment.payer)))
 
     async def settle(self, body: bytes) -> Response:
         parsed = _parse(body)
         if not isinstance(parsed, FacilitatorRequest):
             return parsed
         network = _network(parsed.payment_requirements)
-        if parsed.x402_version not in (1, 2):
+        problem = _version_problem(parsed)
+        if problem is not None:
+            payer = probe_payer(parsed.payment_payload)
             return 200, _encoder.encode(
-                SettleResponse(
-                    False, "", network, reasons.INVALID_VERSION, "x402Version must be 1 or 2"
-                )
+                SettleResponse(False, "", network, reasons.INVALID_VERSION, problem, payer)
             )
-        result = await self.engine.submit(parsed.payment_payload, parsed.payment_requirements)
-        if not isinstance(result, Accepted):
-            return 200, _encoder.encode(
-                SettleResponse(
-                    False, "", network, result.reason, result.message, payer=result.payer
-                )
-            )
-        current = await self.engine.status(result.id)
-        assert current is not None
-        if self.mode_for(current.payee) == "deferred":
-            return 200, _encoder.encode(
-                SettleResponse(
-                    True,
-                    "",
-                    network,
-                    payer=result.payer,
-                    amount=str(current.value),
-                    extra={"settlementId": result.id, "state": current.state},
-                )
-            )
-        outcome: Outcome | None = None
-        with trio.move_on_after(self.config.settle_timeout_s):
-            outcome = await self.engine.wait(result.id)
-        if outcome is None:
-            pending = await self.engine.status(result.id)
-            return 200, _encoder.encode(
-                SettleResponse(
-                    False,
-                    (pending.tx_hash if pending else None) or "",
-                    network,
-                    reasons.SETTLEMENT_PENDING,
-                    f"not confirmed within {self.config.settle_timeout_s:g} s; settlement"
-                    f" {result.id} continues",
-                    payer=result.payer,
-                    extra={"settlementId": result.id},
-                )
-            )
-        if outcome.state == "settled":
-            return 200, _encoder.encode(
-                SettleResponse(
-                    True,
-                    outcome.tx_hash or "",
-                    network,
-                    payer=result.payer,
-                    amount=str(outcome.value),
-                    extra={"settlementId": result.id},
-                )
-            )
+        answer = await self.engine.settle(parsed.payment_payload, parsed.payment_requirements)
+        extra: dict[str, Any] | None = None
+        if answer.settlement_id is not None:
+            extra = {"settlementId": answer.settlement_id}
+            if answer.success and not answer.transaction and answer.state is not None:
+                extra["state"] = answer.state  # deferred: where the settlement stands
         return 200, _encoder.encode(
             SettleResponse(
-                False,
-                outcome.tx_hash or "",
+                answer.success,
+                answer.transaction,
                 network,
-                outcome.reason or reasons.UNEXPECTED_SETTLE,
-                outcome.message,
-                payer=result.payer,
-                extra={"settlementId": result.id},
+                answer.reason,
+                answer.message,
+                payer=answer.payer,
+                amount=str(answer.amount) if answer.success and answer.amount else None,
+                extra=extra,
             )
         )
 
@@ -304,6 +286,37 @@ class Facilitator:
             "counter",
             "Payers found holding less than they owe (settled early).",
             [({"chain_id": str(c)}, s["shortfalls"]) for c, s in sorted(credit.items())],
+        )
+        states = self.engine.state_statistics()
+        page.metric(
+            "x402_state_reads_total",
+            "counter",
+            "eth_calls that read balances and authorization states for /verify, per chain.",
+            [({"chain_id": str(c)}, s.reads) for c, s in sorted(states.items())],
+        )
+        page.metric(
+            "x402_state_payments_read_total",
+            "counter",
+            "/verify questions answered by those reads, per chain.",
+            [({"chain_id": str(c)}, s.payments_read) for c, s in sorted(states.items())],
+        )
+        page.metric(
+            "x402_state_cache_hits_total",
+            "counter",
+            "/verify questions answered from recent reads, per chain.",
+            [({"chain_id": str(c)}, s.cache_hits) for c, s in sorted(states.items())],
+        )
+        page.metric(
+            "x402_rpc_requests_total",
+            "counter",
+            "JSON-RPC HTTP requests sent, per chain.",
+            [({"chain_id": str(c)}, n) for c, n in sorted(self.engine.rpc_requests().items())],
+        )
+        page.metric(
+            "x402_payments_sold_total",
+            "counter",
+            "Payments a /settle answered success for (once each).",
+            [({}, self.engine.sale_statistics().sold)],
         )
         page.metric(
             "x402_batches_inflight",

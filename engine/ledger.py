@@ -26,7 +26,7 @@ import pyarrow as pa
 import trio
 
 from .journal import Journal, JournalRow, encode_frame
-from .model import Outcome, Payment, hex_addr
+from .model import Outcome, Payment, Sale, hex_addr
 
 T = TypeVar("T")
 
@@ -72,6 +72,12 @@ CREATE TABLE IF NOT EXISTS batches (
     tx_hash VARCHAR NOT NULL,
     raw_tx BLOB NOT NULL,
     payment_ids BIGINT[] NOT NULL
+);
+CREATE TABLE IF NOT EXISTS sales (
+    payment_id BIGINT NOT NULL,
+    at_ms BIGINT NOT NULL,
+    mode VARCHAR NOT NULL,
+    identifier VARCHAR
 );
 CREATE TABLE IF NOT EXISTS batch_events (
     seq BIGINT NOT NULL,
@@ -313,7 +319,34 @@ class Ledger:
 
         self._in_transaction(work)
 
+    def record_sales(self, sales: Sequence[Sale], at_ms: int) -> None:
+        """Payments a /settle answered ``success`` for (one payment, one purchase), atomically.
+        Append-only: a payment appears here at most once."""
+        self.flush_staged()
+        if not sales:
+            return
+
+        def work() -> None:
+            self._con.executemany(
+                "INSERT INTO sales VALUES (?, ?, ?, ?)",
+                [[s.payment_id, at_ms, s.mode, s.identifier] for s in sales],
+            )
+
+        self._in_transaction(work)
+
     # -- reads ------------------------------------------------------------------------------
+
+    def live_sales(self, valid_before_min: int) -> list[Sale]:
+        """Sales of payments whose authorization is still valid (their replays must be
+        refused, and payment-identifier retries answered)."""
+        self.flush_staged()
+        rows = self._con.execute(
+            "SELECT s.payment_id, s.mode, s.identifier FROM sales s"
+            " JOIN payments p ON p.id = s.payment_id WHERE p.valid_before >= ?"
+            " ORDER BY s.payment_id",
+            [valid_before_min],
+        ).fetchall()
+        return [Sale(int(r[0]), str(r[1]), r[2]) for r in rows]
 
     def recover(self) -> Recovered:
         """Everything not yet final: payments to queue again, batches to reconcile."""

@@ -132,6 +132,32 @@ class Outcome(msgspec.Struct, frozen=True, gc=False):
         return self.state in FINAL_STATES
 
 
+class SettleAnswer(msgspec.Struct, frozen=True):
+    """What :meth:`Engine.settle` answers: the facilitator's SettleResponse, chain-agnostic.
+
+    ``success`` is True at most once per payment (one payment, one purchase), except for a
+    payment-identifier retry of that same purchase, which gets the stored answer again."""
+
+    success: bool
+    transaction: str = ""  # the batch's hash once known ("" in deferred mode until settled)
+    reason: str | None = None  # x402 reason code when not successful
+    message: str | None = None
+    payer: str | None = None
+    settlement_id: int | None = None  # the engine's record id (GET /settlements/{id})
+    amount: int | None = None
+    state: str | None = None  # the payment's state when answered
+
+
+class Sale(msgspec.Struct, frozen=True, gc=False):
+    """A /settle answered ``success`` for this payment: it was sold (one payment, one
+    purchase). ``mode`` is the settlement mode of that answer; ``identifier`` the buyer's
+    payment-identifier, whose retries get the same answer again."""
+
+    payment_id: int
+    mode: str  # "confirmed" | "deferred"
+    identifier: str | None = None
+
+
 # A payment as a msgpack-friendly tuple (msgpack has no integers past 2**64, so the value is 32
 # bytes big-endian): the journal's rows and the verify workers' answers.
 PaymentTuple = tuple[int, bytes, bytes, bytes, bytes, int, int, bytes, bytes, str, int]

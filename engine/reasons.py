@@ -21,6 +21,14 @@ INVALID_TRANSACTION_STATE: Final = "invalid_transaction_state"
 UNEXPECTED_VERIFY: Final = "unexpected_verify_error"
 UNEXPECTED_SETTLE: Final = "unexpected_settle_error"
 SETTLEMENT_PENDING: Final = "settlement_pending"
+# A /settle of a payment that an earlier /settle already answered with success (one payment,
+# one purchase): the x402 spec's code for a settlement already seen (exact SVM and XRPL).
+DUPLICATE_SETTLEMENT: Final = "duplicate_settlement"
+# The reference exact-EVM facilitator's code for a token address without code.
+ASSET_NOT_DEPLOYED: Final = "asset_not_deployed_contract"
+# The payment-identifier extension: the id is bound to another payment. The extension defines
+# no reason string (its resource-server answer is HTTP 409); facilitator answers are 200.
+PAYMENT_ID_CONFLICT: Final = "payment_identifier_conflict"
 
 # Revert strings of a FiatToken-style EIP-3009 token, mapped to x402 reasons. Matching is by
 # substring so that other tokens' close variants ("... is expired") map too.

@@ -8,6 +8,7 @@ An invalid payment is a :class:`Rejected` value carrying the x402 reason code.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import msgspec
@@ -319,3 +320,48 @@ def _uint(text: str) -> int | None:
         return None
     value = int(text)
     return value if value < 2**256 else None
+
+
+PAYMENT_IDENTIFIER = "payment-identifier"  # the x402 extension's key
+_PAYMENT_ID = re.compile(r"[A-Za-z0-9_-]{16,128}")
+
+
+class _ExtensionsProbe(msgspec.Struct):
+    extensions: Any = None
+
+
+_extensions_decoder = msgspec.json.Decoder(_ExtensionsProbe)
+
+
+def payment_identifier(payload: Any) -> str | Rejected | None:
+    """The buyer's ``extensions["payment-identifier"].info.id`` (x402 payment-identifier
+    extension: 16-128 characters of ``A-Z a-z 0-9 _ -``), None when absent, or a refusal when
+    it is malformed."""
+    extensions: Any
+    if isinstance(payload, PaymentPayloadV2):
+        extensions = payload.extensions
+    elif isinstance(payload, PaymentPayloadV1):
+        return None
+    elif isinstance(payload, bytes | bytearray | memoryview | str | msgspec.Raw):
+        try:
+            extensions = _extensions_decoder.decode(payload).extensions
+        except (msgspec.ValidationError, msgspec.DecodeError):
+            return None  # the payload's own decoding reports it
+    elif isinstance(payload, dict):
+        extensions = payload.get("extensions")
+    else:
+        return None
+    if not isinstance(extensions, dict) or PAYMENT_IDENTIFIER not in extensions:
+        return None
+    entry = extensions[PAYMENT_IDENTIFIER]
+    info = entry.get("info") if isinstance(entry, dict) else None
+    identifier = info.get("id") if isinstance(info, dict) else None
+    if identifier is None:
+        return None  # declared (echoed from the requirements) without an id
+    if not isinstance(identifier, str) or not _PAYMENT_ID.fullmatch(identifier):
+        return Rejected(
+            reasons.INVALID_PAYLOAD,
+            "payment-identifier id must be 16-128 characters of A-Z, a-z, 0-9, _ and -",
+            probe_payer(payload),
+        )
+    return identifier

@@ -54,3 +54,22 @@ def test_release_and_expiry_forget_keys() -> None:
     assert index.peek(a) is Claim.NEW and index.peek(b) is Claim.SAME
     index.release(b, 2)
     assert index.peek(b) is Claim.NEW
+
+
+def test_a_payment_is_sold_once_and_the_mark_survives_a_restore() -> None:
+    index = DedupIndex()
+    p = _payment()
+    assert index.claim(p, 7) == (Claim.NEW, 7)
+    assert not index.is_sold(p)
+    assert index.mark_sold(p) is True
+    assert index.mark_sold(p) is False  # the second seller loses
+    assert index.is_sold(p) and index.lookup(p) == (Claim.SAME, 7)
+    assert index.claim(p, 8) == (Claim.SAME, 7)  # the owner id is intact beside the bit
+    index.unmark_sold(p)
+    assert not index.is_sold(p) and index.mark_sold(p) is True
+    restored = DedupIndex()
+    restored.restore(p, 7, sold=True)
+    assert restored.is_sold(p) and restored.lookup(p) == (Claim.SAME, 7)
+    other = msgspec.structs.replace(p, value=11)
+    assert restored.lookup(other) == (Claim.CONFLICT, 7)
+    assert DedupIndex().lookup(p) == (Claim.NEW, None)

@@ -106,8 +106,10 @@ def test_official_client_payloads_verify_and_settle_through_the_sdk_facilitator_
             settled = facilitator.settle(payload, req)
             assert settled.success, settled
             assert settled.transaction.startswith("0x") and settled.network == req.network
-            again = facilitator.settle(payload, req)  # idempotent: same answer, no new transfer
-            assert again.success and again.transaction == settled.transaction
+            # one payment, one purchase: presented again it buys nothing, and says where it went
+            again = facilitator.settle(payload, req)
+            assert not again.success and again.error_reason == "duplicate_settlement", again
+            assert again.transaction == settled.transaction
         assert _balance(svc, dev.payee) - before == 3000
         # A tampered amount is a negative result the SDK reads, not an exception.
         payload = client.create_payment_payload(PaymentRequired(accepts=[v2_req]))
@@ -179,3 +181,76 @@ def test_typescript_sdk_payload_verifies_and_settles(tmp_path: Path) -> None:
         settled = httpx.post(svc.url + "/settle", content=body, timeout=60).json()
         assert settled["success"] is True and settled["transaction"].startswith("0x"), settled
         assert _balance(svc, dev.payee) - before == 1000
+
+
+def _rpc_call(svc: RunningService, method: str, params: list[object]) -> object:
+    async def call() -> object:
+        rpc = Rpc(svc.anvil.url)
+        try:
+            return await rpc.call(method, params)
+        finally:
+            await rpc.aclose()
+
+    return trio.run(call)
+
+
+def _settle_answers(svc: RunningService) -> int:
+    import httpx
+
+    for line in httpx.get(svc.url + "/metrics").text.splitlines():
+        if line.startswith('x402_http_requests_total{route="settle",status="200"}'):
+            return int(float(line.split()[-1]))
+    return 0
+
+
+def test_sdk_retry_after_settlement_pending_is_credited_exactly_once(tmp_path: Path) -> None:
+    """Mining paused: the first /settle answers settlement_pending with the batch's hash, the
+    SDK's resource server retries once, mining resumes during that retry, the retry answers
+    success; the content is served once and the merchant is paid once."""
+    import threading
+
+    service = ServiceConfig(settle_timeout_s=4.0)
+    with running_service(tmp_path, payers=2, service=service) as svc:
+        dev = svc.dev
+        server = subprocess.Popen(
+            [sys.executable, "-m", "tests.sdk_resource_server", svc.url, dev.token, dev.payee],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert server.stdout is not None
+            line = server.stdout.readline()
+            assert line.startswith("READY"), (line, server.stderr.read() if server.stderr else "")
+            url = line.split()[1]
+            before = _balance(svc, dev.payee)
+            _rpc_call(svc, "evm_setAutomine", [False])
+            resumed = threading.Event()
+
+            def resume_after_first_answer() -> None:
+                deadline = time.monotonic() + 60
+                while _settle_answers(svc) < 1 and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                _rpc_call(svc, "evm_setAutomine", [True])
+                _rpc_call(svc, "evm_mine", [])
+                resumed.set()
+
+            watcher = threading.Thread(target=resume_after_first_answer, daemon=True)
+            watcher.start()
+            session = x402_requests(_sdk_client(dev.payer_keys[0]))
+            paid = session.get(url + "/paid", timeout=90)
+            watcher.join(60)
+            assert resumed.is_set()
+            assert paid.status_code == 200, (paid.status_code, paid.text, paid.headers)
+            assert paid.json() == {"content": "the paid resource"}
+            assert _settle_answers(svc) == 2  # the pending answer, then the retry's success
+            assert _balance(svc, dev.payee) - before == 1000
+            # the payload, presented again, buys nothing
+            import httpx
+
+            sold = httpx.get(svc.url + "/metrics").text
+            assert "x402_payments_sold_total 1" in sold, sold
+        finally:
+            server.kill()
+            server.wait()

@@ -106,21 +106,6 @@ def test_settle_confirmed_v1_and_v2_answer_with_the_batch_transaction(svc: Runni
     assert [h["state"] for h in record["history"]] == ["submitted", "settled"]
 
 
-def test_concurrent_settles_of_one_payment_share_one_transfer(svc: RunningService) -> None:
-    before = _payee_balance(svc)
-    body = _payment(svc, 4)
-    with ThreadPoolExecutor(8) as pool:
-        answers = list(
-            pool.map(lambda _: httpx.post(svc.url + "/settle", content=body, timeout=60), range(8))
-        )
-    again = httpx.post(svc.url + "/settle", content=body, timeout=60)
-    results = [a.json() for a in [*answers, again]]
-    assert all(r["success"] for r in results)
-    assert len({r["transaction"] for r in results}) == 1
-    assert len({r["extra"]["settlementId"] for r in results}) == 1
-    assert _payee_balance(svc) - before == VALUE
-
-
 def test_failed_settlement_is_200_with_the_reason(svc: RunningService) -> None:
     from engine.devchain import new_key
     from engine.loadgen import payment_v2 as sign
