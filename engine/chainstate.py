@@ -181,7 +181,7 @@ class ChainStateReader:
         max_age_s: float,
         window_s: float,
         batch_max: int,
-        inflight_max: int = 2,
+        inflight_max: int = 1,
         queue_max: int = 10_000,
     ) -> None:
         assert window_s >= 0 and batch_max >= 1 and inflight_max >= 1 and queue_max >= batch_max

@@ -114,3 +114,27 @@ async def test_rpc_gives_up_after_bounded_retries_and_returns_json_rpc_errors() 
         await rpc.call("eth_call", [])
     assert info.value.revert_data == bytes.fromhex("08c379a0")
     await rpc.aclose()
+
+
+def test_hand_encoded_aggregate3_matches_eth_abi_both_ways() -> None:
+    import os
+
+    from eth_abi.abi import decode as abi_decode
+    from eth_abi.abi import encode as abi_encode
+
+    from engine import codec
+
+    for n in [0, 1, 3, 17]:
+        calls = [
+            ("0x" + os.urandom(20).hex(), bool(i % 2), os.urandom(i * 7 % 70)) for i in range(n)
+        ]
+        ours = codec.aggregate3(calls)
+        assert ours == codec.AGGREGATE3 + abi_encode(["(address,bool,bytes)[]"], [calls])
+        results = [(bool(i % 3), os.urandom(i * 13 % 90)) for i in range(n)]
+        encoded = abi_encode(["(bool,bytes)[]"], [results])
+        assert codec.decode_aggregate3_result(encoded) == results
+        assert abi_decode(["(bool,bytes)[]"], encoded) == (tuple(results),)
+    good = abi_encode(["(bool,bytes)[]"], [[(True, b"\x01" * 40)]])
+    for broken in [good[:-40], good[:64], (2**200).to_bytes(32, "big") + good[32:], b""]:
+        with pytest.raises(ValueError):
+            codec.decode_aggregate3_result(broken)
