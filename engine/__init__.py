@@ -11,7 +11,7 @@ from .config import ConfigError, EngineConfig, load_config
 from .engine import ChainMismatch, Engine, EngineError
 from .gctune import tuned_gc
 from .handle import EngineHandle
-from .model import Accepted, Outcome, Rejected
+from .model import Accepted, Outcome, Rejected, SettleAnswer
 from .outcomes import Statistics
 
 __all__ = [
@@ -26,6 +26,7 @@ __all__ = [
     "ManualClock",
     "Outcome",
     "Rejected",
+    "SettleAnswer",
     "Statistics",
     "SystemClock",
     "TrioWallClock",

@@ -12,7 +12,7 @@ import trio
 
 from .config import EngineConfig
 from .engine import Engine
-from .model import Accepted, Outcome, Rejected
+from .model import Accepted, Outcome, Payment, Rejected, SettleAnswer
 from .outcomes import Statistics
 
 T = TypeVar("T")
@@ -76,6 +76,16 @@ class EngineHandle:
         """See :meth:`Engine.submit_many`: one crossing into the engine's thread for many."""
         assert self._engine is not None
         return self._call(self._engine.submit_many, items)
+
+    def verify(self, payload: Any, requirements: Any) -> tuple[Payment | None, Rejected | None]:
+        """See :meth:`Engine.verify` (a facilitator's /verify: stores nothing)."""
+        assert self._engine is not None
+        return self._call(self._engine.verify, payload, requirements)
+
+    def settle(self, payload: Any, requirements: Any) -> SettleAnswer:
+        """See :meth:`Engine.settle` (a facilitator's /settle: one payment, one purchase)."""
+        assert self._engine is not None
+        return self._call(self._engine.settle, payload, requirements)
 
     def wait(self, record_id: int, timeout_s: float = math.inf) -> Outcome:
         assert self._engine is not None

@@ -75,6 +75,10 @@ async def test_payer_is_refused_beyond_balance_or_cap_and_replays_still_pass(
         assert ("cap" if cap else "balance") in refused[0].message
         replay = await engine.submit(*work[0])  # already on record: not new credit
         assert isinstance(replay, Accepted) and replay.duplicate
+        # /verify applies the same credit control (the chain alone would call it valid)
+        _, verdict = await engine.verify(*payment_v2(dev.domain, key, payee, VALUE, now))
+        assert verdict is not None and verdict.reason == reasons.INSUFFICIENT_FUNDS, verdict
+        assert "unsettled" in verdict.message
         await trio.sleep(0.5)
         assert engine.statistics().settled == 0  # deferred: nothing settles before the schedule
 

@@ -90,11 +90,12 @@ async def test_batch_over_the_gas_cap_is_split_and_several_signers_share_the_loa
 
 
 async def test_thread_safe_handle_serves_threads_and_asyncio(anvil: Anvil, tmp_path: Path) -> None:
-    dev = await setup_devchain(anvil.url, payers=20)
+    dev = await setup_devchain(anvil.url, payers=21)
     config, env = engine_config(dev, str(tmp_path / "l.duckdb"))
     payee = bytes.fromhex(dev.payee[2:])
     now = int(time.time())
     work = [payment_v2(dev.domain, k, payee, VALUE, now) for k in dev.payer_key_bytes()]
+    extra = work.pop()
 
     def host() -> list[str]:
         with EngineHandle(config, environ=env) as handle:
@@ -118,6 +119,12 @@ async def test_thread_safe_handle_serves_threads_and_asyncio(anvil: Anvil, tmp_p
             assert len(ids) == 20
             states = [handle.wait(i, timeout_s=30).state for i in ids]
             assert handle.statistics().settled == 20
+            # the facilitator's two calls, from a plain thread
+            assert handle.verify(*extra)[1] is None
+            sold = handle.settle(*extra)
+            assert sold.success and sold.transaction.startswith("0x"), sold
+            again = handle.settle(*extra)
+            assert not again.success and again.reason == "duplicate_settlement"
             return states
 
     states = await trio.to_thread.run_sync(host)
