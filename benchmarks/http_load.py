@@ -7,11 +7,19 @@ Only for 127.0.0.1 targets.
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
 from urllib.parse import urlsplit
 
+import httpx
 import msgspec
 import trio
+
+from engine.config import EngineConfig, dump_config
 
 
 class Answer(msgspec.Struct):
@@ -58,3 +66,36 @@ async def post_all(url: str, path: str, bodies: list[bytes], concurrency: int) -
         for i, body in enumerate(bodies):
             nursery.start_soon(one, i, body)
     return [a for a in answers if a is not None]
+
+
+@asynccontextmanager
+async def serving(
+    config: EngineConfig, env: dict[str, str], workdir: Path, name: str
+) -> AsyncIterator[str]:
+    """``x402-engine serve`` as its own process, as in production, on ``config``'s
+    [service] port; yields its URL once /healthz answers, stops it on exit."""
+    config_path = workdir / f"{name}.toml"
+    env_path = workdir / f"{name}.env"
+    config_path.write_bytes(dump_config(config))
+    env_path.write_text("".join(f"{k}={v}\n" for k, v in env.items()))
+    command = [sys.executable, "-m", "engine.cli", "serve", "--config", str(config_path)]
+    server = await trio.lowlevel.open_process(
+        [*command, "--env-file", str(env_path)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{config.service.port}"
+    try:
+        async with httpx.AsyncClient(timeout=10) as client:
+            with trio.fail_after(60):
+                while True:
+                    try:
+                        if (await client.get(url + "/healthz")).status_code == 200:
+                            break
+                    except httpx.TransportError:
+                        await trio.sleep(0.1)
+        yield url
+    finally:
+        server.terminate()
+        with trio.move_on_after(30):
+            await server.wait()

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -22,11 +20,11 @@ import httpx
 import msgspec
 import trio
 
-from engine.config import PolicyConfig, ServiceConfig, dump_config
+from engine.config import PolicyConfig, ServiceConfig
 from engine.devchain import Anvil, engine_config, free_port, setup_devchain
 from engine.loadgen import payment_v2
 
-from .http_load import post_all
+from .http_load import post_all, serving
 
 VALUE = 1000
 
@@ -62,8 +60,6 @@ async def run_mode(mode: str, payments: int, block_time_s: float, workdir: Path)
         config = msgspec.structs.replace(
             config, service=ServiceConfig(port=port, settle_timeout_s=120)
         )
-        (workdir / f"{mode}.toml").write_bytes(dump_config(config))
-        (workdir / f"{mode}.env").write_text("".join(f"{k}={v}\n" for k, v in env.items()))
         payee = bytes.fromhex(dev.payee[2:])
         now = int(time.time())
         bodies = [
@@ -73,38 +69,14 @@ async def run_mode(mode: str, payments: int, block_time_s: float, workdir: Path)
             )
         ]
         # The facilitator runs as its own process (`x402-engine serve`), as in production.
-        server = await trio.lowlevel.open_process(
-            [
-                sys.executable,
-                "-m",
-                "engine.cli",
-                "serve",
-                "--config",
-                str(workdir / f"{mode}.toml"),
-                "--env-file",
-                str(workdir / f"{mode}.env"),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        url = f"http://127.0.0.1:{port}"
-        try:
-            async with httpx.AsyncClient(timeout=10) as client:
-                with trio.fail_after(60):
-                    while True:
-                        try:
-                            if (await client.get(url + "/healthz")).status_code == 200:
-                                break
-                        except httpx.TransportError:
-                            await trio.sleep(0.1)
-                start = time.perf_counter()
-                answers = await post_all(url, "/settle", bodies, concurrency=payments)
-                wall = time.perf_counter() - start
-                metrics = (await client.get(url + "/metrics")).text
-        finally:
-            server.terminate()
-            with trio.move_on_after(30):
-                await server.wait()
+        async with (
+            serving(config, env, workdir, mode) as url,
+            httpx.AsyncClient(timeout=10) as client,
+        ):
+            start = time.perf_counter()
+            answers = await post_all(url, "/settle", bodies, concurrency=payments)
+            wall = time.perf_counter() - start
+            metrics = (await client.get(url + "/metrics")).text
     docs = [msgspec.json.decode(a.body) for a in answers]
     gas = _metric(metrics, "x402_gas_used_total")
     txs = {d["transaction"] for d in docs if d.get("success")}

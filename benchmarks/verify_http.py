@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -26,7 +24,7 @@ from engine.config import IngestConfig, ServiceConfig, dump_config
 from engine.devchain import Anvil, engine_config, free_port, setup_devchain
 from engine.loadgen import payment_v2
 
-from .http_load import post_all
+from .http_load import post_all, serving
 
 VALUE = 1000
 VARIANTS = {"state checks": True, "stateless": False}
@@ -77,43 +75,15 @@ async def _serve_and_post(
         service=ServiceConfig(port=port),
         ingest=IngestConfig(state_checks=checks, state_window_ms=WINDOW_MS[0]),
     )
-    path = base.with_name(f"{variant.replace(' ', '-')}.toml")
-    path.write_bytes(dump_config(config))
-    env_path = base.with_name("signer.env")
-    env_path.write_text("".join(f"{k}={v}\n" for k, v in env.items()))
-    server = await trio.lowlevel.open_process(
-        [
-            sys.executable,
-            "-m",
-            "engine.cli",
-            "serve",
-            "--config",
-            str(path),
-            "--env-file",
-            str(env_path),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        async with httpx.AsyncClient(timeout=10) as client:
-            with trio.fail_after(60):
-                while True:
-                    try:
-                        if (await client.get(url + "/healthz")).status_code == 200:
-                            break
-                    except httpx.TransportError:
-                        await trio.sleep(0.1)
-            before = (await client.get(url + "/metrics")).text
-            start = time.perf_counter()
-            answers = await post_all(url, "/verify", bodies, concurrency=conc)
-            wall = time.perf_counter() - start
-            after = (await client.get(url + "/metrics")).text
-    finally:
-        server.terminate()
-        with trio.move_on_after(30):
-            await server.wait()
+    async with (
+        serving(config, env, base.parent, variant.replace(" ", "-")) as url,
+        httpx.AsyncClient(timeout=10) as client,
+    ):
+        before = (await client.get(url + "/metrics")).text
+        start = time.perf_counter()
+        answers = await post_all(url, "/verify", bodies, concurrency=conc)
+        wall = time.perf_counter() - start
+        after = (await client.get(url + "/metrics")).text
     docs = [msgspec.json.decode(a.body) for a in answers]
     lat = sorted(a.latency_s * 1000 for a in answers)
     rpc = _metric_sum(after, "x402_rpc_requests_total") - _metric_sum(

@@ -6,6 +6,8 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -46,6 +48,28 @@ def _balance(svc: RunningService, owner: str) -> int:
             await rpc.aclose()
 
     return trio.run(read)
+
+
+@contextmanager
+def _resource_server(svc: RunningService) -> Iterator[str]:
+    """The SDK's Flask resource server (tests/sdk_resource_server.py) paying the devchain's
+    payee through our facilitator; yields its URL."""
+    dev = svc.dev
+    server = subprocess.Popen(
+        [sys.executable, "-m", "tests.sdk_resource_server", svc.url, dev.token, dev.payee],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert server.stdout is not None
+        line = server.stdout.readline()
+        assert line.startswith("READY"), (line, server.stderr.read() if server.stderr else "")
+        yield line.split()[1]
+    finally:
+        server.kill()
+        server.wait()
 
 
 def _sdk_client(key: str) -> x402ClientSync:
@@ -126,18 +150,7 @@ def test_sdk_resource_server_and_client_pay_end_to_end_through_our_facilitator(
     with running_service(tmp_path, payers=2, service=service) as svc:
         dev = svc.dev
         merchant = dev.payee
-        server = subprocess.Popen(
-            [sys.executable, "-m", "tests.sdk_resource_server", svc.url, dev.token, merchant],
-            cwd=ROOT,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        try:
-            assert server.stdout is not None
-            line = server.stdout.readline()
-            assert line.startswith("READY"), (line, server.stderr.read() if server.stderr else "")
-            url = line.split()[1]
+        with _resource_server(svc) as url:
             before = _balance(svc, merchant)
             session = x402_requests(_sdk_client(dev.payer_keys[1]))
             unpaid = session.get(url + "/paid", headers={"x-no-pay": "1"}, timeout=60)
@@ -148,9 +161,6 @@ def test_sdk_resource_server_and_client_pay_end_to_end_through_our_facilitator(
             while _balance(svc, merchant) - before < 1000 and time.monotonic() < deadline:
                 time.sleep(0.1)  # deferred mode settles after the answer
             assert _balance(svc, merchant) - before == 1000
-        finally:
-            server.kill()
-            server.wait()
 
 
 def test_typescript_sdk_payload_verifies_and_settles(tmp_path: Path) -> None:
@@ -212,18 +222,7 @@ def test_sdk_retry_after_settlement_pending_is_credited_exactly_once(tmp_path: P
     service = ServiceConfig(settle_timeout_s=4.0)
     with running_service(tmp_path, payers=2, service=service) as svc:
         dev = svc.dev
-        server = subprocess.Popen(
-            [sys.executable, "-m", "tests.sdk_resource_server", svc.url, dev.token, dev.payee],
-            cwd=ROOT,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        try:
-            assert server.stdout is not None
-            line = server.stdout.readline()
-            assert line.startswith("READY"), (line, server.stderr.read() if server.stderr else "")
-            url = line.split()[1]
+        with _resource_server(svc) as url:
             before = _balance(svc, dev.payee)
             _rpc_call(svc, "evm_setAutomine", [False])
             resumed = threading.Event()
@@ -251,6 +250,3 @@ def test_sdk_retry_after_settlement_pending_is_credited_exactly_once(tmp_path: P
 
             sold = httpx.get(svc.url + "/metrics").text
             assert "x402_payments_sold_total 1" in sold, sold
-        finally:
-            server.kill()
-            server.wait()
