@@ -28,7 +28,7 @@ import trio
 from . import codec, reasons
 from .clock import Clock
 from .model import Payment, Rejected, hex_addr
-from .rpc import Rpc
+from .rpc import ChainClient
 
 log = logging.getLogger("x402_engine.chainstate")
 
@@ -174,7 +174,7 @@ class ChainStateReader:
 
     def __init__(
         self,
-        rpc: Rpc,
+        rpc: ChainClient,
         target: bytes,
         clock: Clock,
         *,

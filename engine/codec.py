@@ -285,3 +285,28 @@ def item_outcomes(
         else:
             out.append(ItemOutcome(ItemStatus.UNKNOWN))
     return out
+
+
+def transfer_in_receipt(
+    receipt: Receipt, token: bytes, payer: bytes, payee: bytes, value: int
+) -> bool:
+    """Whether ``receipt`` holds the token's ``Transfer(payer, payee, value)``: a payment whose
+    nonce another transaction used is settled only if that transaction moved exactly this."""
+    if int(receipt.status, 16) != 1:
+        return False
+    token_hex = "0x" + token.hex()
+    transfer = "0x" + TRANSFER.hex()
+    want_from = "0x" + bytes(12).hex() + payer.hex()
+    want_to = "0x" + bytes(12).hex() + payee.hex()
+    for log in receipt.logs:
+        if (
+            log.address.lower() == token_hex
+            and len(log.topics) == 3
+            and log.topics[0].lower() == transfer
+            and log.topics[1].lower() == want_from
+            and log.topics[2].lower() == want_to
+            and log.data[2:]
+            and int(log.data[2:66], 16) == value
+        ):
+            return True
+    return False

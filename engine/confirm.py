@@ -1,36 +1,49 @@
 """The confirm stage (one per chain): watch sent batches until final, record every item.
 
-Receipts are polled in one JSON-RPC batch per interval. A mined batch is final after the
-configured confirmations; each item's outcome is read from the receipt's logs (the token's
+Receipts of every hash a batch was sent under (the original and its fee-bumped replacements)
+are polled in one JSON-RPC batch per interval. A mined batch is final after the configured
+confirmations *and* once its block is still the canonical block at that height (a receipt from
+a block that a reorganisation removed is not trusted: the batch is watched, and resent, until it
+is mined again). Each item's outcome is read from the receipt's logs (the token's
 AuthorizationUsed event proves settlement, the batcher's ItemFailed/CallFailed event carries a
-failure's reason), never by re-running eth_call. A batch whose account nonce was consumed by
-another transaction without its own receipt appearing is dead: each of its items is reconciled
-against the chain (``authorizationState`` and the AuthorizationUsed log), so nothing is settled
-twice or dropped.
+failure's reason), never by re-running eth_call.
+
+An item whose authorization was used by a transaction that is not ours (a front-runner, the
+payer's wallet, another facilitator) is decided from that transaction: it moved exactly this
+payment (``Transfer(payer, payee, value)``) and the payment is settled, or it did not and the
+payment failed. A batch stuck under a base fee that rose past its fee cap is replaced (same
+account nonce, higher fees, never above ``max_fee_per_gas_wei``). A batch whose account nonce
+was consumed while none of its hashes has a receipt is dead: each of its items is reconciled
+against the chain, so nothing is settled twice or dropped.
+
+The decisions are pure functions (:func:`unseen_action`, :func:`outcome_events`); the stage does
+the I/O through the narrow :class:`~engine.rpc.ChainClient`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import enum
 import logging
-from typing import Any
 
-import msgspec
 import trio
 
 from . import codec, reasons
 from .clock import Clock
 from .config import ChainConfig
+from .fees import bump_fees
 from .ledger import BatchEvent, PaymentEvent
 from .outcomes import Recorder
 from .policy import PendingItem
-from .rpc import Rpc, RpcError, RpcUnavailable
+from .reconcile import LOG_LOOKBACK_BLOCKS, settled_elsewhere
+from .rpc import ChainClient, RpcError, RpcUnavailable
+from .signer import SignerPool, decode_raw
 from .submit import InflightBatch
 
 log = logging.getLogger("x402_engine.confirm")
 
 DEAD_AFTER_BLOCKS = 2
-LOG_LOOKBACK_BLOCKS = 50_000
+__all__ = ["LOG_LOOKBACK_BLOCKS", "ConfirmStage", "Unseen", "split_evenly", "unseen_action"]
 
 
 def split_evenly(total: int, parts: int) -> list[int]:
@@ -40,15 +53,48 @@ def split_evenly(total: int, parts: int) -> list[int]:
     return [share + (1 if i < rest else 0) for i in range(parts)]
 
 
+class Unseen(enum.Enum):
+    WAIT = "wait"
+    REBROADCAST = "rebroadcast"
+    DEAD = "dead"
+
+
+def unseen_action(
+    *,
+    now: float,
+    last_broadcast: float,
+    rebroadcast_after_s: float,
+    nonce_spent: bool,
+    head: int | None,
+    spent_first_seen: int | None,
+    confirmations: int,
+) -> Unseen:
+    """What to do with a batch none of whose hashes has a receipt (pure).
+
+    Dead only when its account nonce was spent by another transaction and its own receipt is
+    still missing ``DEAD_AFTER_BLOCKS`` (plus the confirmations) blocks later: a node may
+    update the account nonce before it serves the receipt."""
+    if nonce_spent:
+        if head is None or spent_first_seen is None:
+            return Unseen.WAIT
+        if head - spent_first_seen >= DEAD_AFTER_BLOCKS + confirmations:
+            return Unseen.DEAD
+        return Unseen.WAIT
+    if now - last_broadcast >= rebroadcast_after_s:
+        return Unseen.REBROADCAST
+    return Unseen.WAIT
+
+
 class ConfirmStage:
     def __init__(
         self,
         chain: ChainConfig,
-        rpc: Rpc,
+        rpc: ChainClient,
         recorder: Recorder,
         clock: Clock,
         slots: trio.Semaphore,
         requeue: trio.MemorySendChannel[list[PendingItem]],
+        signers: SignerPool | None = None,
     ) -> None:
         self.chain = chain
         self._rpc = rpc
@@ -56,11 +102,14 @@ class ConfirmStage:
         self._clock = clock
         self._slots = slots
         self._requeue = requeue
+        self._signers = signers
         self._inflight: dict[int, InflightBatch] = {}
         self._last_broadcast: dict[int, float] = {}
         self._nonce_spent_at: dict[int, int] = {}  # batch id -> head when first seen spent
         self._arrived = trio.Event()
         self._batcher = bytes.fromhex(chain.batcher[2:])
+        self.replacements_sent = 0
+        self.reorged_receipts = 0
 
     def inflight(self) -> int:
         return len(self._inflight)
@@ -92,24 +141,44 @@ class ConfirmStage:
                 await trio.sleep(interval)
                 try:
                     await self.poll_once()
-                except (RpcUnavailable, RpcError):
-                    await trio.sleep(interval)  # node trouble: keep the batches, look again
+                except (RpcUnavailable, RpcError) as exc:
+                    log.info("confirm: node trouble, looking again: %s", exc)
+                    await trio.sleep(interval)  # keep the batches, look again
 
     async def poll_once(self) -> None:
         batches = list(self._inflight.values())
         if not batches:
             return
-        receipts = await self._rpc.receipts([b.record.tx_hash for b in batches])
+        hashes = [h for b in batches for h in b.hashes()]
+        found = dict(zip(hashes, await self._rpc.receipts(hashes), strict=True))
         head: int | None = None
+        canonical: dict[int, str | None] = {}
         unseen: list[InflightBatch] = []
-        for batch, receipt in zip(batches, receipts, strict=True):
+        for batch in batches:
+            receipt = next((found[h] for h in batch.hashes() if found[h] is not None), None)
             if receipt is None:
                 unseen.append(batch)
                 continue
             if head is None:
                 head = await self._rpc.block_number()
-            if head - int(receipt.block_number, 16) + 1 >= self.chain.confirmations:
-                await self._finalize(batch, receipt)
+            block = int(receipt.block_number, 16)
+            if head - block + 1 < self.chain.confirmations:
+                continue
+            if block not in canonical:
+                canonical[block] = await self._rpc.block_hash(block)
+            if (canonical[block] or "").lower() != receipt.block_hash.lower():
+                # Its block left the canonical chain: not mined after all. Watch it (and resend
+                # it) until a receipt from the canonical chain says otherwise.
+                self.reorged_receipts += 1
+                log.warning(
+                    "batch %d: receipt from block %d (%s) is no longer canonical; watching again",
+                    batch.record.id,
+                    block,
+                    receipt.block_hash,
+                )
+                unseen.append(batch)
+                continue
+            await self._finalize(batch, receipt)
         if unseen:
             await self._check_unseen(unseen)
 
@@ -143,32 +212,34 @@ class ConfirmStage:
             )
             gas_shares = split_evenly(gas_used, len(items))
             for item, outcome, gas in zip(items, outcomes, gas_shares, strict=True):
-                common = {
-                    "batch_id": record.id,
-                    "tx_hash": receipt.transaction_hash,
-                    "block_number": block,
-                    "gas_used": gas,
-                    "fee_wei": gas * price,
-                }
+                common = PaymentEvent(
+                    item.id,
+                    "settled",
+                    batch_id=record.id,
+                    tx_hash=receipt.transaction_hash,
+                    block_number=block,
+                    gas_used=gas,
+                    fee_wei=gas * price,
+                )
                 if outcome.status is codec.ItemStatus.SETTLED:
-                    ev = PaymentEvent(item.id, "settled", **common)  # type: ignore[arg-type]
+                    pairs.append((item, common))
                 elif outcome.status is codec.ItemStatus.FAILED:
-                    ev = PaymentEvent(
-                        item.id,
-                        "failed",
-                        reason=outcome.reason,
-                        message=outcome.message,
-                        **common,  # type: ignore[arg-type]
-                    )
+                    failed = _as_failed(common, outcome.reason, outcome.message)
+                    if outcome.reason == reasons.NONCE_USED:
+                        # Used by whom? If by a transaction that paid this payment, it is paid.
+                        failed = await self._decide_used(batch.token, item, failed)
+                    pairs.append((item, failed))
                 else:
-                    ev = PaymentEvent(
-                        item.id,
-                        "failed",
-                        reason=reasons.UNEXPECTED_SETTLE,
-                        message="no AuthorizationUsed log for this item in the batch receipt",
-                        **common,  # type: ignore[arg-type]
+                    pairs.append(
+                        (
+                            item,
+                            _as_failed(
+                                common,
+                                reasons.UNEXPECTED_SETTLE,
+                                "no AuthorizationUsed log for this item in the batch receipt",
+                            ),
+                        )
                     )
-                pairs.append((item, ev))
             event = BatchEvent(record.id, "mined", receipt.transaction_hash, block, gas_used, price)
         await self._recorder.batch_final(event, pairs)
         log.info(
@@ -190,103 +261,112 @@ class ConfirmStage:
         self._slots.release()
 
     async def _check_unseen(self, unseen: list[InflightBatch]) -> None:
-        """Batches without a receipt: rebroadcast now and then; declare one dead only when its
-        account nonce has been spent by another transaction and its own receipt is still
-        missing ``DEAD_AFTER_BLOCKS`` blocks later (a node may update the account nonce before
-        it serves the receipt)."""
+        """Batches without a (canonical) receipt: rebroadcast now and then, replace one stuck
+        under a risen base fee, reconcile one whose nonce another transaction spent."""
         now = self._clock.now()
         latest_nonce: dict[str, int] = {}
         head: int | None = None
+        base_fee: int | None = None
         for batch in unseen:
             rid = batch.record.id
             signer = batch.record.signer
             if signer not in latest_nonce:
                 latest_nonce[signer] = await self._rpc.nonce(signer, "latest")
-            if latest_nonce[signer] > batch.record.account_nonce:
+            spent = latest_nonce[signer] > batch.record.account_nonce
+            if spent:
                 if head is None:
                     head = await self._rpc.block_number()
-                first_seen = self._nonce_spent_at.setdefault(rid, head)
-                if head - first_seen >= DEAD_AFTER_BLOCKS + self.chain.confirmations:
-                    log.warning(
-                        "batch %d: nonce %d spent by another transaction, no receipt for %s;"
-                        " reconciling its %d items against the chain",
-                        rid,
-                        batch.record.account_nonce,
-                        batch.record.tx_hash,
-                        len(batch.items),
-                    )
-                    await self._reconcile_dead(batch)
-                continue
-            self._nonce_spent_at.pop(rid, None)
-            last = self._last_broadcast.get(rid, 0.0)
-            if now - last >= self.chain.rebroadcast_after_s:
+                self._nonce_spent_at.setdefault(rid, head)
+            else:
+                self._nonce_spent_at.pop(rid, None)
+            action = unseen_action(
+                now=now,
+                last_broadcast=self._last_broadcast.get(rid, 0.0),
+                rebroadcast_after_s=self.chain.rebroadcast_after_s,
+                nonce_spent=spent,
+                head=head,
+                spent_first_seen=self._nonce_spent_at.get(rid),
+                confirmations=self.chain.confirmations,
+            )
+            if action is Unseen.DEAD:
+                log.warning(
+                    "batch %d: nonce %d spent by another transaction, no receipt for %s;"
+                    " reconciling its %d items against the chain",
+                    rid,
+                    batch.record.account_nonce,
+                    batch.hashes(),
+                    len(batch.items),
+                )
+                await self._reconcile_dead(batch)
+            elif action is Unseen.REBROADCAST:
                 self._last_broadcast[rid] = now
-                log.info("batch %d: no receipt after %.0f s, rebroadcasting", rid, now - last)
-                # "already known" / "nonce too low" are expected: the next poll tells.
-                with contextlib.suppress(RpcError):
-                    await self._rpc.send_raw(batch.record.raw_tx)
+                if base_fee is None:
+                    base_fee = await self._rpc.base_fee()
+                if not await self._replace_if_stuck(batch, base_fee):
+                    log.info("batch %d: no receipt yet, rebroadcasting", rid)
+                    # "already known" / "nonce too low" are expected: the next poll tells.
+                    with contextlib.suppress(RpcError):
+                        await self._rpc.send_raw(batch.latest_raw())
+
+    async def _replace_if_stuck(self, batch: InflightBatch, base_fee: int) -> bool:
+        """Replace a batch priced under the current base fee (same nonce, higher fees, capped);
+        True if a replacement was recorded and sent."""
+        signer = None if self._signers is None else self._signers.by_address(batch.record.signer)
+        if signer is None:
+            return False
+        current = decode_raw(batch.latest_raw()).fees
+        fees = bump_fees(
+            current, base_fee, self.chain.priority_fee_wei, self.chain.max_fee_per_gas_wei
+        )
+        if fees is None:
+            if current.max_fee_per_gas < base_fee + current.max_priority_fee_per_gas:
+                log.warning(
+                    "batch %d: stuck under base fee %d, and max_fee_per_gas_wei %d leaves no"
+                    " room to replace it; waiting",
+                    batch.record.id,
+                    base_fee,
+                    self.chain.max_fee_per_gas_wei,
+                )
+            return False
+        signed = signer.replace(batch.latest_raw(), fees)
+        await self._recorder.replacement(batch.record.id, signed.tx_hash, signed.raw)
+        batch.replacements.append((signed.tx_hash, signed.raw))
+        self.replacements_sent += 1
+        log.warning(
+            "batch %d: base fee %d above its fee cap %d; replaced by %s at max fee %d",
+            batch.record.id,
+            base_fee,
+            current.max_fee_per_gas,
+            signed.tx_hash,
+            fees.max_fee_per_gas,
+        )
+        with contextlib.suppress(RpcError):
+            await self._rpc.send_raw(signed.raw)
+        return True
 
     async def _reconcile_dead(self, batch: InflightBatch) -> None:
         """Decide each item of a batch that will never be mined from the chain's own state."""
         items = batch.items
         token = batch.token
-        results = await self._rpc.batch(
-            [
-                (
-                    "eth_call",
-                    [
-                        {
-                            "to": "0x" + token.hex(),
-                            "data": "0x"
-                            + codec.authorization_state_calldata(
-                                i.payment.payer, i.payment.nonce
-                            ).hex(),
-                        },
-                        "latest",
-                    ],
-                )
-                for i in items
-            ]
+        used = await self._rpc.authorization_states(
+            token, [(i.payment.payer, i.payment.nonce) for i in items]
         )
         pairs: list[tuple[PendingItem, PaymentEvent]] = []
         requeue: list[PendingItem] = []
-        for item, result in zip(items, results, strict=True):
-            if isinstance(result, RpcError):
-                raise result
-            used = int(result, 16) != 0
-            if not used:
+        for item, is_used in zip(items, used, strict=True):
+            if not is_used:
                 requeue.append(item)
                 pairs.append(
                     (item, PaymentEvent(item.id, "accepted", message="batch dropped; requeued"))
                 )
                 continue
-            found = await self._find_settlement(token, item)
-            if found is not None:
-                tx_hash, block = found
-                pairs.append(
-                    (
-                        item,
-                        PaymentEvent(
-                            item.id,
-                            "settled",
-                            tx_hash=tx_hash,
-                            block_number=block,
-                            message="settled by another transaction",
-                        ),
-                    )
-                )
-            else:
-                pairs.append(
-                    (
-                        item,
-                        PaymentEvent(
-                            item.id,
-                            "failed",
-                            reason=reasons.NONCE_USED,
-                            message="authorization used or cancelled outside this engine",
-                        ),
-                    )
-                )
+            failed = PaymentEvent(
+                item.id,
+                "failed",
+                reason=reasons.NONCE_USED,
+                message="authorization used or cancelled outside this engine",
+            )
+            pairs.append((item, await self._decide_used(token, item, failed)))
         event = BatchEvent(
             batch.record.id, "dead", batch.record.tx_hash, message="nonce consumed by another tx"
         )
@@ -295,23 +375,23 @@ class ConfirmStage:
         if requeue:
             await self._requeue.send(requeue)
 
-    async def _find_settlement(self, token: bytes, item: PendingItem) -> tuple[str, int] | None:
-        head = await self._rpc.block_number()
-        logs = await self._rpc.call(
-            "eth_getLogs",
-            [
-                {
-                    "address": "0x" + token.hex(),
-                    "fromBlock": hex(max(0, head - LOG_LOOKBACK_BLOCKS)),
-                    "toBlock": "latest",
-                    "topics": [
-                        "0x" + codec.AUTHORIZATION_USED.hex(),
-                        "0x" + bytes(12).hex() + item.payment.payer.hex(),
-                        "0x" + item.payment.nonce.hex(),
-                    ],
-                }
-            ],
-        )
-        for entry in msgspec.convert(logs, list[dict[str, Any]]):
-            return str(entry["transactionHash"]), int(entry["blockNumber"], 16)
-        return None
+    async def _decide_used(
+        self, token: bytes, item: PendingItem, failed: PaymentEvent
+    ) -> PaymentEvent:
+        """An item whose nonce is used: settled if the transaction that used it moved exactly
+        this payment (Transfer payer -> payee, value), else ``failed`` as given."""
+        return await settled_elsewhere(self._rpc, token, item, failed)
+
+
+def _as_failed(event: PaymentEvent, reason: str | None, message: str | None) -> PaymentEvent:
+    return PaymentEvent(
+        event.payment_id,
+        "failed",
+        batch_id=event.batch_id,
+        tx_hash=event.tx_hash,
+        block_number=event.block_number,
+        gas_used=event.gas_used,
+        fee_wei=event.fee_wei,
+        reason=reason,
+        message=message,
+    )

@@ -21,7 +21,7 @@ import msgspec
 import trio
 
 from . import codec
-from .rpc import Rpc
+from .rpc import ChainClient
 
 Key = tuple[bytes, bytes]  # (token, payer)
 READ_CHUNK = 500  # balanceOf calls per aggregate3 eth_call
@@ -115,7 +115,7 @@ class CreditBook:
 class BalanceReader:
     """Reads balances through ``aggregate3`` at ``target`` (the batcher or Multicall3)."""
 
-    def __init__(self, rpc: Rpc, target: bytes) -> None:
+    def __init__(self, rpc: ChainClient, target: bytes) -> None:
         self._rpc = rpc
         self._target = target
         self._lock = trio.Lock()  # one read at a time: concurrent callers queue, bounded

@@ -34,7 +34,7 @@ from .metrics import Histogram
 from .model import Accepted, Outcome, Payment, Rejected, Sale, SettleAnswer, hex_addr
 from .outcomes import Recorder, Statistics, Tracker
 from .policy import BatchPolicy, Limits, PendingItem, schedule_policy
-from .rpc import Rpc, RpcError, RpcUnavailable
+from .rpc import ChainClient, Rpc, RpcError, RpcUnavailable
 from .sales import Identifiers, SaleStatistics, SaleWriter
 from .signer import Signer, SignerPool
 from .submit import BatchIds, InflightBatch, SubmitStage
@@ -62,7 +62,7 @@ class _Chain:
         self,
         config: ChainConfig,
         engine_config: EngineConfig,
-        rpc: Rpc,
+        rpc: ChainClient,
         signers: SignerPool,
         recorder: Recorder,
         clock: Clock,
@@ -115,7 +115,9 @@ class _Chain:
             self.requeue_send.clone(),
             self.confirm_send,
         )
-        self.confirm = ConfirmStage(config, rpc, recorder, clock, self.slots, self.requeue_send)
+        self.confirm = ConfirmStage(
+            config, rpc, recorder, clock, self.slots, self.requeue_send, signers
+        )
         credit = engine_config.credit
         self.credit = CreditBook(credit.balance_max_age_s, credit.payer_cap)
         reader_target = bytes.fromhex((config.multicall or config.batcher)[2:])
@@ -226,13 +228,15 @@ class Engine:
         clock: Clock | None = None,
         environ: Mapping[str, str] | None = None,
         policy: Callable[[ChainConfig], BatchPolicy] | None = None,
+        chain_client: Callable[[ChainConfig], ChainClient] | None = None,
     ) -> AsyncIterator[Engine]:
         """Start the engine: recover from the ledger, then run until the block exits.
 
         ``clock`` is the engine's one source of time (default: wall time following trio's
         clock); ``environ`` replaces ``os.environ`` for signer keys; ``policy`` builds each
         chain's default batching policy (default: the one ``[policy]`` describes; payees in
-        ``[[policy.payees]]`` keep their own).
+        ``[[policy.payees]]`` keep their own); ``chain_client`` makes each chain's client
+        (default: JSON-RPC to ``rpc_url``; the seeded simulator passes its fake chain).
         """
         validate(config)
         ledger_sync = await trio.to_thread.run_sync(
@@ -247,9 +251,9 @@ class Engine:
         engine = cls(config, clock or TrioWallClock(), ledger)
         if policy is not None:
             engine._policy_factory = policy
-        rpcs: list[Rpc] = []
+        rpcs: list[ChainClient] = []
         try:
-            async with engine._run(rpcs, environ) as running:
+            async with engine._run(rpcs, environ, chain_client) as running:
                 yield running
         except BaseExceptionGroup as group:
             # The stages run in a nursery, so errors arrive grouped; a single error (the usual
@@ -267,13 +271,22 @@ class Engine:
 
     @asynccontextmanager
     async def _run(
-        self, rpcs: list[Rpc], environ: Mapping[str, str] | None
+        self,
+        rpcs: list[ChainClient],
+        environ: Mapping[str, str] | None,
+        chain_client: Callable[[ChainConfig], ChainClient] | None,
     ) -> AsyncIterator[Engine]:
         recovered = await self._ledger.run(self._ledger.sync.recover)
         await self._restore_dedup(recovered)
         for chain in self.config.chains:
-            rpc = Rpc(
-                chain.rpc_url, timeout_s=chain.rpc_timeout_s, retries_max=chain.rpc_retries_max
+            rpc: ChainClient = (
+                chain_client(chain)
+                if chain_client is not None
+                else Rpc(
+                    chain.rpc_url,
+                    timeout_s=chain.rpc_timeout_s,
+                    retries_max=chain.rpc_retries_max,
+                )
             )
             rpcs.append(rpc)
             await self._start_chain(chain, rpc, recovered, environ)
@@ -328,7 +341,7 @@ class Engine:
     async def _start_chain(
         self,
         chain: ChainConfig,
-        rpc: Rpc,
+        rpc: ChainClient,
         recovered: Recovered,
         environ: Mapping[str, str] | None,
     ) -> None:
@@ -343,9 +356,12 @@ class Engine:
         # so that a batch written but never sent takes its own nonce and not a new batch's.
         adopted: list[InflightBatch] = []
         for record in sorted(batches, key=lambda b: (b.signer, b.account_nonce)):
-            # "already known", or its nonce is spent: the confirm stage decides.
-            with contextlib.suppress(RpcError):
-                await rpc.send_raw(record.raw_tx)
+            replacements = recovered.replacements.get(record.id, [])
+            latest = replacements[-1][1] if replacements else record.raw_tx
+            # "already known", or its nonce is spent, or the node is away: the confirm stage
+            # decides (it rebroadcasts what is not mined).
+            with contextlib.suppress(RpcError, RpcUnavailable):
+                await rpc.send_raw(latest)
             items = []
             for pid in record.payment_ids:
                 op = open_by_id.pop(pid, None)
@@ -359,7 +375,9 @@ class Engine:
                 if record.mode == "direct"
                 else bytes.fromhex((chain.multicall or chain.batcher)[2:])
             )
-            adopted.append(InflightBatch(record, items, token, target, self.clock.now()))
+            adopted.append(
+                InflightBatch(record, items, token, target, self.clock.now(), list(replacements))
+            )
         for signer in signers.signers:
             signer.next_nonce = await rpc.nonce(signer.address, "pending")
         runtime = _Chain(

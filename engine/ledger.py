@@ -79,6 +79,12 @@ CREATE TABLE IF NOT EXISTS sales (
     mode VARCHAR NOT NULL,
     identifier VARCHAR
 );
+CREATE TABLE IF NOT EXISTS batch_transactions (
+    batch_id BIGINT NOT NULL,
+    at_ms BIGINT NOT NULL,
+    tx_hash VARCHAR NOT NULL,
+    raw_tx BLOB NOT NULL
+);
 CREATE TABLE IF NOT EXISTS batch_events (
     seq BIGINT NOT NULL,
     batch_id BIGINT NOT NULL,
@@ -181,6 +187,8 @@ class Recovered(msgspec.Struct, frozen=True):
     open_batches: list[BatchRecord]
     next_payment_id: int
     next_batch_id: int
+    # Replacements (fee bumps) of open batches, oldest first: (tx hash, raw transaction).
+    replacements: dict[int, list[tuple[str, bytes]]] = msgspec.field(default_factory=dict)
 
 
 class Ledger:
@@ -319,6 +327,19 @@ class Ledger:
 
         self._in_transaction(work)
 
+    def record_replacement(self, batch_id: int, tx_hash: str, raw_tx: bytes, at_ms: int) -> None:
+        """Write-ahead: a replacement of a sent batch (same account nonce, higher fees), before
+        it is broadcast; every hash a batch was sent under stays watched."""
+        self.flush_staged()
+
+        def work() -> None:
+            self._con.execute(
+                "INSERT INTO batch_transactions VALUES (?, ?, ?, ?)",
+                [batch_id, at_ms, tx_hash, raw_tx],
+            )
+
+        self._in_transaction(work)
+
     def record_sales(self, sales: Sequence[Sale], at_ms: int) -> None:
         """Payments a /settle answered ``success`` for (one payment, one purchase), atomically.
         Append-only: a payment appears here at most once."""
@@ -411,7 +432,17 @@ class Ledger:
             " coalesce((SELECT max(id) FROM batches), 0)"
         ).fetchone()
         assert ids is not None
-        return Recovered(open_payments, open_batches, int(ids[0]) + 1, int(ids[1]) + 1)
+        replacements: dict[int, list[tuple[str, bytes]]] = {}
+        if open_batches:
+            for batch_id, tx_hash, raw in con.execute(
+                "SELECT batch_id, tx_hash, raw_tx FROM batch_transactions"
+                " WHERE batch_id >= ? ORDER BY batch_id, at_ms, tx_hash",
+                [min(b.id for b in open_batches)],
+            ).fetchall():
+                replacements.setdefault(int(batch_id), []).append((str(tx_hash), bytes(raw)))
+        return Recovered(
+            open_payments, open_batches, int(ids[0]) + 1, int(ids[1]) + 1, replacements
+        )
 
     def live_final_payments(self, valid_before_min: int) -> list[tuple[int, Payment]]:
         """Final (settled or failed) payments whose authorization is still valid: their replay

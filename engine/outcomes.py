@@ -178,6 +178,12 @@ class Recorder:
             self.tracker.apply(item, event)
         self.tracker.batches_sent += 1
 
+    async def replacement(self, batch_id: int, tx_hash: str, raw_tx: bytes) -> None:
+        """Write-ahead for a fee-bumped replacement of a sent batch."""
+        await self.ledger.run(
+            self.ledger.sync.record_replacement, batch_id, tx_hash, raw_tx, self._now_ms()
+        )
+
     async def batch_final(
         self, event: BatchEvent, pairs: Sequence[tuple[PendingItem, PaymentEvent]]
     ) -> None:

@@ -8,12 +8,13 @@ because only the caller knows whether "nonce too low" or a revert is expected.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import httpx
 import msgspec
 import trio
 
+from . import codec
 from .codec import Receipt
 
 
@@ -41,6 +42,34 @@ class RpcError(Exception):
 
 class RpcUnavailable(Exception):
     """The node could not be reached after every retry."""
+
+
+class ChainClient(Protocol):
+    """Everything the engine asks of a chain: the narrow interface the stages are written
+    against. :class:`Rpc` speaks it as JSON-RPC to a node; ``engine.sim.FakeChain`` answers it
+    in process for seeded fault campaigns. Failures are :class:`RpcError` (the node answered
+    with an error) or :class:`RpcUnavailable` (no usable answer)."""
+
+    requests: int
+
+    async def aclose(self) -> None: ...
+    async def chain_id(self) -> int: ...
+    async def block_number(self) -> int: ...
+    async def block_hash(self, number: int) -> str | None: ...
+    async def base_fee(self) -> int: ...
+    async def nonce(self, address: str, block: str = "pending") -> int: ...
+    async def eth_call(
+        self, to: bytes, data: bytes, sender: str | None = None, gas: int | None = None
+    ) -> bytes: ...
+    async def estimate_gas(self, to: bytes, data: bytes, sender: str) -> int: ...
+    async def send_raw(self, raw: bytes) -> str: ...
+    async def receipts(self, tx_hashes: Sequence[str]) -> list[Receipt | None]: ...
+    async def authorization_states(
+        self, token: bytes, keys: Sequence[tuple[bytes, bytes]]
+    ) -> list[bool]: ...
+    async def authorization_used_in(
+        self, token: bytes, payer: bytes, nonce: bytes, from_block: int
+    ) -> str | None: ...
 
 
 class _Error(msgspec.Struct):
@@ -190,3 +219,57 @@ class Rpc:
             else:
                 out.append(msgspec.convert(r, Receipt | None))
         return out
+
+    async def block_hash(self, number: int) -> str | None:
+        block = await self.call("eth_getBlockByNumber", [hex(number), False])
+        return None if block is None else str(block["hash"])
+
+    async def authorization_states(
+        self, token: bytes, keys: Sequence[tuple[bytes, bytes]]
+    ) -> list[bool]:
+        """``authorizationState(payer, nonce)`` of each key (used or cancelled: True)."""
+        results = await self.batch(
+            [
+                (
+                    "eth_call",
+                    [
+                        {
+                            "to": "0x" + token.hex(),
+                            "data": "0x" + codec.authorization_state_calldata(p, n).hex(),
+                        },
+                        "latest",
+                    ],
+                )
+                for p, n in keys
+            ]
+        )
+        out: list[bool] = []
+        for result in results:
+            if isinstance(result, RpcError):
+                raise result
+            out.append(int(result, 16) != 0)
+        return out
+
+    async def authorization_used_in(
+        self, token: bytes, payer: bytes, nonce: bytes, from_block: int
+    ) -> str | None:
+        """The hash of the transaction whose ``AuthorizationUsed(payer, nonce)`` log the token
+        emitted (None: no such log since ``from_block``)."""
+        logs = await self.call(
+            "eth_getLogs",
+            [
+                {
+                    "address": "0x" + token.hex(),
+                    "fromBlock": hex(max(0, from_block)),
+                    "toBlock": "latest",
+                    "topics": [
+                        "0x" + codec.AUTHORIZATION_USED.hex(),
+                        "0x" + bytes(12).hex() + payer.hex(),
+                        "0x" + nonce.hex(),
+                    ],
+                }
+            ],
+        )
+        for entry in msgspec.convert(logs, list[dict[str, Any]]):
+            return str(entry["transactionHash"])
+        return None

@@ -6,11 +6,13 @@ batch, so there is no ``eth_getTransactionCount`` per transaction and no race be
 
 from __future__ import annotations
 
+import rlp  # type: ignore[import-untyped]
 from eth_account import Account
 from eth_utils.address import to_checksum_address
 
 from . import crypto
 from .config import SignerKey
+from .fees import Fees
 from .model import hex_addr
 
 
@@ -41,10 +43,14 @@ class Signer:
         gas: int,
         max_fee_per_gas: int,
         max_priority_fee_per_gas: int,
+        nonce: int | None = None,
     ) -> SignedTx:
-        """Sign with the next local nonce and advance it."""
-        assert self.next_nonce is not None, "nonce not initialised"
-        nonce = self.next_nonce
+        """Sign with the next local nonce and advance it, or with ``nonce`` (a replacement of
+        a transaction already sent under it; the local counter stays)."""
+        replacing = nonce is not None
+        if nonce is None:
+            assert self.next_nonce is not None, "nonce not initialised"
+            nonce = self.next_nonce
         tx = {
             "type": 2,
             "chainId": self.chain_id,
@@ -58,8 +64,59 @@ class Signer:
             "accessList": [],
         }
         signed = Account.sign_transaction(tx, self._key.secret)
-        self.next_nonce = nonce + 1
+        if not replacing:
+            self.next_nonce = nonce + 1
         return SignedTx(bytes(signed.raw_transaction), "0x" + bytes(signed.hash).hex(), nonce)
+
+    def replace(self, raw: bytes, fees: Fees) -> SignedTx:
+        """The transaction ``raw`` (an EIP-1559 one this signer made) again, same nonce and
+        call, with ``fees``."""
+        tx = decode_raw(raw)
+        return self.sign(
+            to=tx.to,
+            data=tx.data,
+            gas=tx.gas,
+            max_fee_per_gas=fees.max_fee_per_gas,
+            max_priority_fee_per_gas=fees.max_priority_fee_per_gas,
+            nonce=tx.nonce,
+        )
+
+
+class RawTx:
+    """The fields of a signed EIP-1559 (type 2) transaction."""
+
+    __slots__ = (
+        "chain_id",
+        "data",
+        "gas",
+        "max_fee_per_gas",
+        "max_priority_fee_per_gas",
+        "nonce",
+        "to",
+        "value",
+    )
+
+    def __init__(self, fields: list[bytes]) -> None:
+        as_int = [int.from_bytes(f, "big") for f in fields[:5]]
+        self.chain_id, self.nonce, self.max_priority_fee_per_gas, self.max_fee_per_gas = as_int[:4]
+        self.gas = as_int[4]
+        self.to: bytes = fields[5]
+        self.value = int.from_bytes(fields[6], "big")
+        self.data: bytes = fields[7]
+
+    @property
+    def fees(self) -> Fees:
+        return Fees(self.max_fee_per_gas, self.max_priority_fee_per_gas)
+
+
+def decode_raw(raw: bytes) -> RawTx:
+    """Decode a signed type-2 transaction (ValueError if it is not one)."""
+    if not raw or raw[0] != 2:
+        raise ValueError("not an EIP-1559 (type 2) transaction")
+    fields = rlp.decode(raw[1:])
+    if not isinstance(fields, list) or len(fields) != 12:
+        raise ValueError("malformed EIP-1559 transaction")
+    return RawTx(fields)
 
 
 class SignerPool:

@@ -21,10 +21,11 @@ from .batch import Batch
 from .clock import Clock
 from .config import ChainConfig
 from .fees import Fees, choose_fees
-from .ledger import BatchRecord
+from .ledger import BatchRecord, PaymentEvent
 from .outcomes import Recorder
 from .policy import SEND_MARGIN_S, PendingItem
-from .rpc import Rpc, RpcError, RpcUnavailable
+from .reconcile import settled_elsewhere
+from .rpc import ChainClient, RpcError, RpcUnavailable
 from .signer import Signer, SignerPool
 
 log = logging.getLogger("x402_engine.submit")
@@ -40,6 +41,15 @@ class InflightBatch(msgspec.Struct):
     token: bytes
     target: bytes
     sent_at: float
+    # Fee-bumped replacements (same account nonce), oldest first: (tx hash, raw). The batch is
+    # watched under the original hash and every replacement's until one of them is mined.
+    replacements: list[tuple[str, bytes]] = msgspec.field(default_factory=list)
+
+    def hashes(self) -> list[str]:
+        return [self.record.tx_hash, *(h for h, _ in self.replacements)]
+
+    def latest_raw(self) -> bytes:
+        return self.replacements[-1][1] if self.replacements else self.record.raw_tx
 
 
 class BatchIds:
@@ -58,7 +68,7 @@ class SubmitStage:
     def __init__(
         self,
         chain: ChainConfig,
-        rpc: Rpc,
+        rpc: ChainClient,
         signers: SignerPool,
         recorder: Recorder,
         clock: Clock,
@@ -79,6 +89,7 @@ class SubmitStage:
         self._batcher = bytes.fromhex(chain.batcher[2:])
         self._aggregate_target = bytes.fromhex((chain.multicall or chain.batcher)[2:])
         self.dropped_in_simulation = 0
+        self._handled: set[int] = set()  # item ids of this batch recorded or handed on
 
     async def run(self, receive: trio.MemoryReceiveChannel[Batch]) -> None:
         async with receive, self._requeue, self._confirm:
@@ -105,6 +116,7 @@ class SubmitStage:
         ]
         if not items:
             return
+        self._handled = set()
         try:
             for part in self._aggregate3_parts(token, items):
                 sim_gas: int | None = None
@@ -113,10 +125,14 @@ class SubmitStage:
                 if part:
                     await self._send_sized(token, part, sim_gas)
         except (RpcUnavailable, RpcError) as exc:
+            # Only what is neither decided nor on record in a sent batch goes back: an item
+            # of a part already recorded belongs to the confirm stage.
+            rest = [i for i in items if i.id not in self._handled]
             log.warning(
-                "%d items go back to the pool: RPC trouble before sending: %s", len(items), exc
+                "%d items go back to the pool: RPC trouble before sending: %s", len(rest), exc
             )
-            await self._give_back(items, f"RPC trouble before sending: {exc}")
+            if rest:
+                await self._give_back(rest, f"RPC trouble before sending: {exc}")
 
     async def _give_back(self, items: list[PendingItem], message: str) -> None:
         await self._recorder.requeued(items, message)
@@ -189,8 +205,22 @@ class SubmitStage:
                 failures.setdefault(codec.failure_reason(revert), []).append(item)
         for (reason, message), failed in failures.items():
             self.dropped_in_simulation += len(failed)
-            await self._recorder.fail(failed, reason, f"simulation: {message}")
+            await self._fail(token, failed, reason, f"simulation: {message}")
         return keep, sim_gas
+
+    async def _fail(
+        self, token: bytes, items: list[PendingItem], reason: str, message: str
+    ) -> None:
+        """Record items as failed; those failed because their nonce is used are first looked
+        up on chain: used by a transaction that paid them, they are settled."""
+        events = [PaymentEvent(i.id, "failed", reason=reason, message=message) for i in items]
+        if reason == reasons.NONCE_USED:
+            events = [
+                await settled_elsewhere(self._rpc, token, i, e)
+                for i, e in zip(items, events, strict=True)
+            ]
+        await self._recorder.events(list(zip(items, events, strict=True)))
+        self._handled.update(i.id for i in items)
 
     async def _send_sized(
         self, token: bytes, items: list[PendingItem], sim_gas: int | None = None
@@ -242,7 +272,7 @@ class SubmitStage:
             if revert is None:
                 raise
             reason, message = codec.failure_reason(revert)
-            await self._recorder.fail([item], reason, f"estimate: {message}")
+            await self._fail(token, [item], reason, f"estimate: {message}")
             return
         fees = await self._fees()
         if fees is None:
@@ -303,28 +333,46 @@ class SubmitStage:
             signer.next_nonce = signed.nonce  # nothing was recorded or sent: reuse the nonce
             self._slots.release()
             raise
-        # From here the batch is on record: the confirm stage owns it whatever happens next.
+        # From here the batch is on record: the confirm stage owns it whatever the node says
+        # (an error can come from a node, or a proxy, that took the transaction all the same).
+        # Its only way out is the confirm stage's watch-and-reconcile; the slot goes with it.
+        self._handled.update(i.id for i in items)
+        inflight = InflightBatch(record, items, token, target, self._clock.now())
         try:
-            await self._rpc.send_raw(signed.raw)
+            await self._broadcast(signer, record, signed.raw, len(items))
+        finally:
+            with trio.CancelScope(shield=True):
+                await self._confirm.send(inflight)
+
+    async def _broadcast(self, signer: Signer, record: BatchRecord, raw: bytes, count: int) -> None:
+        try:
+            await self._rpc.send_raw(raw)
             log.info(
                 "batch %d sent: %d items, nonce %d, gas limit %d, tx %s",
                 record.id,
-                len(items),
-                signed.nonce,
-                gas_limit,
-                signed.tx_hash,
+                count,
+                record.account_nonce,
+                record.gas_limit,
+                record.tx_hash,
             )
         except RpcError as exc:
             log.warning("batch %d: node refused the transaction: %s", record.id, exc)
             if not _already_known(exc):
-                # Rejected outright: the nonce may be free again. Re-read it from the node; the
-                # confirm stage sees the nonce unused and no receipt, and rebroadcasts or
-                # reconciles.
-                signer.next_nonce = await self._rpc.nonce(signer.address)
+                # Perhaps rejected outright, perhaps taken all the same. If the node's pending
+                # nonce says it is free, reuse it for the next batch; the confirm stage
+                # rebroadcasts this one, or reconciles it once the nonce is spent.
+                try:
+                    pending = await self._rpc.nonce(signer.address)
+                except (RpcError, RpcUnavailable) as nonce_exc:
+                    log.warning("batch %d: account nonce unreadable (%s)", record.id, nonce_exc)
+                else:
+                    if pending == record.account_nonce and signer.next_nonce == (
+                        record.account_nonce + 1
+                    ):
+                        signer.next_nonce = pending
         except RpcUnavailable as exc:
             # Unknown whether it arrived: the confirm stage rebroadcasts.
             log.warning("batch %d: broadcast unconfirmed (%s)", record.id, exc)
-        await self._confirm.send(InflightBatch(record, items, token, target, self._clock.now()))
 
 
 def _already_known(exc: RpcError) -> bool:

@@ -122,11 +122,21 @@ async def _make_failures(
     cases["good"] = payment_v2(domain, keys[0], payee, VALUE, engine_now)
     cases["good_v1"] = payment_v1(domain, keys[0], payee, VALUE, engine_now, "anvil")
     cases[reasons.INSUFFICIENT_FUNDS] = payment_v2(domain, new_key(), payee, VALUE, engine_now)
+    verifier = Verifier(engine_config(dev, ":memory:")[0])
     used, used_req = payment_v2(domain, keys[1], payee, VALUE, engine_now)
-    payment, rej = Verifier(engine_config(dev, ":memory:")[0]).check(used, used_req, engine_now)
+    payment, rej = verifier.check(used, used_req, engine_now)
     assert payment is not None, rej
     await deployer.send(dev.token, codec.transfer_calldata(payment))  # someone else settles it
-    cases[reasons.NONCE_USED] = (used, used_req)
+    cases["front_run"] = (used, used_req)
+    # The payer signed another authorization (another amount) with the same nonce, and it was
+    # used on chain: this one can no longer settle, and the payee was not paid by it.
+    ours, ours_req = payment_v2(domain, keys[1], payee, VALUE, engine_now)
+    nonce = bytes.fromhex(ours.payload.authorization.nonce[2:])
+    rival, rival_req = payment_v2(domain, keys[1], payee, VALUE + 7, engine_now, nonce=nonce)
+    rival_payment, rej = verifier.check(rival, rival_req, engine_now)
+    assert rival_payment is not None, rej
+    await deployer.send(dev.token, codec.transfer_calldata(rival_payment))
+    cases[reasons.NONCE_USED] = (ours, ours_req)
     cancelled, cancelled_req = payment_v2(domain, keys[2], payee, VALUE, engine_now)
     nonce = bytes.fromhex(cancelled.payload.authorization.nonce[2:])
     await deployer.send(dev.token, cancel_calldata(dev, keys[2], nonce))
@@ -172,6 +182,10 @@ async def test_failing_items_are_recorded_with_reasons_and_good_ones_settle(
         stats = engine.statistics()
         history = await engine.history(ids[reasons.INSUFFICIENT_FUNDS])
     assert outcomes["good"].state == "settled" and outcomes["good_v1"].state == "settled"
+    # settled by the front-runner's transaction: the payee was paid, by someone else
+    front = outcomes["front_run"]
+    assert front.state == "settled" and front.message == "settled by another transaction", front
+    assert front.tx_hash not in {outcomes["good"].tx_hash}
     expected = {
         reasons.INSUFFICIENT_FUNDS: reasons.INSUFFICIENT_FUNDS,
         reasons.NONCE_USED: reasons.NONCE_USED,
@@ -186,8 +200,9 @@ async def test_failing_items_are_recorded_with_reasons_and_good_ones_settle(
         assert stats.batches_mined == 1 and "simulation" in (outcomes["cancelled"].message or "")
     else:  # the failures happened on chain, inside the one batch, and were read from its logs
         assert stats.batches_mined == 1
-        assert len({outcomes[n].tx_hash for n in outcomes}) == 1
+        assert len({outcomes[n].tx_hash for n in outcomes if n != "front_run"}) == 1
     assert history[-1]["state"] == "failed"
+    # the engine's own two (the front-runner's and the rival transfers came before `before`)
     assert (await balances(rpc, dev.token, [dev.payee]))[0] - before == 2 * VALUE
     await rpc.aclose()
 
