@@ -230,6 +230,42 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _campaign(args: argparse.Namespace) -> int:
+    """Seeded fault campaign against the in-process chain simulator."""
+    from .sim.campaign import SeedReport, run
+
+    if args.seed is not None:
+        seeds = [args.seed]
+    else:
+        seeds = list(range(args.start, args.start + args.seeds))
+    if args.log_level == "warning":  # the engine's own warnings are the faults being injected
+        logging.getLogger("x402_engine").setLevel(logging.ERROR)
+    failed: list[int] = []
+    started = time.perf_counter()
+
+    def show(r: SeedReport) -> None:
+        status = "ok" if r.ok else "FAILED"
+        print(
+            f"seed {r.seed}: {status}: {r.accepted}/{r.payments} accepted, {r.settled} settled,"
+            f" {r.failed} failed, {r.lives} lives, {r.reorgs} reorgs, {r.third_party}"
+            f" third-party acts, {r.replacements} fee bumps ({r.wall_s:.1f} s)",
+            flush=True,
+        )
+        for problem in r.problems:
+            print(f"    {problem}", flush=True)
+        if not r.ok:
+            failed.append(r.seed)
+            print(f"    replay: x402-engine campaign --seed {r.seed}", flush=True)
+
+    reports = run(seeds, payments_max=args.payments, on_report=show)
+    minutes = (time.perf_counter() - started) / 60
+    print(
+        f"{len(reports)} seeds, {len(failed)} failed ({len(reports) / max(minutes, 1e-9):.0f}"
+        f" seeds per minute){': ' + ', '.join(map(str, failed)) if failed else ''}"
+    )
+    return 1 if failed else 0
+
+
 def _engine_arguments(parser: argparse.ArgumentParser) -> None:
     """What every command that runs the engine needs: its configuration and secrets."""
     parser.add_argument("--config", required=True, help="engine TOML (see README)")
@@ -290,6 +326,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--crawler-day", default=None, help="CRAWLERSxREQUESTSxSITES, e.g. 100x1000x20"
     )
     bench.set_defaults(func=_bench)
+
+    campaign = sub.add_parser(
+        "campaign", help="seeded fault campaign against the in-process chain simulator"
+    )
+    campaign.add_argument("--seeds", type=int, default=100, help="how many seeds (default 100)")
+    campaign.add_argument("--start", type=int, default=0, help="first seed (default 0)")
+    campaign.add_argument("--seed", type=int, default=None, help="replay this one seed")
+    campaign.add_argument("--payments", type=int, default=40, help="most payments per seed")
+    campaign.set_defaults(func=_campaign)
 
     demo = sub.add_parser("demo", help="devchain + engine + a synthetic load of payments")
     demo.add_argument("--payments", type=int, default=5000)

@@ -13,10 +13,11 @@ import contextlib
 import functools
 import logging
 import math
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, TypeVar
 
+import msgspec
 import trio
 import trio.lowlevel
 
@@ -42,9 +43,18 @@ from .verify import PAYMENT_IDENTIFIER, Verifier, payment_identifier
 from .verify_pool import VerifyPool
 
 log = logging.getLogger("x402_engine.engine")
+T = TypeVar("T")
 
 DEDUP_GRACE_S = 60
 DEDUP_SWEEP_S = 60.0
+
+
+class SettlementStatistics(msgspec.Struct, frozen=True):
+    free_slots: int
+    slots: int
+    inflight: int
+    replacements: int
+    reorged_receipts: int
 
 
 class EngineError(RuntimeError):
@@ -229,6 +239,7 @@ class Engine:
         environ: Mapping[str, str] | None = None,
         policy: Callable[[ChainConfig], BatchPolicy] | None = None,
         chain_client: Callable[[ChainConfig], ChainClient] | None = None,
+        io_threads: bool = True,
     ) -> AsyncIterator[Engine]:
         """Start the engine: recover from the ledger, then run until the block exits.
 
@@ -236,18 +247,19 @@ class Engine:
         clock); ``environ`` replaces ``os.environ`` for signer keys; ``policy`` builds each
         chain's default batching policy (default: the one ``[policy]`` describes; payees in
         ``[[policy.payees]]`` keep their own); ``chain_client`` makes each chain's client
-        (default: JSON-RPC to ``rpc_url``; the seeded simulator passes its fake chain).
+        (default: JSON-RPC to ``rpc_url``; the seeded simulator passes its fake chain);
+        ``io_threads=False`` runs ledger I/O inline on the trio thread (deterministic
+        simulation only: it blocks the engine for every write).
         """
         validate(config)
-        ledger_sync = await trio.to_thread.run_sync(
-            functools.partial(
-                Ledger,
-                config.ledger.path,
-                journal=config.ledger.journal,
-                journal_segment_bytes_max=config.ledger.journal_segment_mb << 20,
-            )
+        open_ledger = functools.partial(
+            Ledger,
+            config.ledger.path,
+            journal=config.ledger.journal,
+            journal_segment_bytes_max=config.ledger.journal_segment_mb << 20,
         )
-        ledger = AsyncLedger(ledger_sync, flush_rows=config.ledger.flush_rows)
+        ledger_sync = await trio.to_thread.run_sync(open_ledger) if io_threads else open_ledger()
+        ledger = AsyncLedger(ledger_sync, flush_rows=config.ledger.flush_rows, threads=io_threads)
         engine = cls(config, clock or TrioWallClock(), ledger)
         if policy is not None:
             engine._policy_factory = policy
@@ -345,7 +357,7 @@ class Engine:
         recovered: Recovered,
         environ: Mapping[str, str] | None,
     ) -> None:
-        actual = await rpc.chain_id()
+        actual = await _patiently(rpc.chain_id, chain)
         if actual != chain.chain_id:
             raise ChainMismatch(f"{chain.rpc_url} is chain {actual}, configured {chain.chain_id}")
         keys = signer_keys(chain, dict(environ) if environ is not None else None)
@@ -379,7 +391,9 @@ class Engine:
                 InflightBatch(record, items, token, target, self.clock.now(), list(replacements))
             )
         for signer in signers.signers:
-            signer.next_nonce = await rpc.nonce(signer.address, "pending")
+            signer.next_nonce = await _patiently(
+                functools.partial(rpc.nonce, signer.address, "pending"), chain
+            )
         runtime = _Chain(
             chain,
             self.config,
@@ -868,6 +882,20 @@ class Engine:
     def sale_statistics(self) -> SaleStatistics:
         return self._sales.statistics()
 
+    def settlement_statistics(self) -> dict[int, SettlementStatistics]:
+        """Per chain: in-flight slots (free of total), fee-bump replacements sent and
+        receipts found no longer canonical."""
+        return {
+            cid: SettlementStatistics(
+                free_slots=c.slots.value,
+                slots=c.config.max_inflight_batches,
+                inflight=c.confirm.inflight(),
+                replacements=c.confirm.replacements_sent,
+                reorged_receipts=c.confirm.reorged_receipts,
+            )
+            for cid, c in self._chains.items()
+        }
+
     def inflight_batches(self) -> dict[int, int]:
         """Sent but unconfirmed batches per chain."""
         return {cid: c.confirm.inflight() for cid, c in self._chains.items()}
@@ -912,6 +940,24 @@ class Engine:
     async def query(self, sql: str, params: list[Any] | None = None) -> list[tuple[Any, ...]]:
         """Read-only SQL against the ledger (reports, tests)."""
         return await self._ledger.run(self._ledger.sync.query, sql, params)
+
+
+STARTUP_PATIENCE_S = 60.0
+
+
+async def _patiently(read: Callable[[], Awaitable[T]], chain: ChainConfig) -> T:
+    """A start-up read that waits for a node that is away (a restart often races the node's
+    own), up to STARTUP_PATIENCE_S, then gives up with the node's error."""
+    waited = 0.0
+    while True:
+        try:
+            return await read()
+        except RpcUnavailable as exc:
+            if waited >= STARTUP_PATIENCE_S:
+                raise
+            log.warning("chain %d: node not answering yet (%s); retrying", chain.chain_id, exc)
+        await trio.sleep(1.0)
+        waited += 1.0
 
 
 def _refused(rejected: Rejected) -> SettleAnswer:

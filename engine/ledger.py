@@ -622,10 +622,13 @@ class AsyncLedger:
     """Runs :class:`Ledger` calls in a worker thread, one at a time; journal appends run on a
     thread of their own so that an acknowledgement never waits behind a DuckDB commit."""
 
-    def __init__(self, ledger: Ledger, flush_rows: int = 20_000) -> None:
+    def __init__(self, ledger: Ledger, flush_rows: int = 20_000, *, threads: bool = True) -> None:
         assert flush_rows >= 1
         self.sync = ledger
         self.flush_rows = flush_rows
+        # threads=False runs every call inline on the trio thread: slower, but with no thread
+        # timing in the schedule (the seeded simulator's deterministic replays).
+        self.threads = threads
         self._limiter = trio.CapacityLimiter(1)
         self._journal_limiter = trio.CapacityLimiter(1)
         self._flush_wanted = trio.Event()
@@ -639,7 +642,13 @@ class AsyncLedger:
             return
         frame = encode_frame(rows)
         max_id = max(r[0] for r in rows)
-        await trio.to_thread.run_sync(journal.append, frame, max_id, limiter=self._journal_limiter)
+        if self.threads:
+            await trio.to_thread.run_sync(
+                journal.append, frame, max_id, limiter=self._journal_limiter
+            )
+        else:
+            journal.append(frame, max_id)
+            await trio.lowlevel.checkpoint()
         if self.sync.stage(rows) >= self.flush_rows:
             self._flush_wanted.set()
 
@@ -655,4 +664,8 @@ class AsyncLedger:
                 await self.run(self.sync.flush_staged)
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        if not self.threads:
+            result = fn(*args)
+            await trio.lowlevel.checkpoint()
+            return result
         return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)
