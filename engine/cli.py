@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import os
 import signal
@@ -99,7 +98,13 @@ def read_env_file(path: str | None) -> dict[str, str]:
     return env
 
 
+SHUTDOWN_GRACE_S = 10.0  # in-flight requests get this long after SIGTERM/SIGINT
+
+
 def _serve(args: argparse.Namespace) -> int:
+    """Serve until SIGTERM or SIGINT, then drain: stop accepting, let requests in flight
+    finish (acknowledgements always do: they are uncancellable), close the ledger cleanly and
+    exit 0. A second signal stops at once."""
     from .config import ConfigError, load_config
     from .service import bearer_token, run_service
 
@@ -113,20 +118,40 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
 
     async def main() -> None:
-        async with trio.open_nursery() as nursery:
-            addresses = await nursery.start(
-                lambda task_status: run_service(
-                    config,
-                    environ=environ,
-                    bind=args.bind,
-                    task_status=task_status,
-                    tune_collector=True,
-                )
-            )
-            console.print(f"x402 facilitator listening on {', '.join(addresses)}")
+        stopping = trio.Event()
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async with trio.open_nursery() as nursery:
 
-    with contextlib.suppress(KeyboardInterrupt):
-        trio.run(main)
+                async def watch_signals() -> None:
+                    async for signum in signals:
+                        if stopping.is_set():
+                            console.print("second signal: stopping now")
+                            nursery.cancel_scope.cancel()
+                            return
+                        console.print(
+                            f"{signal.Signals(signum).name}: draining (up to"
+                            f" {SHUTDOWN_GRACE_S:g} s), then stopping"
+                        )
+                        stopping.set()
+                        nursery.cancel_scope.deadline = trio.current_time() + SHUTDOWN_GRACE_S + 30
+
+                async def serve(task_status: trio.TaskStatus[list[str]]) -> None:
+                    await run_service(
+                        config,
+                        environ=environ,
+                        bind=args.bind,
+                        task_status=task_status,
+                        tune_collector=True,
+                        shutdown_trigger=stopping.wait,
+                        graceful_timeout_s=SHUTDOWN_GRACE_S,
+                    )
+                    nursery.cancel_scope.cancel()  # served and drained: stop watching
+
+                nursery.start_soon(watch_signals)
+                addresses = await nursery.start(serve)
+                console.print(f"x402 facilitator listening on {', '.join(addresses)}")
+
+    trio.run(main)
     return 0
 
 
@@ -203,6 +228,30 @@ def _report(args: argparse.Namespace) -> int:
         if args.chart:
             chart(ledger, Path(args.chart), args.decimals)
             Console().print(f"wrote {args.chart}")
+    finally:
+        ledger.close()
+    return 0
+
+
+def _salvage_journal(args: argparse.Namespace) -> int:
+    """Keep every intact frame of a damaged journal; set the damaged segments aside."""
+    from .config import load_config
+    from .ledger import Ledger
+
+    path = args.ledger or load_config(args.config).ledger.path
+    if not Path(path).exists() and not Path(path + ".journal").exists():
+        raise SystemExit(f"no ledger at {path}")
+    ledger = Ledger(path, salvage=True)
+    try:
+        report = ledger.salvaged
+        assert report is not None
+        print(
+            f"{report.frames} intact frames, {report.rows} payments recovered into {path}"
+            f" ({ledger.replayed} were not in the ledger yet); {report.damaged_bytes} damaged"
+            f" bytes skipped"
+        )
+        for aside in report.set_aside:
+            print(f"damaged segment kept at {aside}")
     finally:
         ledger.close()
     return 0
@@ -313,6 +362,14 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--decimals", type=int, default=6, help="token decimals for the chart")
     report.set_defaults(func=_report)
 
+    salvage = sub.add_parser(
+        "salvage-journal", help="recover every intact frame of a damaged journal into the ledger"
+    )
+    salvage_source = salvage.add_mutually_exclusive_group(required=True)
+    salvage_source.add_argument("--config", help="engine TOML: its [ledger] path")
+    salvage_source.add_argument("--ledger", help="a ledger file (the engine stopped)")
+    salvage.set_defaults(func=_salvage_journal)
+
     bench = sub.add_parser("bench", help="run the benchmark scenarios (see benchmarks/)")
     bench.add_argument("--quick", action="store_true", help="small sizes, about a minute")
     bench.add_argument(
@@ -356,8 +413,28 @@ def main(argv: list[str] | None = None) -> int:
         filename=args.log_file,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    code: int = args.func(args)
+    from .config import ConfigError
+    from .journal import JournalCorrupt
+
+    try:
+        code: int = args.func(args)
+    except BaseException as exc:
+        leaf = _single(exc)
+        if isinstance(leaf, ConfigError):  # the operator's input: one line, usage exit code
+            print(f"x402-engine {args.command}: {leaf}", file=sys.stderr)
+            return 2
+        if isinstance(leaf, JournalCorrupt):
+            print(f"x402-engine {args.command}: {leaf}", file=sys.stderr)
+            return 1
+        raise
     return code
+
+
+def _single(exc: BaseException) -> BaseException:
+    """The one exception inside (nested) single-member exception groups, or ``exc``."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
 
 
 if __name__ == "__main__":

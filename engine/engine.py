@@ -46,6 +46,7 @@ log = logging.getLogger("x402_engine.engine")
 T = TypeVar("T")
 
 DEDUP_GRACE_S = 60
+ID_BLOCK = 10_000  # payment ids reserved per ledger write
 DEDUP_SWEEP_S = 60.0
 
 
@@ -221,6 +222,8 @@ class Engine:
         self._recorder = Recorder(ledger, self._tracker, clock)
         self._chains: dict[int, _Chain] = {}
         self._next_id = 1
+        self._id_ceiling = 0  # highest id reserved in the ledger
+        self._id_lock = trio.Lock()
         self._intake_pending: dict[int, Group] = {}  # record id -> group not yet durable
         self._intake: IntakeStage | None = None
         self._policy_factory: Callable[[ChainConfig], BatchPolicy] = lambda _chain: schedule_policy(
@@ -337,6 +340,7 @@ class Engine:
 
     async def _restore_dedup(self, recovered: Recovered) -> None:
         self._next_id = recovered.next_payment_id
+        self._id_ceiling = recovered.next_payment_id - 1
         since = int(self.clock.now()) - DEDUP_GRACE_S
         live = await self._ledger.run(self._ledger.sync.live_final_payments, since)
         sales = {
@@ -534,10 +538,16 @@ class Engine:
                     results[i] = rejected
                     continue
                 assert payment is not None
-                # Wait for room before claiming, so that claim, admission and registration
-                # happen with no checkpoint in between: a concurrent identical submit then
-                # always finds the group to wait on and is never acknowledged early.
-                await self._intake.wait_for_room()
+                # Wait for room (and an id reserved) before claiming, so that claim, admission
+                # and registration happen with no checkpoint in between: a concurrent identical
+                # submit then always finds the group to wait on and is never acknowledged early.
+                while True:
+                    if self._next_id > self._id_ceiling:
+                        await self._reserve_ids()
+                        continue
+                    await self._intake.wait_for_room()
+                    if self._next_id <= self._id_ceiling:
+                        break
                 rid = self._next_id
                 claim, owner = self._dedup.claim(payment, rid)
                 if claim is Claim.CONFLICT:
@@ -806,6 +816,17 @@ class Engine:
             rid,
             state=current.state if current else None,
         )
+
+    async def _reserve_ids(self) -> None:
+        """Reserve the next block of payment ids in the ledger before handing any out (ids
+        never repeat, whatever a damaged journal loses)."""
+        async with self._id_lock:
+            if self._next_id <= self._id_ceiling:
+                return  # another caller reserved meanwhile
+            upto = self._next_id + ID_BLOCK - 1
+            self._id_ceiling = await self._ledger.run(
+                self._ledger.sync.reserve_ids, upto, int(self.clock.now() * 1000)
+            )
 
     def _check_credit(self, payment: Payment, read_error: str | None) -> Rejected | None:
         """Refuse a payment that would lend the payer more than they hold (or the cap).

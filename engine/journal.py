@@ -8,10 +8,13 @@ group costs about 0.3 ms (measured on this machine), which is what the acknowled
 needs.
 
 Layout: ``<ledger>.journal/`` holds ``<seq>.seg`` files. A frame is ``length (u32 LE) ||
-crc32 (u32 LE) || msgpack rows``. A segment is closed when it outgrows ``segment_bytes_max``
-and deleted once the ledger holds every record in it. On open, every frame is read back: a torn
-frame at the very end of the newest segment (a crash mid-write, never acknowledged) is cut off;
-a bad frame anywhere else is corruption and stops the start-up.
+crc32 (u32 LE) || msgpack rows`` (never empty). A segment is closed when it outgrows
+``segment_bytes_max`` and deleted once the ledger holds every record in it. On open, every
+frame is read back. Damage with no intact frame after it, at the end of the newest segment, is
+a write a crash cut short (or a tail a power loss left zero-filled): it was never acknowledged
+and is cut off. Damage anywhere else, or followed by any intact frame, is corruption: the start
+stops and names the place; ``x402-engine salvage-journal`` then keeps every intact frame and sets
+the damaged segment aside.
 
 Thread-safety: :meth:`append` runs on one writer thread; :meth:`release_through` may run on
 another (the ledger's); a lock guards the segment list.
@@ -19,6 +22,7 @@ another (the ledger's); a lock guards the segment list.
 
 from __future__ import annotations
 
+import logging
 import os
 import struct
 import threading
@@ -30,6 +34,7 @@ import msgspec
 
 from .model import Payment, PaymentTuple, payment_from_tuple, payment_to_tuple
 
+log = logging.getLogger("x402_engine.journal")
 _HEADER = struct.Struct("<II")
 _SUFFIX = ".seg"
 
@@ -42,7 +47,19 @@ JournalRow = tuple[int, Payment, int]  # (record id, payment, accepted_at_ms), a
 
 
 class JournalCorrupt(RuntimeError):
-    """A frame other than the newest one is damaged: refuse to start rather than lose it."""
+    """A damaged frame with intact frames after it (or in an older segment): refuse to start
+    rather than lose acknowledged payments."""
+
+
+_FRAME_BYTES_MAX = 1 << 26  # far above a group of group_max rows
+_ARRAY_MARKERS = frozenset([*range(0x90, 0xA0), 0xDC, 0xDD])  # a msgpack array starts a body
+
+
+class SalvageReport(msgspec.Struct):
+    frames: int  # intact frames recovered
+    rows: int
+    damaged_bytes: int  # bytes skipped as damaged
+    set_aside: list[Path]  # damaged segments, moved out of the journal (kept, not deleted)
 
 
 def encode_frame(rows: Sequence[JournalRow]) -> bytes:
@@ -51,19 +68,43 @@ def encode_frame(rows: Sequence[JournalRow]) -> bytes:
     return _HEADER.pack(len(body), zlib.crc32(body)) + body
 
 
+def _frame_at(data: bytes, offset: int) -> tuple[list[JournalRow], int] | None:
+    """The rows of an intact frame at ``offset`` and where it ends, or None."""
+    if offset + _HEADER.size > len(data):
+        return None
+    length, crc = _HEADER.unpack_from(data, offset)
+    start = offset + _HEADER.size
+    if length == 0 or length > _FRAME_BYTES_MAX or start + length > len(data):
+        return None  # never written empty (a zero-filled tail passes the CRC otherwise)
+    if data[start] not in _ARRAY_MARKERS:
+        return None
+    body = data[start : start + length]
+    if zlib.crc32(body) != crc:
+        return None
+    try:
+        decoded = _decoder.decode(body)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return None
+    return [(rid, payment_from_tuple(t), at_ms) for rid, at_ms, t in decoded], start + length
+
+
 def decode_frames(data: bytes) -> tuple[list[JournalRow], int]:
-    """Rows of every intact frame, and the offset where intact frames end."""
+    """Rows of every intact frame from the start, and the offset where intact frames end."""
     rows: list[JournalRow] = []
     offset = 0
-    while offset + _HEADER.size <= len(data):
-        length, crc = _HEADER.unpack_from(data, offset)
-        start = offset + _HEADER.size
-        body = data[start : start + length]
-        if len(body) < length or zlib.crc32(body) != crc:
-            break
-        rows.extend((rid, payment_from_tuple(t), at_ms) for rid, at_ms, t in _decoder.decode(body))
-        offset = start + length
+    while (found := _frame_at(data, offset)) is not None:
+        rows.extend(found[0])
+        offset = found[1]
     return rows, offset
+
+
+def _next_intact(data: bytes, offset: int) -> int | None:
+    """The offset of the first intact frame at or after ``offset`` (a byte-wise search, only
+    ever run over damage)."""
+    for at in range(offset, len(data) - _HEADER.size + 1):
+        if _frame_at(data, at) is not None:
+            return at
+    return None
 
 
 class Journal:
@@ -86,21 +127,70 @@ class Journal:
         self.syncs = 0
 
     def replay(self) -> list[JournalRow]:
-        """Every durable row of every segment, oldest first (cuts a torn tail off)."""
+        """Every durable row of every segment, oldest first. Cuts off a tail that a crash
+        left unfinished; raises :class:`JournalCorrupt` for any other damage."""
         segments = self._segments()
         rows: list[JournalRow] = []
         for i, path in enumerate(segments):
             data = path.read_bytes()
             found, end = decode_frames(data)
             if end != len(data):
-                if i != len(segments) - 1:
-                    raise JournalCorrupt(f"{path}: damaged frame at byte {end} of {len(data)}")
-                # A crash during the last append: that group was never acknowledged.
+                intact_after = _next_intact(data, end + 1)
+                if i != len(segments) - 1 or intact_after is not None:
+                    where = (
+                        f"an intact frame follows at byte {intact_after}"
+                        if intact_after is not None
+                        else "in an older segment"
+                    )
+                    raise JournalCorrupt(
+                        f"journal segment {path} is damaged at byte {end} of {len(data)} ({where}):"
+                        " acknowledged payments may be in it. Stop, copy the journal directory"
+                        " aside, then run `x402-engine salvage-journal --config <engine.toml>` to"
+                        " keep every intact frame (the damaged segment is moved to damaged/)"
+                    )
+                # A crash during the last append (or a zero-filled tail after a power loss):
+                # that group was never acknowledged.
+                log.warning(
+                    "journal %s: cutting %d bytes of an unfinished last write",
+                    path,
+                    len(data) - end,
+                )
                 with open(path, "r+b") as f:
                     f.truncate(end)
                     os.fsync(f.fileno())
             rows.extend(found)
         return rows
+
+    def salvage(self) -> tuple[list[JournalRow], SalvageReport]:
+        """Every intact frame of every segment, skipping damage; damaged segments are moved to
+        ``damaged/`` inside the journal directory (the caller writes the rows to the ledger)."""
+        rows: list[JournalRow] = []
+        frames = 0
+        damaged = 0
+        aside: list[Path] = []
+        for path in self._segments():
+            data = path.read_bytes()
+            offset = 0
+            skipped = 0
+            while offset < len(data):
+                found = _frame_at(data, offset)
+                if found is not None:
+                    rows.extend(found[0])
+                    frames += 1
+                    offset = found[1]
+                    continue
+                nxt = _next_intact(data, offset + 1)
+                end = len(data) if nxt is None else nxt
+                skipped += end - offset
+                offset = end
+            if skipped:
+                damaged += skipped
+                target = self.directory / "damaged" / path.name
+                target.parent.mkdir(exist_ok=True)
+                path.rename(target)
+                aside.append(target)
+        _sync_directory(self.directory)
+        return rows, SalvageReport(frames, len(rows), damaged, aside)
 
     def reset(self) -> None:
         """Delete every segment (call once the ledger holds all their rows)."""

@@ -25,7 +25,7 @@ import msgspec
 import pyarrow as pa
 import trio
 
-from .journal import Journal, JournalRow, encode_frame
+from .journal import Journal, JournalRow, SalvageReport, encode_frame
 from .model import Outcome, Payment, Sale, hex_addr
 
 T = TypeVar("T")
@@ -84,6 +84,10 @@ CREATE TABLE IF NOT EXISTS batch_transactions (
     at_ms BIGINT NOT NULL,
     tx_hash VARCHAR NOT NULL,
     raw_tx BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS id_reservations (
+    ceiling BIGINT NOT NULL,
+    at_ms BIGINT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS batch_events (
     seq BIGINT NOT NULL,
@@ -198,7 +202,12 @@ class Ledger:
     payments are durable without a DuckDB commit each (ignored for ``:memory:``)."""
 
     def __init__(
-        self, path: str | Path, *, journal: bool = True, journal_segment_bytes_max: int = 64 << 20
+        self,
+        path: str | Path,
+        *,
+        journal: bool = True,
+        journal_segment_bytes_max: int = 64 << 20,
+        salvage: bool = False,
     ) -> None:
         self.path = str(path)
         if self.path != ":memory:":
@@ -215,10 +224,15 @@ class Ledger:
         self._staged: list[JournalRow] = []
         self._staged_lock = threading.Lock()
         self.replayed = 0
+        self.salvaged: SalvageReport | None = None
         self.journal: Journal | None = None
         if journal and self.path != ":memory:":
             self.journal = Journal(Path(self.path + ".journal"), journal_segment_bytes_max)
-            self.replayed = self._insert_missing(self.journal.replay())
+            if salvage:  # the operator's recovery: every intact frame, damage set aside
+                rows, self.salvaged = self.journal.salvage()
+            else:
+                rows = self.journal.replay()
+            self.replayed = self._insert_missing(rows)
             self.journal.reset()  # DuckDB holds every replayed row now
 
     def close(self) -> None:
@@ -326,6 +340,23 @@ class Ledger:
             self._write_events(events, at_ms)
 
         self._in_transaction(work)
+
+    def reserve_ids(self, upto: int, at_ms: int = 0) -> int:
+        """Make ``upto`` the highest payment id ever handed out, durably, before any id up to
+        it is: however many journaled payments a damaged journal loses, the next start
+        allocates above every id that could have been acknowledged. Returns the ceiling."""
+
+        def work() -> None:
+            self._con.execute("INSERT INTO id_reservations VALUES (?, ?)", [upto, at_ms])
+
+        if upto > self._id_ceiling():
+            self._in_transaction(work)
+        return self._id_ceiling()
+
+    def _id_ceiling(self) -> int:
+        row = self._con.execute("SELECT coalesce(max(ceiling), 0) FROM id_reservations").fetchone()
+        assert row is not None
+        return int(row[0])
 
     def record_replacement(self, batch_id: int, tx_hash: str, raw_tx: bytes, at_ms: int) -> None:
         """Write-ahead: a replacement of a sent batch (same account nonce, higher fees), before
@@ -440,8 +471,9 @@ class Ledger:
                 [min(b.id for b in open_batches)],
             ).fetchall():
                 replacements.setdefault(int(batch_id), []).append((str(tx_hash), bytes(raw)))
+        next_payment_id = max(int(ids[0]), self._id_ceiling()) + 1  # ids never repeat
         return Recovered(
-            open_payments, open_batches, int(ids[0]) + 1, int(ids[1]) + 1, replacements
+            open_payments, open_batches, next_payment_id, int(ids[1]) + 1, replacements
         )
 
     def live_final_payments(self, valid_before_min: int) -> list[tuple[int, Payment]]:

@@ -185,13 +185,15 @@ class App:
         return "other", error(404, "not found")
 
 
-def hypercorn_config(service: ServiceConfig, bind: str) -> HypercornConfig:
+def hypercorn_config(
+    service: ServiceConfig, bind: str, graceful_timeout_s: float = 5.0
+) -> HypercornConfig:
     hc = HypercornConfig()
     hc.bind = [bind]
     hc.h11_max_incomplete_size = service.header_max_bytes
     hc.accesslog = None
     hc.errorlog = log
-    hc.graceful_timeout = 5.0
+    hc.graceful_timeout = graceful_timeout_s
     hc.backlog = service.backlog  # bursts of new connections beyond this wait for SYN retries
     return hc
 
@@ -204,6 +206,7 @@ async def run_service(
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
     shutdown_trigger: Callable[[], Awaitable[None]] | None = None,
     tune_collector: bool = False,
+    graceful_timeout_s: float = 5.0,
 ) -> None:
     """Open the engine and serve HTTP until cancelled (or ``shutdown_trigger`` returns).
     ``task_status.started`` receives the bound addresses. ``tune_collector`` applies
@@ -215,7 +218,7 @@ async def run_service(
         with tuned_gc() if tune_collector else contextlib.nullcontext():
             await hypercorn_serve(
                 app,  # type: ignore[arg-type]
-                hypercorn_config(config.service, address),
+                hypercorn_config(config.service, address, graceful_timeout_s),
                 shutdown_trigger=shutdown_trigger,
                 task_status=task_status,
             )

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.journal import Journal, JournalCorrupt, decode_frames, encode_frame
+from engine.journal import Journal, JournalCorrupt, JournalRow, decode_frames, encode_frame
 from engine.ledger import Ledger
 
 from .test_ledger import _payment
@@ -122,4 +122,92 @@ def test_acknowledged_payments_survive_sigkill_before_any_duckdb_flush(tmp_path:
     recovered = ledger.recover()
     assert [op.id for op in recovered.open_payments] == list(range(1, 501))
     assert {op.payment.value for op in recovered.open_payments} == set(range(1001, 1051))
+    ledger.close()
+
+
+def _three_frames(tmp_path: Path) -> tuple[Path, list[list[JournalRow]]]:
+    journal = Journal(tmp_path / "j")
+    groups = [[(k * 10 + i, _payment(), k) for i in range(1, 4)] for k in range(3)]
+    for rows in groups:
+        journal.append(encode_frame(rows), rows[-1][0])
+    journal.close()
+    return sorted((tmp_path / "j").iterdir())[0], groups
+
+
+def test_a_damaged_frame_followed_by_intact_ones_stops_the_start(tmp_path: Path) -> None:
+    segment, groups = _three_frames(tmp_path)
+    data = bytearray(segment.read_bytes())
+    data[len(encode_frame(groups[0])) + 20] ^= 0x01  # one bit, inside the second frame
+    segment.write_bytes(bytes(data))
+    with pytest.raises(JournalCorrupt, match="salvage"):
+        Journal(tmp_path / "j").replay()
+    assert segment.read_bytes() == bytes(data)  # nothing was cut or deleted
+
+
+def test_salvage_keeps_every_intact_frame_and_sets_the_damage_aside(tmp_path: Path) -> None:
+    segment, groups = _three_frames(tmp_path)
+    data = bytearray(segment.read_bytes())
+    data[len(encode_frame(groups[0])) + 20] ^= 0x01
+    segment.write_bytes(bytes(data))
+    journal = Journal(tmp_path / "j")
+    rows, report = journal.salvage()
+    assert rows == groups[0] + groups[2]
+    assert report.frames == 2 and report.damaged_bytes == len(encode_frame(groups[1]))
+    assert report.set_aside and all(p.exists() for p in report.set_aside)
+    assert Journal(tmp_path / "j").replay() == []  # the damaged segment is out of the way
+
+
+def test_a_zero_filled_tail_is_cut_like_a_torn_write(tmp_path: Path) -> None:
+    segment, groups = _three_frames(tmp_path)
+    with open(segment, "ab") as f:
+        f.write(bytes(4096))  # a power loss that extended the file but wrote no data
+    assert Journal(tmp_path / "j").replay() == [r for g in groups for r in g]
+    assert segment.stat().st_size == sum(len(encode_frame(g)) for g in groups)
+
+
+def test_settlement_ids_never_repeat_after_journal_loss(tmp_path: Path) -> None:
+    path = tmp_path / "l.duckdb"
+    ledger = Ledger(path)
+    assert ledger.reserve_ids(3) >= 3  # the engine reserves before it hands out ids 1..3
+    assert ledger.journal is not None
+    ledger.journal.append(encode_frame([(i, _payment(), i) for i in (1, 2, 3)]), 3)
+    ledger.journal.close()
+    ledger._con.close()  # a crash: DuckDB never took those rows
+    for segment in (tmp_path / "l.duckdb.journal").iterdir():
+        segment.unlink()  # ... and the journal is lost (or salvaged without them)
+    reopened = Ledger(path)
+    assert reopened.query("SELECT count(*) FROM payments") == [(0,)]
+    assert reopened.recover().next_payment_id > 3  # never 1, 2 or 3 again
+    reopened.close()
+
+
+def test_a_damaged_ledger_refuses_to_open_and_the_salvage_command_recovers_it(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "l.duckdb"
+    Ledger(path).close()
+    journal = Journal(tmp_path / "l.duckdb.journal")
+    groups = [[(k * 10 + i, _payment(), k) for i in range(1, 4)] for k in range(3)]
+    for rows in groups:
+        journal.append(encode_frame(rows), rows[-1][0])
+    journal.close()
+    segment = sorted((tmp_path / "l.duckdb.journal").glob("*.seg"))[0]
+    data = bytearray(segment.read_bytes())
+    data[len(encode_frame(groups[0])) + 30] ^= 0x10
+    segment.write_bytes(bytes(data))
+    with pytest.raises(JournalCorrupt):
+        Ledger(path)
+    done = subprocess.run(
+        [sys.executable, "-m", "engine.cli", "salvage-journal", "--ledger", str(path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "2 intact frames, 6 payments recovered" in done.stdout, done.stdout
+    ledger = Ledger(path)
+    ids = [r[0] for r in ledger.query("SELECT id FROM payments ORDER BY id")]
+    assert ids == [1, 2, 3, 21, 22, 23]
+    assert ledger.recover().next_payment_id == 24
     ledger.close()
