@@ -64,6 +64,7 @@ class BatchStage:
         self._drain: set[tuple[bytes, bytes | None]] = set()  # pools to empty now (settle_now)
         self._own = frozenset(self._payee_policies)
         self.batches_planned = 0
+        self.blocked_since: float | None = None  # a planned batch waits for the submit stage
 
     def depth(self) -> int:
         return sum(len(p) for p in self._pools.values())
@@ -165,7 +166,9 @@ class BatchStage:
                     decision = self._decide(key, pool, self._clock.now())
                     if decision.batch:
                         self.batches_planned += 1
+                        self.blocked_since = self._clock.now()
                         await self._send.send(Batch(key[0], decision.batch))
+                        self.blocked_since = None
                         self._space.set()
                         sent = True
                     if decision.wake_at is not None:

@@ -149,6 +149,9 @@ class ServiceConfig(msgspec.Struct, forbid_unknown_fields=True):
     backlog: int = 2048  # pending TCP connections the listener queues
     bearer_token_env: str = ""  # env var with the token /verify and /settle then require
     allow_public_without_token: bool = False  # listen beyond loopback with no token
+    # /healthz answers 503 when work waits (batches in flight, a batch waiting to be sent) and
+    # nothing has progressed (no batch sent, no payment final) for this long.
+    stall_after_s: float = 120.0
 
 
 class EngineConfig(msgspec.Struct, forbid_unknown_fields=True):
@@ -209,6 +212,8 @@ def validate(config: EngineConfig) -> EngineConfig:
         _check_schedule(schedule, where)
     for payee in config.service.payee_settlement:
         _check_address(payee, "service.payee_settlement")
+    if config.service.stall_after_s <= 0:
+        raise ConfigError("service.stall_after_s must be > 0")
     if config.service.settle_timeout_s <= 0 or config.service.body_max_bytes < 1024:
         raise ConfigError("service: settle_timeout_s must be > 0 and body_max_bytes >= 1024")
     if config.credit.refresh_s <= 0 or config.credit.balance_max_age_s <= 0:

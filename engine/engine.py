@@ -58,6 +58,44 @@ class SettlementStatistics(msgspec.Struct, frozen=True):
     reorged_receipts: int
 
 
+class Health(msgspec.Struct, frozen=True):
+    ok: bool
+    reason: str  # "" when ok
+    pending: int
+    since_progress_s: float
+
+
+def judge_health(
+    *,
+    now: float,
+    last_progress: float,
+    pending: int,
+    inflight: int,
+    queued: int,
+    blocked_since: float | None,
+    free_slots: int,
+    slots: int,
+    stall_after_s: float,
+) -> Health:
+    """Stalled: work waits (batches in flight, or a planned batch waiting for the submit
+    stage) and nothing progressed (no batch sent, no payment final) for ``stall_after_s``.
+    Payments that wait for their schedule are not work waiting (pure)."""
+    idle = max(0.0, now - last_progress)
+    waiting = inflight > 0 or blocked_since is not None
+    if not waiting or idle < stall_after_s:
+        return Health(True, "", pending, idle)
+    parts = [f"no batch sent and no payment final for {idle:.0f} s"]
+    if inflight:
+        parts.append(f"{inflight} batches in flight without a final receipt")
+    if blocked_since is not None:
+        parts.append(f"a batch waiting {now - blocked_since:.0f} s to be sent")
+    parts.append(f"{free_slots} of {slots} in-flight slots free")
+    if free_slots == 0 and inflight == 0:
+        parts.append("(slots taken with nothing in flight: leaked)")
+    parts.append(f"{queued} payments queued, {pending} not final")
+    return Health(False, "; ".join(parts), pending, idle)
+
+
 class EngineError(RuntimeError):
     """The engine cannot do what was asked (e.g. the ledger refused a write)."""
 
@@ -902,6 +940,24 @@ class Engine:
 
     def sale_statistics(self) -> SaleStatistics:
         return self._sales.statistics()
+
+    def health(self, stall_after_s: float | None = None) -> Health:
+        """Whether settlement is moving (see :func:`judge_health`), over all chains."""
+        limit = self.config.service.stall_after_s if stall_after_s is None else stall_after_s
+        stats = self.settlement_statistics()
+        blocked = [c.batch.blocked_since for c in self._chains.values()]
+        waiting = [b for b in blocked if b is not None]
+        return judge_health(
+            now=self.clock.now(),
+            last_progress=self._tracker.last_progress,
+            pending=self._tracker.pending(),
+            inflight=sum(s.inflight for s in stats.values()),
+            queued=sum(self.queue_depths().values()),
+            blocked_since=min(waiting) if waiting else None,
+            free_slots=sum(s.free_slots for s in stats.values()),
+            slots=sum(s.slots for s in stats.values()),
+            stall_after_s=limit,
+        )
 
     def settlement_statistics(self) -> dict[int, SettlementStatistics]:
         """Per chain: in-flight slots (free of total), fee-bump replacements sent and

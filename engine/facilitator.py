@@ -208,7 +208,17 @@ class Facilitator:
         )
 
     def healthz(self) -> Response:
-        return 200, _encoder.encode({"status": "ok", "pending": self.engine.statistics().pending})
+        health = self.engine.health()
+        if health.ok:
+            return 200, _encoder.encode({"status": "ok", "pending": health.pending})
+        return 503, _encoder.encode(
+            {
+                "status": "stalled",
+                "reason": health.reason,
+                "pending": health.pending,
+                "sinceProgressS": round(health.since_progress_s, 1),
+            }
+        )
 
     def metrics(self) -> Response:
         stats = self.engine.statistics()

@@ -60,6 +60,8 @@ class Tracker:
         self.settle_latency = Histogram()  # acceptance to final state, seconds
         self.on_final: list[Callable[[PendingItem], None]] = []  # called once per final item
         self._clock = clock
+        # When work last moved forward (a batch sent, a payment final): stall detection.
+        self.last_progress = clock.now() if clock is not None else 0.0
 
     def track(self, item: PendingItem, state: str = "accepted", tx_hash: str | None = None) -> None:
         self._live[item.id] = (item, state, tx_hash)
@@ -85,9 +87,13 @@ class Tracker:
         p = item.payment
         if event.state not in FINAL_STATES:
             if event.state == "accepted":
-                self.requeued += 1
+                self.requeued += 1  # handed back: not progress
+            elif self._clock is not None:
+                self.last_progress = self._clock.now()
             self._live[item.id] = (item, event.state, event.tx_hash)
             return
+        if self._clock is not None:
+            self.last_progress = self._clock.now()
         outcome = Outcome(
             id=item.id,
             state=event.state,
