@@ -52,6 +52,27 @@ class InflightBatch(msgspec.Struct):
         return self.replacements[-1][1] if self.replacements else self.record.raw_tx
 
 
+class Triage(msgspec.Struct, frozen=True):
+    late: list[PendingItem]  # can no longer be sent before validBefore
+    exhausted: list[PendingItem]  # tried in ATTEMPTS_MAX batches already
+    send: list[PendingItem]  # the rest, each counting one more attempt
+
+
+def triage(items: list[PendingItem], now: float) -> Triage:
+    """What a planned batch still sends (pure)."""
+    late = [i for i in items if i.payment.valid_before <= now + SEND_MARGIN_S]
+    timely = [i for i in items if i.payment.valid_before > now + SEND_MARGIN_S]
+    return Triage(
+        late=late,
+        exhausted=[i for i in timely if i.attempts >= ATTEMPTS_MAX],
+        send=[
+            msgspec.structs.replace(i, attempts=i.attempts + 1)
+            for i in timely
+            if i.attempts < ATTEMPTS_MAX
+        ],
+    )
+
+
 class BatchIds:
     """Allocates batch ids (one counter for all chains)."""
 
@@ -97,23 +118,20 @@ class SubmitStage:
                 await self._process(batch.token, batch.items)
 
     async def _process(self, token: bytes, items: list[PendingItem]) -> None:
-        now = self._clock.now()
-        late = [i for i in items if i.payment.valid_before <= now + SEND_MARGIN_S]
-        if late:
+        sorted_out = triage(items, self._clock.now())
+        if sorted_out.late:
             await self._recorder.fail(
-                late, reasons.VALID_BEFORE, "authorization expired before it could be sent"
+                sorted_out.late,
+                reasons.VALID_BEFORE,
+                "authorization expired before it could be sent",
             )
-        items = [i for i in items if i.payment.valid_before > now + SEND_MARGIN_S]
-        exhausted = [i for i in items if i.attempts >= ATTEMPTS_MAX]
-        if exhausted:
+        if sorted_out.exhausted:
             await self._recorder.fail(
-                exhausted, reasons.UNEXPECTED_SETTLE, f"not settled after {ATTEMPTS_MAX} batches"
+                sorted_out.exhausted,
+                reasons.UNEXPECTED_SETTLE,
+                f"not settled after {ATTEMPTS_MAX} batches",
             )
-        items = [
-            msgspec.structs.replace(i, attempts=i.attempts + 1)
-            for i in items
-            if i.attempts < ATTEMPTS_MAX
-        ]
+        items = sorted_out.send
         if not items:
             return
         self._handled = set()
