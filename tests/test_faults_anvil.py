@@ -92,16 +92,19 @@ async def test_batch_whose_block_is_reorganised_away_settles_once_on_the_canonic
         result = await engine.submit(payload, req)
         assert isinstance(result, Accepted)
         with trio.fail_after(30):  # mined (automine), not yet final with 3 confirmations
-            while await count_authorization_used(rpc, dev.token, payer, nonce) == 0:
+            while not (sent := await engine.status(result.id)) or not sent.tx_hash:
+                await trio.sleep(0.05)
+            while (first := (await rpc.receipts([sent.tx_hash]))[0]) is None:
                 await trio.sleep(0.05)
         await rpc.call("anvil_reorg", [1, []])  # that block is replaced by an empty one
-        assert await count_authorization_used(rpc, dev.token, payer, nonce) == 0
+        assert await rpc.block_hash(int(first.block_number, 16)) != first.block_hash
         await _mine_until_final(rpc, engine, result.id)
         outcome = await engine.status(result.id)
         assert outcome is not None and outcome.state == "settled", outcome
         receipt = (await rpc.receipts([outcome.tx_hash or ""]))[0]
         assert receipt is not None and outcome.block_number is not None
         assert await rpc.block_hash(outcome.block_number) == receipt.block_hash  # canonical
+        assert receipt.block_hash != first.block_hash  # mined again, in another block
     assert await count_authorization_used(rpc, dev.token, payer, nonce) == 1
     assert (await balances(rpc, dev.token, [dev.payee]))[0] - before == VALUE
     await rpc.aclose()

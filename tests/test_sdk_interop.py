@@ -219,7 +219,7 @@ def test_sdk_retry_after_settlement_pending_is_credited_exactly_once(tmp_path: P
     success; the content is served once and the merchant is paid once."""
     import threading
 
-    service = ServiceConfig(settle_timeout_s=4.0)
+    service = ServiceConfig(settle_timeout_s=8.0)  # the retry's margin for the resumed mining
     with running_service(tmp_path, payers=2, service=service) as svc:
         dev = svc.dev
         with _resource_server(svc) as url:
