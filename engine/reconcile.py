@@ -13,7 +13,7 @@ from __future__ import annotations
 from . import codec
 from .ledger import PaymentEvent
 from .policy import PendingItem
-from .rpc import ChainClient
+from .rpc import ChainClient, RpcUnavailable
 
 LOG_LOOKBACK_BLOCKS = 50_000
 
@@ -32,7 +32,11 @@ async def settled_elsewhere(
     if tx_hash is None:
         return failed  # cancelled, or used beyond the look-back
     [receipt] = await rpc.receipts([tx_hash])
-    if receipt is None or not codec.transfer_in_receipt(receipt, token, p.payer, p.payee, p.value):
+    if receipt is None:
+        # The node logged the use but cannot show the transaction (lagging, or mid-reorg):
+        # undecided, not failed. The caller keeps the payment and asks again.
+        raise RpcUnavailable(f"receipt of {tx_hash}, which used payment {item.id}'s nonce")
+    if not codec.transfer_in_receipt(receipt, token, p.payer, p.payee, p.value):
         return failed
     return PaymentEvent(
         item.id,

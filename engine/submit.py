@@ -126,11 +126,7 @@ class SubmitStage:
                 "authorization expired before it could be sent",
             )
         if sorted_out.exhausted:
-            await self._recorder.fail(
-                sorted_out.exhausted,
-                reasons.UNEXPECTED_SETTLE,
-                f"not settled after {ATTEMPTS_MAX} batches",
-            )
+            await self._fail_exhausted(token, sorted_out.exhausted)
         items = sorted_out.send
         if not items:
             return
@@ -151,6 +147,40 @@ class SubmitStage:
             )
             if rest:
                 await self._give_back(rest, f"RPC trouble before sending: {exc}")
+
+    async def _fail_exhausted(self, token: bytes, items: list[PendingItem]) -> None:
+        """Items tried in ATTEMPTS_MAX batches fail, unless the chain shows them paid (a batch
+        of theirs, or someone else, used the nonce while the node was not answering well)."""
+        try:
+            used = await self._rpc.authorization_states(
+                token, [(i.payment.payer, i.payment.nonce) for i in items]
+            )
+            events = []
+            for item, is_used in zip(items, used, strict=True):
+                failed = PaymentEvent(
+                    item.id,
+                    "failed",
+                    reason=reasons.UNEXPECTED_SETTLE,
+                    message=f"not settled after {ATTEMPTS_MAX} batches",
+                )
+                if is_used:
+                    failed = await settled_elsewhere(
+                        self._rpc,
+                        token,
+                        item,
+                        PaymentEvent(
+                            item.id,
+                            "failed",
+                            reason=reasons.NONCE_USED,
+                            message="authorization used or cancelled outside this engine",
+                        ),
+                    )
+                events.append(failed)
+        except (RpcUnavailable, RpcError) as exc:
+            log.warning("%d exhausted items wait: the chain cannot be asked: %s", len(items), exc)
+            await self._give_back(items, f"undecided: {exc}")
+            return
+        await self._recorder.events(list(zip(items, events, strict=True)))
 
     async def _give_back(self, items: list[PendingItem], message: str) -> None:
         await self._recorder.requeued(items, message)
