@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from .clock import Clock, ManualClock, SystemClock, TrioWallClock
 from .config import ConfigError, EngineConfig, load_config
-from .engine import ChainMismatch, Engine, EngineError
+from .engine import Engine
 from .gctune import tuned_gc
 from .handle import EngineHandle
-from .model import Accepted, Outcome, Rejected, SettleAnswer
+from .model import Accepted, ChainMismatch, EngineError, Outcome, Rejected, SettleAnswer
 from .outcomes import Statistics
 
 __all__ = [

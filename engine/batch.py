@@ -14,27 +14,13 @@ from __future__ import annotations
 
 import math
 
-import msgspec
 import trio
 
 from .clock import Clock
-from .policy import (
-    BatchPolicy,
-    ImmediatePolicy,
-    Limits,
-    PendingItem,
-    PendingPool,
-    Plan,
-    needs_payer_max,
-    plan,
-)
+from .model import Batch, PendingItem
+from .policy import BatchPolicy, ImmediatePolicy, Limits, PendingPool, Plan, needs_payer_max, plan
 
 _NOW = ImmediatePolicy(0.0)  # due whenever anything is ready
-
-
-class Batch(msgspec.Struct):
-    token: bytes
-    items: list[PendingItem]
 
 
 class BatchStage:

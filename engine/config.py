@@ -21,10 +21,29 @@ Example (see README.md for every field)::
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
 import msgspec
+
+SEND_MARGIN_S = 4  # an item must have this long before validBefore to be worth sending
+
+
+def parse_utc_times(times: Sequence[str]) -> list[int]:
+    """``["00:00", "12:30"]`` → seconds after midnight UTC, sorted; ValueError on bad input."""
+    out: set[int] = set()
+    for text in times:
+        hours, sep, minutes = text.partition(":")
+        if not sep or not (hours.isdigit() and minutes.isdigit()) or len(minutes) != 2:
+            raise ValueError(f"time of day must be HH:MM (UTC), got {text!r}")
+        h, m = int(hours), int(minutes)
+        if not (0 <= h < 24 and 0 <= m < 60):
+            raise ValueError(f"time of day out of range: {text!r}")
+        out.add(h * 3600 + m * 60)
+    if not out:
+        raise ValueError("at least one time of day is required")
+    return sorted(out)
 
 
 class ConfigError(ValueError):
@@ -227,8 +246,6 @@ def validate(config: EngineConfig) -> EngineConfig:
         raise ConfigError("ledger.journal_segment_mb must be >= 1")
     if not 0 <= config.ingest.verify_workers <= 64 or config.ingest.verify_batch_max < 1:
         raise ConfigError("ingest: verify_workers must be in [0, 64], verify_batch_max >= 1")
-    from .policy import SEND_MARGIN_S
-
     if config.ingest.valid_before_margin_s <= SEND_MARGIN_S:
         # Otherwise an authorization could be accepted that no batch may still be sent for.
         raise ConfigError(f"ingest.valid_before_margin_s must be > {SEND_MARGIN_S} (send margin)")
@@ -253,8 +270,6 @@ def _check_schedule(schedule: ScheduleConfig, where: str) -> None:
     ):
         raise ConfigError(f"{where}: thresholds must be >= 0")
     if schedule.mode == "scheduled":
-        from .policy import parse_utc_times  # pure; imported here to keep config free of it
-
         try:
             parse_utc_times(schedule.times_utc)
         except ValueError as exc:

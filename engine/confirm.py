@@ -32,13 +32,11 @@ from . import codec, reasons
 from .clock import Clock
 from .config import ChainConfig
 from .fees import bump_fees
-from .ledger import BatchEvent, PaymentEvent
+from .model import BatchEvent, InflightBatch, PaymentEvent, PendingItem
 from .outcomes import Recorder
-from .policy import PendingItem
 from .reconcile import LOG_LOOKBACK_BLOCKS, settled_elsewhere
 from .rpc import ChainClient, RpcError, RpcUnavailable
 from .signer import SignerPool, decode_raw
-from .submit import InflightBatch
 
 log = logging.getLogger("x402_engine.confirm")
 

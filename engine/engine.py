@@ -22,7 +22,7 @@ import trio
 import trio.lowlevel
 
 from . import reasons
-from .batch import Batch, BatchStage
+from .batch import BatchStage
 from .chainstate import ChainStateReader, ReaderStatistics, judge
 from .clock import Clock, TrioWallClock
 from .config import ChainConfig, EngineConfig, SettlementMode, signer_keys, validate
@@ -30,15 +30,29 @@ from .confirm import ConfirmStage
 from .credit import BalanceReader, CreditBook
 from .dedup import Claim, DedupIndex
 from .intake import Group, IntakeStage
-from .ledger import AsyncLedger, Ledger, Recovered
+from .ledger import AsyncLedger, Ledger
 from .metrics import Histogram
-from .model import Accepted, Outcome, Payment, Rejected, Sale, SettleAnswer, hex_addr
+from .model import (
+    Accepted,
+    Batch,
+    ChainMismatch,
+    EngineError,
+    InflightBatch,
+    Outcome,
+    Payment,
+    PendingItem,
+    Recovered,
+    Rejected,
+    Sale,
+    SettleAnswer,
+    hex_addr,
+)
 from .outcomes import Recorder, Statistics, Tracker
-from .policy import BatchPolicy, Limits, PendingItem, schedule_policy
+from .policy import BatchPolicy, Limits, schedule_policy
 from .rpc import ChainClient, Rpc, RpcError, RpcUnavailable
 from .sales import Identifiers, SaleStatistics, SaleWriter
 from .signer import Signer, SignerPool
-from .submit import BatchIds, InflightBatch, SubmitStage
+from .submit import BatchIds, SubmitStage
 from .verify import PAYMENT_IDENTIFIER, Verifier, payment_identifier
 from .verify_pool import VerifyPool
 
@@ -94,14 +108,6 @@ def judge_health(
         parts.append("(slots taken with nothing in flight: leaked)")
     parts.append(f"{queued} payments queued, {pending} not final")
     return Health(False, "; ".join(parts), pending, idle)
-
-
-class EngineError(RuntimeError):
-    """The engine cannot do what was asked (e.g. the ledger refused a write)."""
-
-
-class ChainMismatch(EngineError):
-    pass
 
 
 class _Chain:
@@ -1041,4 +1047,4 @@ def _refused(rejected: Rejected) -> SettleAnswer:
     return SettleAnswer(False, "", rejected.reason, rejected.message, rejected.payer)
 
 
-__all__ = ["ChainMismatch", "Engine", "EngineError", "RpcUnavailable"]
+__all__ = ["Engine", "RpcUnavailable"]

@@ -18,9 +18,8 @@ import trio
 import trio.lowlevel
 
 from .ledger import AsyncLedger
-from .model import Payment
+from .model import Payment, PendingItem
 from .outcomes import Tracker
-from .policy import PendingItem
 
 
 class IntakeStopped(RuntimeError):

@@ -21,12 +21,21 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import duckdb
-import msgspec
 import pyarrow as pa
 import trio
 
 from .journal import Journal, JournalRow, SalvageReport, encode_frame
-from .model import Outcome, Payment, Sale, hex_addr
+from .model import (
+    BatchEvent,
+    BatchRecord,
+    OpenPayment,
+    Outcome,
+    Payment,
+    PaymentEvent,
+    Recovered,
+    Sale,
+    hex_addr,
+)
 
 T = TypeVar("T")
 
@@ -135,64 +144,6 @@ _EVENT_SCHEMA = pa.schema(
         ("message", pa.string()),
     ]
 )
-
-
-class PaymentEvent(msgspec.Struct, frozen=True, gc=False):
-    """One state change of one payment."""
-
-    payment_id: int
-    state: str
-    batch_id: int | None = None
-    tx_hash: str | None = None
-    block_number: int | None = None
-    gas_used: int | None = None
-    fee_wei: int | None = None
-    reason: str | None = None
-    message: str | None = None
-
-
-class BatchRecord(msgspec.Struct, frozen=True):
-    """A signed batch transaction, written before it is broadcast."""
-
-    id: int
-    chain_id: int
-    mode: str
-    signer: str
-    account_nonce: int
-    gas_limit: int
-    max_fee_per_gas: int
-    tx_hash: str
-    raw_tx: bytes
-    payment_ids: list[int]
-
-
-class BatchEvent(msgspec.Struct, frozen=True):
-    batch_id: int
-    state: str  # sent | mined | dead
-    tx_hash: str | None = None
-    block_number: int | None = None
-    gas_used: int | None = None
-    effective_gas_price: int | None = None
-    message: str | None = None
-
-
-class OpenPayment(msgspec.Struct, frozen=True):
-    """A payment with no final state, as read back at start-up."""
-
-    id: int
-    payment: Payment
-    accepted_at_ms: int
-    state: str
-    batch_id: int | None
-
-
-class Recovered(msgspec.Struct, frozen=True):
-    open_payments: list[OpenPayment]
-    open_batches: list[BatchRecord]
-    next_payment_id: int
-    next_batch_id: int
-    # Replacements (fee bumps) of open batches, oldest first: (tx hash, raw transaction).
-    replacements: dict[int, list[tuple[str, bytes]]] = msgspec.field(default_factory=dict)
 
 
 class Ledger:

@@ -158,6 +158,113 @@ class Sale(msgspec.Struct, frozen=True, gc=False):
     identifier: str | None = None
 
 
+# ---------------------------------------------------------------- records the stages share
+
+
+class PendingItem(msgspec.Struct, frozen=True, gc=False):
+    id: int
+    payment: Payment
+    arrived_at: float  # unix seconds; for max-wait and latency
+    attempts: int = 0  # batches this item has been planned into
+
+    @property
+    def ready_at(self) -> float:
+        # The token requires block.timestamp > validAfter.
+        return float(self.payment.valid_after + 1)
+
+    @property
+    def deadline(self) -> float:
+        return float(self.payment.valid_before)
+
+
+class Batch(msgspec.Struct):
+    token: bytes
+    items: list[PendingItem]
+
+
+class PaymentEvent(msgspec.Struct, frozen=True, gc=False):
+    """One state change of one payment."""
+
+    payment_id: int
+    state: str
+    batch_id: int | None = None
+    tx_hash: str | None = None
+    block_number: int | None = None
+    gas_used: int | None = None
+    fee_wei: int | None = None
+    reason: str | None = None
+    message: str | None = None
+
+
+class BatchRecord(msgspec.Struct, frozen=True):
+    """A signed batch transaction, written before it is broadcast."""
+
+    id: int
+    chain_id: int
+    mode: str
+    signer: str
+    account_nonce: int
+    gas_limit: int
+    max_fee_per_gas: int
+    tx_hash: str
+    raw_tx: bytes
+    payment_ids: list[int]
+
+
+class BatchEvent(msgspec.Struct, frozen=True):
+    batch_id: int
+    state: str  # sent | mined | dead
+    tx_hash: str | None = None
+    block_number: int | None = None
+    gas_used: int | None = None
+    effective_gas_price: int | None = None
+    message: str | None = None
+
+
+class OpenPayment(msgspec.Struct, frozen=True):
+    """A payment with no final state, as read back at start-up."""
+
+    id: int
+    payment: Payment
+    accepted_at_ms: int
+    state: str
+    batch_id: int | None
+
+
+class Recovered(msgspec.Struct, frozen=True):
+    open_payments: list[OpenPayment]
+    open_batches: list[BatchRecord]
+    next_payment_id: int
+    next_batch_id: int
+    # Replacements (fee bumps) of open batches, oldest first: (tx hash, raw transaction).
+    replacements: dict[int, list[tuple[str, bytes]]] = msgspec.field(default_factory=dict)
+
+
+class InflightBatch(msgspec.Struct):
+    record: BatchRecord
+    items: list[PendingItem]
+    token: bytes
+    target: bytes
+    sent_at: float
+    # Fee-bumped replacements (same account nonce), oldest first: (tx hash, raw). The batch is
+    # watched under the original hash and every replacement's until one of them is mined.
+    replacements: list[tuple[str, bytes]] = msgspec.field(default_factory=list)
+
+    def hashes(self) -> list[str]:
+        return [self.record.tx_hash, *(h for h, _ in self.replacements)]
+
+    def latest_raw(self) -> bytes:
+        return self.replacements[-1][1] if self.replacements else self.record.raw_tx
+
+
+class EngineError(RuntimeError):
+    """The engine cannot do what was asked (e.g. the ledger refused a write)."""
+
+
+class ChainMismatch(EngineError):
+    pass
+
+
 # A payment as a msgpack-friendly tuple (msgpack has no integers past 2**64, so the value is 32
 # bytes big-endian): the journal's rows and the verify workers' answers.
 PaymentTuple = tuple[int, bytes, bytes, bytes, bytes, int, int, bytes, bytes, str, int]

@@ -13,10 +13,17 @@ import msgspec
 import trio
 
 from .clock import Clock
-from .ledger import AsyncLedger, BatchEvent, BatchRecord, PaymentEvent
+from .ledger import AsyncLedger
 from .metrics import Histogram
-from .model import FINAL_STATES, Outcome, hex_addr
-from .policy import PendingItem
+from .model import (
+    FINAL_STATES,
+    BatchEvent,
+    BatchRecord,
+    Outcome,
+    PaymentEvent,
+    PendingItem,
+    hex_addr,
+)
 
 
 class Statistics(msgspec.Struct, frozen=True):

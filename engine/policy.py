@@ -18,27 +18,10 @@ from typing import Protocol
 
 import msgspec
 
-from .config import ScheduleConfig
-from .model import Payment
+from .config import ScheduleConfig, parse_utc_times
+from .model import PendingItem
 
 BATCH_BASE_GAS = 60_000  # intrinsic gas + calldata head + loop set-up, planning figure
-SEND_MARGIN_S = 4  # an item must have this long before validBefore to be worth sending
-
-
-class PendingItem(msgspec.Struct, frozen=True, gc=False):
-    id: int
-    payment: Payment
-    arrived_at: float  # unix seconds; for max-wait and latency
-    attempts: int = 0  # batches this item has been planned into
-
-    @property
-    def ready_at(self) -> float:
-        # The token requires block.timestamp > validAfter.
-        return float(self.payment.valid_after + 1)
-
-    @property
-    def deadline(self) -> float:
-        return float(self.payment.valid_before)
 
 
 class PoolView(msgspec.Struct, frozen=True):
@@ -131,22 +114,6 @@ class WindowedPolicy(_TimedPolicy):
         """The first window boundary strictly after ``after``."""
         k = math.floor((after - self.offset_s) / self.window_s) + 1
         return k * self.window_s + self.offset_s
-
-
-def parse_utc_times(times: Sequence[str]) -> list[int]:
-    """``["00:00", "12:30"]`` → seconds after midnight UTC, sorted; ValueError on bad input."""
-    out: set[int] = set()
-    for text in times:
-        hours, sep, minutes = text.partition(":")
-        if not sep or not (hours.isdigit() and minutes.isdigit()) or len(minutes) != 2:
-            raise ValueError(f"time of day must be HH:MM (UTC), got {text!r}")
-        h, m = int(hours), int(minutes)
-        if not (0 <= h < 24 and 0 <= m < 60):
-            raise ValueError(f"time of day out of range: {text!r}")
-        out.add(h * 3600 + m * 60)
-    if not out:
-        raise ValueError("at least one time of day is required")
-    return sorted(out)
 
 
 class ScheduledPolicy(_TimedPolicy):

@@ -11,8 +11,7 @@ The transaction that used the nonce decides: if it moved exactly this payment
 from __future__ import annotations
 
 from . import codec
-from .ledger import PaymentEvent
-from .policy import PendingItem
+from .model import PaymentEvent, PendingItem
 from .rpc import ChainClient, RpcUnavailable
 
 LOG_LOOKBACK_BLOCKS = 50_000

@@ -17,13 +17,11 @@ import msgspec
 import trio
 
 from . import codec, reasons
-from .batch import Batch
 from .clock import Clock
-from .config import ChainConfig
+from .config import SEND_MARGIN_S, ChainConfig
 from .fees import Fees, choose_fees
-from .ledger import BatchRecord, PaymentEvent
+from .model import Batch, BatchRecord, InflightBatch, PaymentEvent, PendingItem
 from .outcomes import Recorder
-from .policy import SEND_MARGIN_S, PendingItem
 from .reconcile import settled_elsewhere
 from .rpc import ChainClient, RpcError, RpcUnavailable
 from .signer import Signer, SignerPool
@@ -33,23 +31,6 @@ log = logging.getLogger("x402_engine.submit")
 ATTEMPTS_MAX = 5
 SETTLE_OVERHEAD_GAS = 30_000  # settle()'s own work beyond the item calls, with headroom
 FEE_WAIT_MAX_S = 120.0
-
-
-class InflightBatch(msgspec.Struct):
-    record: BatchRecord
-    items: list[PendingItem]
-    token: bytes
-    target: bytes
-    sent_at: float
-    # Fee-bumped replacements (same account nonce), oldest first: (tx hash, raw). The batch is
-    # watched under the original hash and every replacement's until one of them is mined.
-    replacements: list[tuple[str, bytes]] = msgspec.field(default_factory=list)
-
-    def hashes(self) -> list[str]:
-        return [self.record.tx_hash, *(h for h, _ in self.replacements)]
-
-    def latest_raw(self) -> bytes:
-        return self.replacements[-1][1] if self.replacements else self.record.raw_tx
 
 
 class Triage(msgspec.Struct, frozen=True):

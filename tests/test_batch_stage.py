@@ -7,10 +7,10 @@ import os
 import trio
 import trio.testing
 
-from engine.batch import Batch, BatchStage
+from engine.batch import BatchStage
 from engine.clock import TrioWallClock
-from engine.model import Payment
-from engine.policy import ImmediatePolicy, Limits, PendingItem
+from engine.model import Batch, Payment, PendingItem
+from engine.policy import ImmediatePolicy, Limits
 
 START = 1_800_000_000.0
 LIMITS = Limits(

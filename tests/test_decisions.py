@@ -11,8 +11,7 @@ from engine import codec
 from engine.codec import Log, Receipt
 from engine.confirm import Unseen, unseen_action
 from engine.fees import Fees, bump_fees
-from engine.model import Payment
-from engine.policy import PendingItem
+from engine.model import Payment, PendingItem
 from engine.submit import ATTEMPTS_MAX, triage
 
 

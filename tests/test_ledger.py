@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from engine.ledger import BatchEvent, BatchRecord, Ledger, PaymentEvent
-from engine.model import Payment
+from engine.ledger import Ledger
+from engine.model import BatchEvent, BatchRecord, Payment, PaymentEvent
 
 
 def _payment(value: int = 10) -> Payment:

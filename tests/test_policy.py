@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import os
 
-from engine.model import Payment
-from engine.policy import ImmediatePolicy, Limits, PendingItem, PendingPool, plan
+from engine.model import Payment, PendingItem
+from engine.policy import ImmediatePolicy, Limits, PendingPool, plan
 
 NOW = 1_800_000_000.0
 LIMITS = Limits(

@@ -11,20 +11,25 @@ import pytest
 import trio
 import trio.testing
 
-from engine.batch import Batch, BatchStage
+from engine.batch import BatchStage
 from engine.clock import TrioWallClock
-from engine.config import ConfigError, EngineConfig, PayeeScheduleConfig, PolicyConfig, validate
-from engine.model import Payment
+from engine.config import (
+    ConfigError,
+    EngineConfig,
+    PayeeScheduleConfig,
+    PolicyConfig,
+    parse_utc_times,
+    validate,
+)
+from engine.model import Batch, Payment, PendingItem
 from engine.policy import (
     ImmediatePolicy,
     Limits,
-    PendingItem,
     PendingPool,
     PoolView,
     ScheduledPolicy,
     Thresholds,
     WindowedPolicy,
-    parse_utc_times,
     plan,
     schedule_policy,
 )
