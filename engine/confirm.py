@@ -26,6 +26,7 @@ import contextlib
 import enum
 import logging
 
+import msgspec
 import trio
 
 from . import codec, reasons
@@ -83,6 +84,12 @@ def unseen_action(
     return Unseen.WAIT
 
 
+class ConfirmStatistics(msgspec.Struct, frozen=True):
+    inflight: int  # batches sent and not yet final
+    replacements_sent: int  # fee-bumped replacements
+    reorged_receipts: int  # receipts found no longer canonical
+
+
 class ConfirmStage:
     def __init__(
         self,
@@ -111,6 +118,13 @@ class ConfirmStage:
 
     def inflight(self) -> int:
         return len(self._inflight)
+
+    def statistics(self) -> ConfirmStatistics:
+        return ConfirmStatistics(len(self._inflight), self.replacements_sent, self.reorged_receipts)
+
+    def watched_item_ids(self) -> set[int]:
+        """Ids of the payments in batches this stage watches."""
+        return {i.id for b in self._inflight.values() for i in b.items}
 
     def adopt(self, batch: InflightBatch) -> None:
         """Watch a batch recovered from the ledger (its slot is taken here)."""

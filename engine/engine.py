@@ -17,24 +17,20 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequenc
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
-import msgspec
 import trio
 import trio.lowlevel
 
 from . import reasons
-from .batch import BatchStage
-from .chainstate import ChainStateReader, ReaderStatistics, judge
+from .chainstate import ReaderStatistics, judge
 from .clock import Clock, TrioWallClock
 from .config import ChainConfig, EngineConfig, SettlementMode, signer_keys, validate
-from .confirm import ConfirmStage
-from .credit import BalanceReader, CreditBook
 from .dedup import Claim, DedupIndex
+from .health import Health, judge_health
 from .intake import Group, IntakeStage
 from .ledger import AsyncLedger, Ledger
 from .metrics import Histogram
 from .model import (
     Accepted,
-    Batch,
     ChainMismatch,
     EngineError,
     InflightBatch,
@@ -48,11 +44,12 @@ from .model import (
     hex_addr,
 )
 from .outcomes import Recorder, Statistics, Tracker
-from .policy import BatchPolicy, Limits, schedule_policy
+from .pipeline import ChainPipeline, SettlementStatistics
+from .policy import BatchPolicy, schedule_policy
 from .rpc import ChainClient, Rpc, RpcError, RpcUnavailable
 from .sales import Identifiers, SaleStatistics, SaleWriter
 from .signer import Signer, SignerPool
-from .submit import BatchIds, SubmitStage
+from .submit import BatchIds
 from .verify import PAYMENT_IDENTIFIER, Verifier, payment_identifier
 from .verify_pool import VerifyPool
 
@@ -62,181 +59,6 @@ T = TypeVar("T")
 DEDUP_GRACE_S = 60
 ID_BLOCK = 10_000  # payment ids reserved per ledger write
 DEDUP_SWEEP_S = 60.0
-
-
-class SettlementStatistics(msgspec.Struct, frozen=True):
-    free_slots: int
-    slots: int
-    inflight: int
-    replacements: int
-    reorged_receipts: int
-
-
-class Health(msgspec.Struct, frozen=True):
-    ok: bool
-    reason: str  # "" when ok
-    pending: int
-    since_progress_s: float
-
-
-def judge_health(
-    *,
-    now: float,
-    last_progress: float,
-    pending: int,
-    inflight: int,
-    queued: int,
-    blocked_since: float | None,
-    free_slots: int,
-    slots: int,
-    stall_after_s: float,
-) -> Health:
-    """Stalled: work waits (batches in flight, or a planned batch waiting for the submit
-    stage) and nothing progressed (no batch sent, no payment final) for ``stall_after_s``.
-    Payments that wait for their schedule are not work waiting (pure)."""
-    idle = max(0.0, now - last_progress)
-    waiting = inflight > 0 or blocked_since is not None
-    if not waiting or idle < stall_after_s:
-        return Health(True, "", pending, idle)
-    parts = [f"no batch sent and no payment final for {idle:.0f} s"]
-    if inflight:
-        parts.append(f"{inflight} batches in flight without a final receipt")
-    if blocked_since is not None:
-        parts.append(f"a batch waiting {now - blocked_since:.0f} s to be sent")
-    parts.append(f"{free_slots} of {slots} in-flight slots free")
-    if free_slots == 0 and inflight == 0:
-        parts.append("(slots taken with nothing in flight: leaked)")
-    parts.append(f"{queued} payments queued, {pending} not final")
-    return Health(False, "; ".join(parts), pending, idle)
-
-
-class _Chain:
-    """One chain's stages and the channels between them."""
-
-    def __init__(
-        self,
-        config: ChainConfig,
-        engine_config: EngineConfig,
-        rpc: ChainClient,
-        signers: SignerPool,
-        recorder: Recorder,
-        clock: Clock,
-        batch_ids: BatchIds,
-        adopted: int,
-        policy: BatchPolicy,
-    ) -> None:
-        cap = engine_config.channel_capacity
-        self.config = config
-        self.rpc = rpc
-        self.signers = signers
-        self.slots = trio.Semaphore(max(0, config.max_inflight_batches - adopted))
-        self.new_send, self.new_recv = trio.open_memory_channel[list[PendingItem]](cap)
-        # Requeued items come from batches holding an in-flight slot: bounded by the slots.
-        requeue_cap = 2 * (config.max_inflight_batches + adopted) + 2
-        self.requeue_send, self.requeue_recv = trio.open_memory_channel[list[PendingItem]](
-            requeue_cap
-        )
-        self.batch_send, self.batch_recv = trio.open_memory_channel[Batch](2)
-        self.confirm_send, self.confirm_recv = trio.open_memory_channel[InflightBatch](
-            config.max_inflight_batches + 1
-        )
-        policy_cfg = engine_config.policy
-        limits = Limits(
-            max_batch_size=policy_cfg.max_batch_size,
-            gas_per_tx_max=config.gas_per_tx_max,
-            block_gas_limit=config.block_gas_limit,
-            gas_per_item_estimate=config.gas_per_item_estimate,
-            deadline_margin_s=policy_cfg.deadline_margin_s,
-        )
-        self.batch = BatchStage(
-            config.chain_id,
-            policy,
-            limits,
-            clock,
-            self.batch_send,
-            payee_policies={
-                bytes.fromhex(p.payee[2:]): schedule_policy(p, policy_cfg.max_wait_ms / 1000)
-                for p in policy_cfg.payees
-            },
-        )
-        self.submit = SubmitStage(
-            config,
-            rpc,
-            signers,
-            recorder,
-            clock,
-            batch_ids,
-            self.slots,
-            self.requeue_send.clone(),
-            self.confirm_send,
-        )
-        self.confirm = ConfirmStage(
-            config, rpc, recorder, clock, self.slots, self.requeue_send, signers
-        )
-        credit = engine_config.credit
-        self.credit = CreditBook(credit.balance_max_age_s, credit.payer_cap)
-        reader_target = bytes.fromhex((config.multicall or config.batcher)[2:])
-        self.balances = BalanceReader(rpc, reader_target)
-        ingest = engine_config.ingest
-        self.state = ChainStateReader(
-            rpc,
-            reader_target,
-            clock,
-            max_age_s=ingest.state_max_age_ms / 1000,
-            window_s=ingest.state_window_ms / 1000,
-            batch_max=ingest.state_batch_max,
-        )
-        self._credit_refresh_s = credit.refresh_s
-        self._clock = clock
-        self.shortfalls_seen = 0
-
-    async def run(self) -> None:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self.batch.run, self.new_recv, self.requeue_recv)
-            nursery.start_soon(self.submit.run, self.batch_recv)
-            nursery.start_soon(self.confirm.run, self.confirm_recv)
-            nursery.start_soon(self._refresh_credit)
-            nursery.start_soon(self.state.run)
-
-    async def read_balances(self, keys: list[tuple[bytes, bytes]]) -> None:
-        """Read the balances of ``keys`` ((token, payer)) into the credit book."""
-        by_token: dict[bytes, list[bytes]] = {}
-        for token, payer in keys:
-            by_token.setdefault(token, []).append(payer)
-        for token, payers in by_token.items():
-            read = await self.balances.read(token, payers)
-            now = self._clock.now()
-            for payer, balance in read.items():
-                self.credit.set_balance((token, payer), balance, now)
-
-    async def _refresh_credit(self) -> None:
-        """Re-read every debtor's balance; settle a payer who can no longer cover what they owe
-        at once (what then fails is recorded as the uncollected amount)."""
-        while True:
-            await trio.sleep(self._credit_refresh_s)
-            debtors = self.credit.debtors()
-            if not debtors:
-                self.credit.forget_unowed()
-                continue
-            try:
-                await self.read_balances(debtors)
-            except (RpcError, RpcUnavailable) as exc:
-                log.warning("credit refresh failed, will retry: %s", exc)
-                continue
-            short: dict[bytes, set[bytes]] = {}
-            for s in self.credit.shortfalls():
-                log.warning(
-                    "payer 0x%s owes %d of token 0x%s but holds %d: settling their payments now",
-                    s.payer.hex(),
-                    s.owed,
-                    s.token.hex(),
-                    s.balance,
-                )
-                short.setdefault(s.token, set()).add(s.payer)
-            for token, payers in short.items():
-                self.shortfalls_seen += len(payers)
-                self.batch.expedite(token, payers)
-            self.credit.forget_unowed()
 
 
 class Engine:
@@ -264,7 +86,7 @@ class Engine:
         self._tracker = Tracker(clock)
         self._tracker.on_final.append(self._release_credit)
         self._recorder = Recorder(ledger, self._tracker, clock)
-        self._chains: dict[int, _Chain] = {}
+        self._chains: dict[int, ChainPipeline] = {}
         self._next_id = 1
         self._id_ceiling = 0  # highest id reserved in the ledger
         self._id_lock = trio.Lock()
@@ -353,7 +175,7 @@ class Engine:
         for op in recovered.open_payments:  # what payers owe survives a restart
             if self._credit_applies(op.payment):
                 chain_rt = self._chains[op.payment.chain_id]
-                chain_rt.credit.reserve((op.payment.token, op.payment.payer), op.payment.value)
+                chain_rt.credit.book.reserve((op.payment.token, op.payment.payer), op.payment.value)
         self._intake = IntakeStage(
             self._ledger,
             self._tracker,
@@ -442,7 +264,7 @@ class Engine:
             signer.next_nonce = await _patiently(
                 functools.partial(rpc.nonce, signer.address, "pending"), chain
             )
-        runtime = _Chain(
+        runtime = ChainPipeline(
             chain,
             self.config,
             rpc,
@@ -460,12 +282,7 @@ class Engine:
         self._chains[chain.chain_id] = runtime
 
     def _requeue_unbatched(self, recovered: Recovered) -> None:
-        adopted_ids = {
-            i.id
-            for c in self._chains.values()
-            for b in c.confirm._inflight.values()
-            for i in b.items
-        }
+        adopted_ids = {i for c in self._chains.values() for i in c.confirm.watched_item_ids()}
         per_chain: dict[int, list[PendingItem]] = {}
         for op in recovered.open_payments:
             if op.id in adopted_ids:
@@ -499,7 +316,7 @@ class Engine:
         p = item.payment
         runtime = self._chains.get(p.chain_id)
         if runtime is not None and self._credit_applies(p):
-            runtime.credit.release((p.token, p.payer), p.value)
+            runtime.credit.book.release((p.token, p.payer), p.value)
 
     async def _read_stale_balances(self, payments: list[Payment]) -> str | None:
         """Read the balances credit decisions need; returns why that failed (None: done)."""
@@ -509,10 +326,10 @@ class Engine:
             by_chain.setdefault(p.chain_id, set()).add((p.token, p.payer))
         for chain_id, keys in by_chain.items():
             runtime = self._chains[chain_id]
-            stale = runtime.credit.stale(keys, now)
+            stale = runtime.credit.book.stale(keys, now)
             if stale:
                 try:
-                    await runtime.read_balances(stale)
+                    await runtime.credit.read_balances(stale)
                 except (RpcError, RpcUnavailable) as exc:
                     return f"payer balances could not be read: {exc}"
         return None
@@ -615,7 +432,7 @@ class Engine:
                     waits.append((i, group, rid, payment, True))
                     if on_credit[i]:
                         runtime = self._chains[payment.chain_id]
-                        runtime.credit.reserve((payment.token, payment.payer), payment.value)
+                        runtime.credit.book.reserve((payment.token, payment.payer), payment.value)
                         reserved.add(rid)
             waited: set[int] = set()
             for _, group, _, _, _ in waits:
@@ -634,7 +451,7 @@ class Engine:
                     self._dedup.release(payment, rid)
                     if rid in reserved:
                         key = (payment.token, payment.payer)
-                        self._chains[payment.chain_id].credit.release(key, payment.value)
+                        self._chains[payment.chain_id].credit.book.release(key, payment.value)
                 continue
             if not new:
                 self._tracker.duplicates += 1
@@ -880,7 +697,7 @@ class Engine:
         payer = hex_addr(payment.payer)
         if read_error is not None:
             return Rejected(reasons.UNEXPECTED_VERIFY, read_error, payer)
-        book = self._chains[payment.chain_id].credit
+        book = self._chains[payment.chain_id].credit.book
         why = book.check((payment.token, payment.payer), payment.value)
         if why is None:
             return None
@@ -948,36 +765,26 @@ class Engine:
         return self._sales.statistics()
 
     def health(self, stall_after_s: float | None = None) -> Health:
-        """Whether settlement is moving (see :func:`judge_health`), over all chains."""
+        """Whether settlement is moving (see :func:`engine.health.judge_health`), all chains."""
         limit = self.config.service.stall_after_s if stall_after_s is None else stall_after_s
-        stats = self.settlement_statistics()
-        blocked = [c.batch.blocked_since for c in self._chains.values()]
-        waiting = [b for b in blocked if b is not None]
+        stats = self.settlement_statistics().values()
+        blocked = [s.blocked_since for s in stats if s.blocked_since is not None]
         return judge_health(
             now=self.clock.now(),
             last_progress=self._tracker.last_progress,
             pending=self._tracker.pending(),
-            inflight=sum(s.inflight for s in stats.values()),
-            queued=sum(self.queue_depths().values()),
-            blocked_since=min(waiting) if waiting else None,
-            free_slots=sum(s.free_slots for s in stats.values()),
-            slots=sum(s.slots for s in stats.values()),
+            inflight=sum(s.inflight for s in stats),
+            queued=sum(s.queued for s in stats),
+            blocked_since=min(blocked) if blocked else None,
+            free_slots=sum(s.free_slots for s in stats),
+            slots=sum(s.slots for s in stats),
             stall_after_s=limit,
         )
 
     def settlement_statistics(self) -> dict[int, SettlementStatistics]:
-        """Per chain: in-flight slots (free of total), fee-bump replacements sent and
-        receipts found no longer canonical."""
-        return {
-            cid: SettlementStatistics(
-                free_slots=c.slots.value,
-                slots=c.config.max_inflight_batches,
-                inflight=c.confirm.inflight(),
-                replacements=c.confirm.replacements_sent,
-                reorged_receipts=c.confirm.reorged_receipts,
-            )
-            for cid, c in self._chains.items()
-        }
+        """Per chain: in-flight slots (free of total), batches in flight, fee-bump
+        replacements sent, receipts found no longer canonical, payments queued."""
+        return {cid: c.statistics() for cid, c in self._chains.items()}
 
     def inflight_batches(self) -> dict[int, int]:
         """Sent but unconfirmed batches per chain."""
@@ -1008,10 +815,10 @@ class Engine:
         """Per chain: unsettled credit per token, debtors, refusals and shortfalls seen."""
         return {
             cid: {
-                "owed": {hex_addr(t): v for t, v in c.credit.owed_by_token().items()},
-                "debtors": len(c.credit.debtors()),
-                "refused": c.credit.refused,
-                "shortfalls": c.shortfalls_seen,
+                "owed": {hex_addr(t): v for t, v in c.credit.book.owed_by_token().items()},
+                "debtors": len(c.credit.book.debtors()),
+                "refused": c.credit.book.refused,
+                "shortfalls": c.credit.shortfalls_seen,
             }
             for cid, c in self._chains.items()
         }

@@ -11,7 +11,8 @@ import trio
 from engine import crypto
 from engine.clock import TrioWallClock
 from engine.config import ServiceConfig
-from engine.engine import Engine, judge_health
+from engine.engine import Engine
+from engine.health import judge_health
 from engine.loadgen import TokenDomain, payment_v2
 from engine.model import Accepted
 from engine.sim import FakeChain, Faults
@@ -87,8 +88,8 @@ async def test_engine_reports_unhealthy_while_the_node_is_away_and_recovers(
 
 
 def test_healthz_answers_503_with_the_reason() -> None:
-    from engine.engine import Health
     from engine.facilitator import Facilitator
+    from engine.health import Health
 
     class Stalled:
         def health(self) -> Health:
