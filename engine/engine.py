@@ -9,18 +9,17 @@ bounded memory channels, one batch/submit/confirm chain of stages per configured
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import math
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
 import trio
 import trio.lowlevel
 
-from . import reasons
+from . import reasons, recovery
 from .chainstate import ReaderStatistics, judge
 from .clock import Clock, TrioWallClock
 from .config import ChainConfig, EngineConfig, SettlementMode, signer_keys, validate
@@ -31,9 +30,7 @@ from .ledger import AsyncLedger, Ledger
 from .metrics import Histogram
 from .model import (
     Accepted,
-    ChainMismatch,
     EngineError,
-    InflightBatch,
     Outcome,
     Payment,
     PendingItem,
@@ -56,7 +53,7 @@ from .verify_pool import VerifyPool
 log = logging.getLogger("x402_engine.engine")
 T = TypeVar("T")
 
-DEDUP_GRACE_S = 60
+DEDUP_GRACE_S = recovery.DEDUP_GRACE_S
 ID_BLOCK = 10_000  # payment ids reserved per ledger write
 DEDUP_SWEEP_S = 60.0
 
@@ -207,18 +204,9 @@ class Engine:
     async def _restore_dedup(self, recovered: Recovered) -> None:
         self._next_id = recovered.next_payment_id
         self._id_ceiling = recovered.next_payment_id - 1
-        since = int(self.clock.now()) - DEDUP_GRACE_S
-        live = await self._ledger.run(self._ledger.sync.live_final_payments, since)
-        sales = {
-            s.payment_id: s for s in await self._ledger.run(self._ledger.sync.live_sales, since)
-        }
-        restored = [*live, *((op.id, op.payment) for op in recovered.open_payments)]
-        for rid, payment in restored:  # open ones even if expired: they must finish
-            sale = sales.get(rid)
-            self._dedup.restore(payment, rid, sold=sale is not None)
-            if sale is not None and sale.identifier is not None:
-                self._identifiers.bind(sale.identifier, payment.key, payment.valid_before)
-                self._identifiers.record_sale(rid, sale.identifier, sale.mode)
+        await recovery.restore_replay_keys(
+            self._ledger, self._dedup, self._identifiers, recovered, self.clock.now()
+        )
 
     async def _start_chain(
         self,
@@ -227,43 +215,9 @@ class Engine:
         recovered: Recovered,
         environ: Mapping[str, str] | None,
     ) -> None:
-        actual = await _patiently(rpc.chain_id, chain)
-        if actual != chain.chain_id:
-            raise ChainMismatch(f"{chain.rpc_url} is chain {actual}, configured {chain.chain_id}")
         keys = signer_keys(chain, dict(environ) if environ is not None else None)
         signers = SignerPool([Signer(k, chain.chain_id) for k in keys])
-        open_by_id = {op.id: op for op in recovered.open_payments}
-        batches = [b for b in recovered.open_batches if b.chain_id == chain.chain_id]
-        # Rebroadcast every recorded-but-unconfirmed batch before reading the account nonces,
-        # so that a batch written but never sent takes its own nonce and not a new batch's.
-        adopted: list[InflightBatch] = []
-        for record in sorted(batches, key=lambda b: (b.signer, b.account_nonce)):
-            replacements = recovered.replacements.get(record.id, [])
-            latest = replacements[-1][1] if replacements else record.raw_tx
-            # "already known", or its nonce is spent, or the node is away: the confirm stage
-            # decides (it rebroadcasts what is not mined).
-            with contextlib.suppress(RpcError, RpcUnavailable):
-                await rpc.send_raw(latest)
-            items = []
-            for pid in record.payment_ids:
-                op = open_by_id.pop(pid, None)
-                if op is not None:
-                    items.append(PendingItem(pid, op.payment, op.accepted_at_ms / 1000))
-            if not items:
-                continue
-            token = items[0].payment.token
-            target = (
-                token
-                if record.mode == "direct"
-                else bytes.fromhex((chain.multicall or chain.batcher)[2:])
-            )
-            adopted.append(
-                InflightBatch(record, items, token, target, self.clock.now(), list(replacements))
-            )
-        for signer in signers.signers:
-            signer.next_nonce = await _patiently(
-                functools.partial(rpc.nonce, signer.address, "pending"), chain
-            )
+        adopted = await recovery.adopt_sent_batches(chain, rpc, signers, recovered, self.clock)
         runtime = ChainPipeline(
             chain,
             self.config,
@@ -282,21 +236,16 @@ class Engine:
         self._chains[chain.chain_id] = runtime
 
     def _requeue_unbatched(self, recovered: Recovered) -> None:
-        adopted_ids = {i for c in self._chains.values() for i in c.confirm.watched_item_ids()}
-        per_chain: dict[int, list[PendingItem]] = {}
-        for op in recovered.open_payments:
-            if op.id in adopted_ids:
-                continue
-            item = PendingItem(op.id, op.payment, op.accepted_at_ms / 1000)
-            per_chain.setdefault(op.payment.chain_id, []).append(item)
-            self._tracker.track(item)
-        for chain_id, items in per_chain.items():
+        watched = {i for c in self._chains.values() for i in c.confirm.watched_item_ids()}
+        for chain_id, items in recovery.unbatched(recovered, watched).items():
             runtime = self._chains.get(chain_id)
             if runtime is None:
                 raise EngineError(
                     f"the ledger holds unsettled payments on chain {chain_id}, which is not"
                     " configured; add it back to settle them"
                 )
+            for item in items:
+                self._tracker.track(item)
             runtime.batch.preload(items)
 
     async def _sweep_dedup(self) -> None:
@@ -830,24 +779,6 @@ class Engine:
     async def query(self, sql: str, params: list[Any] | None = None) -> list[tuple[Any, ...]]:
         """Read-only SQL against the ledger (reports, tests)."""
         return await self._ledger.run(self._ledger.sync.query, sql, params)
-
-
-STARTUP_PATIENCE_S = 60.0
-
-
-async def _patiently(read: Callable[[], Awaitable[T]], chain: ChainConfig) -> T:
-    """A start-up read that waits for a node that is away (a restart often races the node's
-    own), up to STARTUP_PATIENCE_S, then gives up with the node's error."""
-    waited = 0.0
-    while True:
-        try:
-            return await read()
-        except RpcUnavailable as exc:
-            if waited >= STARTUP_PATIENCE_S:
-                raise
-            log.warning("chain %d: node not answering yet (%s); retrying", chain.chain_id, exc)
-        await trio.sleep(1.0)
-        waited += 1.0
 
 
 def _refused(rejected: Rejected) -> SettleAnswer:
