@@ -135,3 +135,56 @@ class DedupIndex:
         assert record_id >= 0
         self._entries[key] = (record_id << _ID_SHIFT) | fp
         self._buckets.setdefault(valid_before // _BUCKET_S, []).append(key)
+
+
+class Identifiers:
+    """payment-identifier ids → the payment (its replay key) they were first sent with, and the
+    ids sales were made with. Forgotten with the payment's replay key (after validBefore)."""
+
+    def __init__(self) -> None:
+        self._bound: dict[str, bytes] = {}  # id -> replay key of its payment
+        self._sold_with: dict[int, tuple[str, str]] = {}  # record id -> (id, mode) of its sale
+        self._buckets: dict[int, list[tuple[str, bytes]]] = {}  # validBefore minute -> binds
+
+    def __len__(self) -> int:
+        return len(self._bound)
+
+    def bound(self, identifier: str) -> bytes | None:
+        """The replay key ``identifier`` is bound to, if any."""
+        return self._bound.get(identifier)
+
+    def bind(self, identifier: str, key: bytes, valid_before: int) -> bool:
+        """Bind ``identifier`` to the payment with replay key ``key``; False if it is bound
+        already (to that payment or another)."""
+        if identifier in self._bound:
+            return False
+        self._bound[identifier] = key
+        self._buckets.setdefault(valid_before // _BUCKET_S, []).append((identifier, key))
+        return True
+
+    def unbind(self, identifier: str, key: bytes) -> None:
+        """Undo :meth:`bind` for a payment that was not accepted after all."""
+        if self._bound.get(identifier) == key:
+            del self._bound[identifier]
+
+    def sold_with(self, record_id: int) -> tuple[str, str] | None:
+        """(identifier, mode) of the sale of ``record_id``, if it was made with an id."""
+        return self._sold_with.get(record_id)
+
+    def record_sale(self, record_id: int, identifier: str, mode: str) -> None:
+        self._sold_with[record_id] = (identifier, mode)
+
+    def forget_sale(self, record_id: int) -> None:
+        self._sold_with.pop(record_id, None)
+
+    def evict_expired(self, now: float, grace_s: int) -> int:
+        limit = int(now - grace_s) // _BUCKET_S
+        evicted = 0
+        for minute in [m for m in self._buckets if m < limit]:
+            for identifier, key in self._buckets.pop(minute):
+                if self._bound.get(identifier) == key:
+                    del self._bound[identifier]
+                    evicted += 1
+        if evicted:  # a sale made with an id goes with the id's binding
+            self._sold_with = {r: v for r, v in self._sold_with.items() if v[0] in self._bound}
+        return evicted

@@ -20,11 +20,10 @@ import trio
 
 from .clock import Clock
 from .config import ChainConfig
-from .dedup import DedupIndex
+from .dedup import DedupIndex, Identifiers
 from .ledger import AsyncLedger
 from .model import ChainMismatch, InflightBatch, PendingItem, Recovered
 from .rpc import ChainClient, RpcError, RpcUnavailable
-from .sales import Identifiers
 from .signer import SignerPool
 
 log = logging.getLogger("x402_engine.recovery")

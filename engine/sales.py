@@ -12,73 +12,28 @@ The x402 ``payment-identifier`` extension is the way to retry honestly: a buyer 
 and loses the answer sends the same payload with the same id again and gets the stored answer;
 the same id on another payload is refused (``payment_identifier_conflict``).
 
-:class:`Identifiers` is pure bookkeeping; :class:`SaleWriter` makes sales durable, many per
-ledger commit (a burst of settles answered by one mined batch is one write).
+:class:`SalesDesk` answers /settle; :class:`SaleWriter` makes sales durable, many per ledger
+commit (a burst of settles answered by one mined batch is one write); the payment-identifier
+bindings are :class:`engine.dedup.Identifiers`.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Awaitable, Callable
+from typing import Any
+
 import msgspec
 import trio
 
+from . import reasons
 from .clock import Clock
+from .config import EngineConfig, SettlementMode
+from .dedup import Claim, DedupIndex, Identifiers
+from .ingest import Ingest
 from .ledger import AsyncLedger
-from .model import Sale
-
-_BUCKET_S = 60
-
-
-class Identifiers:
-    """payment-identifier ids → the payment (its replay key) they were first sent with, and the
-    ids sales were made with. Forgotten with the payment's replay key (after validBefore)."""
-
-    def __init__(self) -> None:
-        self._bound: dict[str, bytes] = {}  # id -> replay key of its payment
-        self._sold_with: dict[int, tuple[str, str]] = {}  # record id -> (id, mode) of its sale
-        self._buckets: dict[int, list[tuple[str, bytes]]] = {}  # validBefore minute -> binds
-
-    def __len__(self) -> int:
-        return len(self._bound)
-
-    def bound(self, identifier: str) -> bytes | None:
-        """The replay key ``identifier`` is bound to, if any."""
-        return self._bound.get(identifier)
-
-    def bind(self, identifier: str, key: bytes, valid_before: int) -> bool:
-        """Bind ``identifier`` to the payment with replay key ``key``; False if it is bound
-        already (to that payment or another)."""
-        if identifier in self._bound:
-            return False
-        self._bound[identifier] = key
-        self._buckets.setdefault(valid_before // _BUCKET_S, []).append((identifier, key))
-        return True
-
-    def unbind(self, identifier: str, key: bytes) -> None:
-        """Undo :meth:`bind` for a payment that was not accepted after all."""
-        if self._bound.get(identifier) == key:
-            del self._bound[identifier]
-
-    def sold_with(self, record_id: int) -> tuple[str, str] | None:
-        """(identifier, mode) of the sale of ``record_id``, if it was made with an id."""
-        return self._sold_with.get(record_id)
-
-    def record_sale(self, record_id: int, identifier: str, mode: str) -> None:
-        self._sold_with[record_id] = (identifier, mode)
-
-    def forget_sale(self, record_id: int) -> None:
-        self._sold_with.pop(record_id, None)
-
-    def evict_expired(self, now: float, grace_s: int) -> int:
-        limit = int(now - grace_s) // _BUCKET_S
-        evicted = 0
-        for minute in [m for m in self._buckets if m < limit]:
-            for identifier, key in self._buckets.pop(minute):
-                if self._bound.get(identifier) == key:
-                    del self._bound[identifier]
-                    evicted += 1
-        if evicted:  # a sale made with an id goes with the id's binding
-            self._sold_with = {r: v for r, v in self._sold_with.items() if v[0] in self._bound}
-        return evicted
+from .model import EngineError, Outcome, Payment, Rejected, Sale, SettleAnswer, hex_addr
+from .verify import payment_identifier
 
 
 class _Group:
@@ -147,3 +102,195 @@ class SaleWriter:
                 if pending is not None and not pending.done.is_set():
                     pending.error = stopped
                     pending.done.set()
+
+
+class SalesDesk:
+    """The facilitator's /settle over the engine: accept, then answer by the payee's settlement
+    mode, selling each payment once."""
+
+    def __init__(
+        self,
+        config: EngineConfig,
+        ingest: Ingest,
+        dedup: DedupIndex,
+        identifiers: Identifiers,
+        writer: SaleWriter,
+        status: Callable[[int], Awaitable[Outcome | None]],
+        wait: Callable[[int, float], Awaitable[Outcome]],
+    ) -> None:
+        self._config = config
+        self._ingest = ingest
+        self._dedup = dedup
+        self._identifiers = identifiers
+        self._writer = writer
+        self._status = status
+        self._wait_final = wait
+        self._payee_modes = {
+            bytes.fromhex(k[2:].lower()): v for k, v in config.service.payee_settlement.items()
+        }
+
+    async def _wait(self, record_id: int) -> Outcome:
+        return await self._wait_final(record_id, math.inf)
+
+    def settlement_mode(self, payee: bytes) -> SettlementMode:
+        """``confirmed`` or ``deferred`` for payments to ``payee`` ([service] settings)."""
+        return self._payee_modes.get(payee, self._config.service.settlement)
+
+    async def settle(self, payload: Any, requirements: Any) -> SettleAnswer:
+        """The facilitator's ``/settle`` with one payment, one purchase.
+
+        Accepts the payment (durably, as :meth:`submit`), then answers by the payee's
+        settlement mode: ``deferred`` at once, ``confirmed`` when its batch is mined, or
+        ``settlement_pending`` (with the batch's transaction once sent) after
+        ``service.settle_timeout_s``. ``success`` is answered once per payment, ever: every
+        later settle of it gets ``duplicate_settlement`` with the original transaction and
+        settlement id, except a retry with the payment-identifier the sale was made with,
+        which gets the stored answer. A failed payment answers its failure every time."""
+        identifier = payment_identifier(payload)
+        if isinstance(identifier, Rejected):
+            return _refused(identifier)
+        [(payment, rejected)] = await self._ingest.verify_many([(payload, requirements)])
+        if rejected is not None:
+            return _refused(rejected)
+        assert payment is not None
+        payer = hex_addr(payment.payer)
+        mode = self.settlement_mode(payment.payee)
+        claim, _ = self._dedup.lookup(payment)
+        bound_here = False
+        if identifier is not None:
+            bound = self._identifiers.bound(identifier)
+            if bound is None:
+                bound_here = self._identifiers.bind(identifier, payment.key, payment.valid_before)
+            elif bound != payment.key or claim is Claim.CONFLICT:
+                return SettleAnswer(
+                    False,
+                    reason=reasons.PAYMENT_ID_CONFLICT,
+                    message="this payment-identifier was sent with another payment",
+                    payer=payer,
+                )
+        try:
+            if claim is Claim.NEW and mode == "deferred" and self._config.ingest.state_checks:
+                # deferred answers success before anything is sent: ask the chain first
+                rejected = await self._ingest.check_chain_state(payment)
+            if rejected is None:
+                [result] = await self._ingest.admit([(payment, None)])
+            else:
+                result = rejected
+        except BaseException:
+            if bound_here and identifier is not None:
+                self._identifiers.unbind(identifier, payment.key)
+            raise
+        if isinstance(result, Rejected):
+            if bound_here and identifier is not None:
+                self._identifiers.unbind(identifier, payment.key)
+            return _refused(result)
+        return await self._answer_settle(payment, result.id, identifier, mode)
+
+    async def _answer_settle(
+        self, payment: Payment, rid: int, identifier: str | None, mode: SettlementMode
+    ) -> SettleAnswer:
+        payer = hex_addr(payment.payer)
+        if self._dedup.is_sold(payment):
+            return await self._sold_before(payment, rid, identifier)
+        if mode == "deferred":
+            return await self._sell(payment, rid, identifier, mode, "")
+        outcome: Outcome | None = None
+        with trio.move_on_after(self._config.service.settle_timeout_s):
+            outcome = await self._wait(rid)
+        if outcome is None:
+            pending = await self._status(rid)
+            return SettleAnswer(
+                False,
+                (pending.tx_hash if pending else None) or "",
+                reasons.SETTLEMENT_PENDING,
+                f"not confirmed within {self._config.service.settle_timeout_s:g} s; settlement"
+                f" {rid} continues",
+                payer,
+                rid,
+                state=pending.state if pending else None,
+            )
+        if outcome.state != "settled":
+            return SettleAnswer(
+                False,
+                outcome.tx_hash or "",
+                outcome.reason or reasons.UNEXPECTED_SETTLE,
+                outcome.message,
+                payer,
+                rid,
+                state=outcome.state,
+            )
+        return await self._sell(payment, rid, identifier, mode, outcome.tx_hash or "")
+
+    async def _sell(
+        self,
+        payment: Payment,
+        rid: int,
+        identifier: str | None,
+        mode: SettlementMode,
+        transaction: str,
+    ) -> SettleAnswer:
+        """Answer success if nobody did before (test and set with no checkpoint between),
+        once the sale is in the ledger."""
+        claim, owner = self._dedup.lookup(payment)
+        if claim is not Claim.SAME or owner != rid:  # forgotten: its validBefore is long past
+            return SettleAnswer(
+                False,
+                transaction,
+                reasons.VALID_BEFORE,
+                "the authorization expired before it could be answered",
+                hex_addr(payment.payer),
+                rid,
+            )
+        if not self._dedup.mark_sold(payment):
+            return await self._sold_before(payment, rid, identifier)
+        if identifier is not None:
+            self._identifiers.record_sale(rid, identifier, mode)
+        try:
+            await self._writer.record(Sale(rid, mode, identifier))
+        except Exception as exc:
+            self._dedup.unmark_sold(payment)
+            self._identifiers.forget_sale(rid)
+            raise EngineError(f"the sale of payment {rid} could not be recorded: {exc}") from exc
+        current = await self._status(rid)
+        return SettleAnswer(
+            True,
+            transaction,
+            payer=hex_addr(payment.payer),
+            settlement_id=rid,
+            amount=payment.value,
+            state=current.state if current else None,
+        )
+
+    async def _sold_before(
+        self, payment: Payment, rid: int, identifier: str | None
+    ) -> SettleAnswer:
+        """A settle of a payment an earlier settle already answered with success."""
+        current = await self._status(rid)
+        transaction = (current.tx_hash if current else None) or ""
+        payer = hex_addr(payment.payer)
+        sale = self._identifiers.sold_with(rid)
+        if identifier is not None and sale is not None and sale[0] == identifier:
+            # the same purchase asked again (payment-identifier): the stored answer
+            return SettleAnswer(
+                True,
+                transaction if sale[1] == "confirmed" else "",
+                payer=payer,
+                settlement_id=rid,
+                amount=payment.value,
+                state=current.state if current else None,
+            )
+        where = f" in transaction {transaction}" if transaction else ""
+        return SettleAnswer(
+            False,
+            transaction,
+            reasons.DUPLICATE_SETTLEMENT,
+            f"payment {rid} was already settled{where} and answered to an earlier /settle:"
+            " one payment buys once",
+            payer,
+            rid,
+            state=current.state if current else None,
+        )
+
+
+def _refused(rejected: Rejected) -> SettleAnswer:
+    return SettleAnswer(False, "", rejected.reason, rejected.message, rejected.payer)
