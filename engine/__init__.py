@@ -6,7 +6,7 @@ or in any other program with the thread-safe :class:`EngineHandle`.
 
 from __future__ import annotations
 
-from .clock import Clock, ManualClock, SystemClock, TrioWallClock
+from .clock import Clock, TrioWallClock
 from .config import ConfigError, EngineConfig, load_config
 from .engine import Engine
 from .gctune import tuned_gc
@@ -23,12 +23,10 @@ __all__ = [
     "EngineConfig",
     "EngineError",
     "EngineHandle",
-    "ManualClock",
     "Outcome",
     "Rejected",
     "SettleAnswer",
     "Statistics",
-    "SystemClock",
     "TrioWallClock",
     "load_config",
     "tuned_gc",

@@ -16,7 +16,7 @@ import math
 
 import trio
 
-from .clock import Clock
+from .clock import Clock, Wakeup
 from .model import Batch, PendingItem
 from .policy import BatchPolicy, ImmediatePolicy, Limits, PendingPool, Plan, needs_payer_max, plan
 
@@ -43,8 +43,8 @@ class BatchStage:
         self._payee_policies = dict(payee_policies or {})
         # (token, payee with its own policy, or None for the shared pool) -> pool
         self._pools: dict[tuple[bytes, bytes | None], PendingPool] = {}
-        self._changed = trio.Event()
-        self._space = trio.Event()
+        self._changed = Wakeup()
+        self._space = Wakeup()
         # pool -> payers whose ready items are to be settled now, whatever the schedule
         self._expedite: dict[tuple[bytes, bytes | None], set[bytes]] = {}
         self._drain: set[tuple[bytes, bytes | None]] = set()  # pools to empty now (settle_now)
@@ -119,7 +119,6 @@ class BatchStage:
             async for items in receive:
                 self._add(items)
                 while bounded and self.depth() >= self._pool_max:
-                    self._space = trio.Event()
                     await self._space.wait()
 
     def _policy_for(self, key: tuple[bytes, bytes | None]) -> BatchPolicy:
@@ -161,7 +160,6 @@ class BatchStage:
                         wake = min(wake, decision.wake_at)
                 if sent:
                     continue  # plan again at once: more may be due
-                self._changed = trio.Event()
                 delay = wake - self._clock.now()
                 with trio.move_on_after(max(delay, 0.001)):
                     await self._changed.wait()

@@ -26,7 +26,7 @@ import msgspec
 import trio
 
 from . import codec, reasons
-from .clock import Clock
+from .clock import Clock, Wakeup
 from .model import Payment, Rejected, hex_addr
 from .rpc import ChainClient
 
@@ -194,8 +194,8 @@ class ChainStateReader:
         self._queue_max = queue_max
         self._slots = trio.Semaphore(inflight_max)
         self._queue: deque[_Request] = deque()
-        self._arrived = trio.Event()
-        self._room = trio.Event()
+        self._arrived = Wakeup()
+        self._room = Wakeup()
         self._reads = 0
         self._payments_read = 0
         self._cache_hits = 0
@@ -213,8 +213,6 @@ class ChainStateReader:
             self._cache_hits += 1
             return cached
         while len(self._queue) >= self._queue_max:  # bounded: wait for room
-            if self._room.is_set():
-                self._room = trio.Event()
             await self._room.wait()
         request = _Request((token, payer, nonce))
         self._queue.append(request)
@@ -229,7 +227,6 @@ class ChainStateReader:
         async with trio.open_nursery() as nursery:
             while True:
                 if not self._queue:
-                    self._arrived = trio.Event()
                     await self._arrived.wait()
                     continue
                 if self._window_s:

@@ -1,9 +1,13 @@
-"""The engine's one injectable clock.
+"""Time and waiting.
 
-Every stage reads wall-clock time (seconds since the Unix epoch, as used by EIP-3009's
-validAfter/validBefore) through a :class:`Clock`. The default, :class:`TrioWallClock`, follows
-trio's clock, so a test that runs under ``trio.testing.MockClock`` moves the engine's notion of
-"now" and its sleeps together.
+trio's clock is the one injection point for time: the engine reads wall-clock time (seconds
+since the Unix epoch, as EIP-3009's validAfter/validBefore use it) through a
+:class:`TrioWallClock`, which follows trio's clock, and it sleeps with trio. A test that runs
+under ``trio.testing.MockClock`` therefore moves "now" and every sleep together; a
+:class:`TrioWallClock` with a ``start_unix`` puts that "now" anywhere in time.
+
+:class:`ManualClock` and :class:`SystemClock` are for pure logic and helpers that never sleep
+(they are not part of the public API). :class:`Wakeup` is the one re-armable event.
 """
 
 from __future__ import annotations
@@ -57,8 +61,20 @@ class ManualClock:
         self._now += seconds
 
 
-async def sleep_until_unix(clock: Clock, deadline_unix: float) -> None:
-    """Sleep on trio's clock until ``clock`` reads ``deadline_unix`` (no-op if passed)."""
-    delay = deadline_unix - clock.now()
-    if delay > 0:
-        await trio.sleep(delay)
+class Wakeup:
+    """A re-armable event: :meth:`set` wakes every task waiting now; :meth:`wait` waits for the
+    next :meth:`set` (check the condition first, with no checkpoint between that check and
+    the wait)."""
+
+    __slots__ = ("_event",)
+
+    def __init__(self) -> None:
+        self._event = trio.Event()
+
+    def set(self) -> None:
+        self._event.set()
+
+    async def wait(self) -> None:
+        if self._event.is_set():
+            self._event = trio.Event()
+        await self._event.wait()

@@ -30,7 +30,7 @@ import msgspec
 import trio
 
 from . import codec, reasons
-from .clock import Clock
+from .clock import Clock, Wakeup
 from .config import ChainConfig
 from .fees import bump_fees
 from .model import BatchEvent, InflightBatch, PaymentEvent, PendingItem
@@ -111,7 +111,7 @@ class ConfirmStage:
         self._inflight: dict[int, InflightBatch] = {}
         self._last_broadcast: dict[int, float] = {}
         self._nonce_spent_at: dict[int, int] = {}  # batch id -> head when first seen spent
-        self._arrived = trio.Event()
+        self._arrived = Wakeup()
         self._batcher = bytes.fromhex(chain.batcher[2:])
         self.replacements_sent = 0
         self.reorged_receipts = 0
@@ -148,7 +148,6 @@ class ConfirmStage:
         async with self._requeue:
             while True:
                 if not self._inflight:
-                    self._arrived = trio.Event()
                     await self._arrived.wait()
                 await trio.sleep(interval)
                 try:

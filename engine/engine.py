@@ -95,7 +95,7 @@ class Engine:
         cls,
         config: EngineConfig,
         *,
-        clock: Clock | None = None,
+        clock: TrioWallClock | None = None,
         environ: Mapping[str, str] | None = None,
         policy: Callable[[ChainConfig], BatchPolicy] | None = None,
         chain_client: Callable[[ChainConfig], ChainClient] | None = None,
@@ -103,13 +103,14 @@ class Engine:
     ) -> AsyncIterator[Engine]:
         """Start the engine: recover from the ledger, then run until the block exits.
 
-        ``clock`` is the engine's one source of time (default: wall time following trio's
-        clock); ``environ`` replaces ``os.environ`` for signer keys; ``policy`` builds each
-        chain's default batching policy (default: the one ``[policy]`` describes; payees in
-        ``[[policy.payees]]`` keep their own); ``chain_client`` makes each chain's client
-        (default: JSON-RPC to ``rpc_url``; the seeded simulator passes its fake chain);
-        ``io_threads=False`` runs ledger I/O inline on the trio thread (deterministic
-        simulation only: it blocks the engine for every write).
+        ``clock`` puts the engine's "now" where a test wants it (default: wall time); it
+        follows trio's clock, the one injection point for time and sleeping (run under
+        ``trio.testing.MockClock`` to drive both). ``environ`` replaces ``os.environ`` for
+        signer keys. ``policy`` builds each chain's default batching policy (default: the one
+        ``[policy]`` describes; payees in ``[[policy.payees]]`` keep their own).
+        ``chain_client`` makes each chain's client (default: JSON-RPC to ``rpc_url``; the
+        seeded simulator passes its fake chain). ``io_threads=False`` runs ledger I/O inline
+        on the trio thread (deterministic simulation only: it blocks the engine on writes).
         """
         validate(config)
         open_ledger = functools.partial(

@@ -17,6 +17,7 @@ from collections import deque
 import trio
 import trio.lowlevel
 
+from .clock import Wakeup
 from .ledger import AsyncLedger
 from .model import Payment, PendingItem
 from .outcomes import Tracker
@@ -74,8 +75,8 @@ class IntakeStage:
         self._groups_max = groups_max
         self._groups: deque[Group] = deque()
         self._open: Group | None = None  # the group new payments join
-        self._arrived = trio.Event()
-        self._room = trio.Event()
+        self._arrived = Wakeup()
+        self._room = Wakeup()
         self.groups_written = 0
 
     def waiting(self) -> int:
@@ -88,8 +89,6 @@ class IntakeStage:
     async def wait_for_room(self) -> None:
         """Backpressure: wait until :meth:`admit` can take a payment."""
         while not self.has_room():
-            if self._room.is_set():
-                self._room = trio.Event()
             await self._room.wait()
 
     def admit(self, item: PendingItem) -> Group:
@@ -110,7 +109,6 @@ class IntakeStage:
         try:
             while True:
                 if not self._groups:
-                    self._arrived = trio.Event()
                     await self._arrived.wait()
                     continue
                 current = self._groups.popleft()

@@ -27,7 +27,7 @@ import msgspec
 import trio
 
 from . import reasons
-from .clock import Clock
+from .clock import Clock, Wakeup
 from .config import EngineConfig, SettlementMode
 from .dedup import Claim, DedupIndex, Identifiers
 from .ingest import Ingest
@@ -57,7 +57,7 @@ class SaleWriter:
         self._ledger = ledger
         self._clock = clock
         self._open: _Group | None = None
-        self._arrived = trio.Event()
+        self._arrived = Wakeup()
         self._sold = 0
         self._writes = 0
 
@@ -82,7 +82,6 @@ class SaleWriter:
         try:
             while True:
                 if self._open is None:
-                    self._arrived = trio.Event()
                     await self._arrived.wait()
                     continue
                 group, self._open = self._open, None

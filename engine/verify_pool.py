@@ -25,7 +25,7 @@ import msgspec
 import trio
 import trio.lowlevel
 
-from .clock import Clock
+from .clock import Clock, Wakeup
 from .config import EngineConfig
 from .model import Payment, Rejected, payment_from_tuple
 from .verify_worker import (
@@ -117,8 +117,8 @@ class VerifyPool:
         self._workers: list[_Worker] = []
         self._queue: deque[_Batch] = deque()
         self._open: _Batch | None = None
-        self._wakeup = trio.Event()
-        self._room = trio.Event()
+        self._wakeup = Wakeup()
+        self._room = Wakeup()
         self._failed: BaseException | None = None
         self.batches_sent = 0
         self.items_sent = 0
@@ -137,8 +137,6 @@ class VerifyPool:
         for payload, requirements in items:
             item = (as_bytes(payload), as_bytes(requirements))
             while self._failed is None and self._full():
-                if self._room.is_set():
-                    self._room = trio.Event()
                 await self._room.wait()
             if self._failed is not None:
                 raise VerifyWorkerError("verify workers are down") from self._failed
@@ -199,7 +197,6 @@ class VerifyPool:
         while True:
             worker = min(self._workers, key=lambda w: len(w.inflight))
             if not self._queue or len(worker.inflight) >= self._inflight_max:
-                self._wakeup = trio.Event()
                 await self._wakeup.wait()
                 continue
             batch = self._queue.popleft()
