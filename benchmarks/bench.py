@@ -22,7 +22,7 @@ from rich.console import Console
 from rich.markdown import Markdown
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-from engine.devchain import Anvil, setup_devchain
+from engine.dev.devchain import Anvil, setup_devchain
 
 from . import report
 from .crawler_day import Day, measure_crawler_day

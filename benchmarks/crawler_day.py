@@ -26,10 +26,10 @@ import trio
 import trio.testing
 from rich.progress import Progress
 
-from engine import crypto
+from engine.chain import crypto
 from engine.clock import TrioWallClock
 from engine.config import CreditConfig, PayeeScheduleConfig, PolicyConfig
-from engine.devchain import Anvil, DevChain, engine_config, new_key, setup_devchain
+from engine.dev.devchain import Anvil, DevChain, engine_config, new_key, setup_devchain
 from engine.engine import Engine
 from engine.model import hex_addr
 

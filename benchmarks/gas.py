@@ -18,12 +18,12 @@ from pathlib import Path
 import msgspec
 import trio
 
-from engine import codec
-from engine.devchain import Anvil, Deployer, engine_config, setup_devchain
-from engine.loadgen import payment_v2
+from engine.chain import codec
+from engine.chain.rpc import Rpc
+from engine.dev.devchain import Anvil, Deployer, engine_config, setup_devchain
+from engine.dev.loadgen import payment_v2
 from engine.model import Payment
-from engine.rpc import Rpc
-from engine.verify import Verifier
+from engine.stages.verify import Verifier
 
 TX_GAS_CAP = 16_777_216
 VALUE = 1000

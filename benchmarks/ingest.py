@@ -19,12 +19,12 @@ import coincurve
 import msgspec
 import trio
 
-from engine import crypto
-from engine.devchain import DevChain, engine_config
+from engine.chain import crypto
+from engine.dev.devchain import DevChain, engine_config
 from engine.engine import Engine
 from engine.gctune import tuned_gc
-from engine.policy import Limits, PoolView
-from engine.verify import Verifier
+from engine.rules.policy import Limits, PoolView
+from engine.stages.verify import Verifier
 
 
 class HoldPolicy:

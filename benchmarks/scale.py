@@ -11,12 +11,12 @@ import tracemalloc
 from pathlib import Path
 from typing import Any
 
-from engine.dedup import DedupIndex
-from engine.devchain import Anvil, setup_devchain
-from engine.devchain import engine_config as make_config
+from engine.dev.devchain import Anvil, setup_devchain
+from engine.dev.devchain import engine_config as make_config
 from engine.engine import Engine
-from engine.ledger import Ledger
 from engine.model import Payment
+from engine.stages.dedup import DedupIndex
+from engine.store.ledger import Ledger
 
 from .ingest import HoldPolicy
 from .workload import BENCH_SEED

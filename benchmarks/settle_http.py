@@ -21,8 +21,8 @@ import msgspec
 import trio
 
 from engine.config import PolicyConfig, ServiceConfig
-from engine.devchain import Anvil, engine_config, free_port, setup_devchain
-from engine.loadgen import payment_v2
+from engine.dev.devchain import Anvil, engine_config, free_port, setup_devchain
+from engine.dev.loadgen import payment_v2
 
 from .http_load import post_all, serving
 

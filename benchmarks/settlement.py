@@ -12,8 +12,8 @@ import msgspec
 import trio
 
 from engine.config import PolicyConfig
-from engine.devchain import Anvil, setup_devchain
-from engine.devchain import engine_config as make_config
+from engine.dev.devchain import Anvil, setup_devchain
+from engine.dev.devchain import engine_config as make_config
 from engine.engine import Engine
 
 from .ingest import percentiles

@@ -14,8 +14,8 @@ from pathlib import Path
 import msgspec
 from rich.progress import Progress
 
-from engine import crypto
-from engine.devchain import DevChain
+from engine.chain import crypto
+from engine.dev.devchain import DevChain
 from engine.model import hex_addr
 
 BENCH_SEED = b"x402-engine-bench-v1"

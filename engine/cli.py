@@ -15,7 +15,7 @@ import trio
 from rich.console import Console
 
 from .config import dump_config
-from .devchain import Anvil, engine_config, setup_devchain
+from .dev.devchain import Anvil, engine_config, setup_devchain
 
 
 def _devchain(args: argparse.Namespace) -> int:
@@ -58,7 +58,7 @@ def _devchain(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from .demo import print_result, run_demo
+    from .dev.demo import print_result, run_demo
 
     console = Console()
     result = trio.run(
@@ -106,7 +106,7 @@ def _serve(args: argparse.Namespace) -> int:
     finish (acknowledgements always do: they are uncancellable), close the ledger cleanly and
     exit 0. A second signal stops at once."""
     from .config import ConfigError, load_config
-    from .service import bearer_token, run_service
+    from .service.app import bearer_token, run_service
 
     config = load_config(args.config)
     environ = {**os.environ, **read_env_file(args.env_file)}
@@ -206,8 +206,8 @@ def _report(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from .config import load_config
-    from .ledger import Ledger
-    from .report import build_report, chart, export
+    from .store.ledger import Ledger
+    from .store.report import build_report, chart, export
 
     path = args.ledger or load_config(args.config).ledger.path
     if not Path(path).exists():
@@ -236,7 +236,7 @@ def _report(args: argparse.Namespace) -> int:
 def _salvage_journal(args: argparse.Namespace) -> int:
     """Keep every intact frame of a damaged journal; set the damaged segments aside."""
     from .config import load_config
-    from .ledger import Ledger
+    from .store.ledger import Ledger
 
     path = args.ledger or load_config(args.config).ledger.path
     if not Path(path).exists() and not Path(path + ".journal").exists():
@@ -414,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     from .config import ConfigError
-    from .journal import JournalCorrupt
+    from .store.journal import JournalCorrupt
 
     try:
         code: int = args.func(args)

@@ -94,7 +94,7 @@ PolicyMode = Literal["immediate", "windowed", "scheduled"]
 
 
 class ScheduleConfig(msgspec.Struct, forbid_unknown_fields=True):
-    """When accumulated payments are settled (see engine.policy)."""
+    """When accumulated payments are settled (see engine.rules.policy)."""
 
     mode: PolicyMode = "immediate"  # immediate: full batch or max_wait_ms
     window_s: int = 3600  # windowed: every window_s seconds, aligned to the epoch (UTC)
@@ -144,7 +144,7 @@ class LedgerConfig(msgspec.Struct, forbid_unknown_fields=True):
 
 
 class CreditConfig(msgspec.Struct, forbid_unknown_fields=True):
-    """Credit control for payments that wait for a window or a schedule (engine.credit)."""
+    """Credit control for payments that wait for a window or a schedule (engine.rules.credit, engine.stages.credit_control)."""
 
     enabled: bool = True
     refresh_s: float = 60.0  # re-read the balances of every payer who owes something

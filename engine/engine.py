@@ -20,15 +20,10 @@ import trio
 import trio.lowlevel
 
 from . import recovery
-from .chainstate import ReaderStatistics
+from .chain.rpc import ChainClient, Rpc, RpcUnavailable
+from .chain.signer import Signer, SignerPool
 from .clock import Clock, TrioWallClock
 from .config import ChainConfig, EngineConfig, SettlementMode, signer_keys, validate
-from .dedup import DedupIndex, Identifiers
-from .health import Health, judge_health
-from .ingest import Ingest
-from .intake import IntakeStage
-from .ledger import AsyncLedger, Ledger
-from .metrics import Histogram
 from .model import (
     Accepted,
     EngineError,
@@ -40,14 +35,19 @@ from .model import (
     hex_addr,
 )
 from .outcomes import Recorder, Statistics, Tracker
-from .pipeline import ChainPipeline, SettlementStatistics
-from .policy import BatchPolicy, schedule_policy
-from .rpc import ChainClient, Rpc, RpcUnavailable
-from .sales import SalesDesk, SaleStatistics, SaleWriter
-from .signer import Signer, SignerPool
-from .submit import BatchIds
-from .verify import PAYMENT_IDENTIFIER
-from .verify_pool import VerifyPool
+from .rules.health import Health, judge_health
+from .rules.policy import BatchPolicy, schedule_policy
+from .service.metrics import Histogram
+from .stages.chainstate import ReaderStatistics
+from .stages.dedup import DedupIndex, Identifiers
+from .stages.ingest import Ingest
+from .stages.intake import IntakeStage
+from .stages.pipeline import ChainPipeline, SettlementStatistics
+from .stages.sales import SalesDesk, SaleStatistics, SaleWriter
+from .stages.submit import BatchIds
+from .stages.verify import PAYMENT_IDENTIFIER
+from .stages.verify_pool import VerifyPool
+from .store.ledger import AsyncLedger, Ledger
 
 log = logging.getLogger("x402_engine.engine")
 T = TypeVar("T")

@@ -13,8 +13,6 @@ import msgspec
 import trio
 
 from .clock import Clock
-from .ledger import AsyncLedger
-from .metrics import Histogram
 from .model import (
     FINAL_STATES,
     BatchEvent,
@@ -24,6 +22,8 @@ from .model import (
     PendingItem,
     hex_addr,
 )
+from .service.metrics import Histogram
+from .store.ledger import AsyncLedger
 
 
 class Statistics(msgspec.Struct, frozen=True):

@@ -18,13 +18,13 @@ from typing import TypeVar
 
 import trio
 
+from .chain.rpc import ChainClient, RpcError, RpcUnavailable
+from .chain.signer import SignerPool
 from .clock import Clock
 from .config import ChainConfig
-from .dedup import DedupIndex, Identifiers
-from .ledger import AsyncLedger
 from .model import ChainMismatch, InflightBatch, PendingItem, Recovered
-from .rpc import ChainClient, RpcError, RpcUnavailable
-from .signer import SignerPool
+from .stages.dedup import DedupIndex, Identifiers
+from .store.ledger import AsyncLedger
 
 log = logging.getLogger("x402_engine.recovery")
 T = TypeVar("T")

@@ -6,10 +6,10 @@ from collections.abc import Sequence
 
 from eth_abi.abi import encode as abi_encode
 
-from engine import codec, crypto
-from engine.devchain import DevChain
+from engine.chain import codec, crypto
+from engine.chain.rpc import Rpc, RpcError
+from engine.dev.devchain import DevChain
 from engine.model import hex_addr
-from engine.rpc import Rpc, RpcError
 
 
 async def balances(rpc: Rpc, token: str, owners: Sequence[str]) -> list[int]:

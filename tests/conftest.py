@@ -6,10 +6,10 @@ from collections.abc import Iterator
 
 import pytest
 
-from engine import crypto
+from engine.chain import crypto
 from engine.config import ChainConfig, EngineConfig, LedgerConfig, TokenConfig
-from engine.devchain import Anvil
-from engine.loadgen import TokenDomain
+from engine.dev.devchain import Anvil
+from engine.dev.loadgen import TokenDomain
 
 TOKEN = bytes.fromhex("1111111111111111111111111111111111111111")
 PAYEE = bytes.fromhex("2222222222222222222222222222222222222222")

@@ -13,8 +13,8 @@ import msgspec
 import trio
 
 from engine.config import EngineConfig, PolicyConfig, ServiceConfig
-from engine.devchain import Anvil, DevChain, engine_config, setup_devchain
-from engine.service import run_service
+from engine.dev.devchain import Anvil, DevChain, engine_config, setup_devchain
+from engine.service.app import run_service
 
 
 class RunningService:

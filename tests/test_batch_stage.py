@@ -7,10 +7,10 @@ import os
 import trio
 import trio.testing
 
-from engine.batch import BatchStage
 from engine.clock import TrioWallClock
 from engine.model import Batch, Payment, PendingItem
-from engine.policy import ImmediatePolicy, Limits
+from engine.rules.policy import ImmediatePolicy, Limits
+from engine.stages.batch import BatchStage
 
 START = 1_800_000_000.0
 LIMITS = Limits(

@@ -11,11 +11,12 @@ import trio
 from eth_abi.abi import decode as abi_decode
 from eth_abi.abi import encode as abi_encode
 
-from engine import codec, reasons
-from engine.chainstate import ChainStateReader, PayerState, StateCache, decode_read, judge
+from engine.chain import codec
+from engine.chain.rpc import Rpc
 from engine.clock import ManualClock
 from engine.model import Payment
-from engine.rpc import Rpc
+from engine.rules import reasons
+from engine.stages.chainstate import ChainStateReader, PayerState, StateCache, decode_read, judge
 
 TOKEN = b"\x11" * 20
 
@@ -82,7 +83,7 @@ def _answer(calldata: bytes, balances: dict[bytes, int], used: set[bytes]) -> by
 
 def test_decode_read_sees_a_token_without_code() -> None:
     payer, nonce = b"\x01" * 20, b"\x02" * 32
-    from engine.chainstate import read_calldata
+    from engine.stages.chainstate import read_calldata
 
     keys = [(b"\x99" * 20, payer, nonce), (TOKEN, payer, nonce)]
     data, balance_keys = read_calldata(keys)

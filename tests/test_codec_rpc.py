@@ -9,11 +9,12 @@ import msgspec
 import pytest
 from eth_abi.abi import encode as abi_encode
 
-from engine import codec, reasons
-from engine.confirm import split_evenly
-from engine.fees import choose_fees
+from engine.chain import codec
+from engine.chain.rpc import Rpc, RpcError, RpcUnavailable
 from engine.model import Payment
-from engine.rpc import Rpc, RpcError, RpcUnavailable
+from engine.rules import reasons
+from engine.rules.fees import choose_fees
+from engine.stages.confirm import split_evenly
 
 
 def test_compact_item_is_165_packed_bytes_in_contract_order() -> None:
@@ -122,7 +123,7 @@ def test_hand_encoded_aggregate3_matches_eth_abi_both_ways() -> None:
     from eth_abi.abi import decode as abi_decode
     from eth_abi.abi import encode as abi_encode
 
-    from engine import codec
+    from engine.chain import codec
 
     for n in [0, 1, 3, 17]:
         calls = [

@@ -14,14 +14,14 @@ import pytest
 import trio
 import trio.testing
 
+from engine.chain.crypto import private_key_address
+from engine.chain.rpc import Rpc
 from engine.clock import TrioWallClock
 from engine.config import CreditConfig, LedgerConfig, PayeeScheduleConfig, PolicyConfig
-from engine.crypto import private_key_address
-from engine.devchain import Anvil, engine_config, new_key, setup_devchain
+from engine.dev.devchain import Anvil, engine_config, new_key, setup_devchain
+from engine.dev.loadgen import TokenDomain, requirements_v2, sign_authorization
 from engine.engine import Engine
-from engine.loadgen import TokenDomain, requirements_v2, sign_authorization
 from engine.model import Accepted, PaymentPayloadV2, hex_addr
-from engine.rpc import Rpc
 
 from .chain import balances
 

@@ -7,7 +7,7 @@ import os
 from eth_account import Account
 from eth_account.messages import encode_typed_data
 
-from engine import crypto
+from engine.chain import crypto
 
 
 def _typed(token: bytes, chain_id: int, msg: dict[str, object]) -> dict[str, object]:

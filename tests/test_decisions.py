@@ -7,12 +7,12 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from engine import codec
-from engine.codec import Log, Receipt
-from engine.confirm import Unseen, unseen_action
-from engine.fees import Fees, bump_fees
+from engine.chain import codec
+from engine.chain.codec import Log, Receipt
 from engine.model import Payment, PendingItem
-from engine.submit import ATTEMPTS_MAX, triage
+from engine.rules.fees import Fees, bump_fees
+from engine.stages.confirm import Unseen, unseen_action
+from engine.stages.submit import ATTEMPTS_MAX, triage
 
 
 def _item(i: int, valid_before: int, attempts: int = 0) -> PendingItem:

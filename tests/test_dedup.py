@@ -4,8 +4,8 @@ import os
 
 import msgspec
 
-from engine.dedup import Claim, DedupIndex
 from engine.model import Payment
+from engine.stages.dedup import Claim, DedupIndex
 
 
 def _payment(valid_before: int = 2_000_000_000) -> Payment:

@@ -10,15 +10,16 @@ import msgspec
 import pytest
 import trio
 
-from engine import codec, reasons
+from engine.chain import codec
+from engine.chain.rpc import Rpc
 from engine.clock import TrioWallClock
 from engine.config import PolicyConfig
-from engine.devchain import Anvil, Deployer, DevChain, engine_config, new_key, setup_devchain
+from engine.dev.devchain import Anvil, Deployer, DevChain, engine_config, new_key, setup_devchain
+from engine.dev.loadgen import payment_v1, payment_v2, to_json
 from engine.engine import Engine
-from engine.loadgen import payment_v1, payment_v2, to_json
 from engine.model import Accepted, Rejected
-from engine.rpc import Rpc
-from engine.verify import Verifier
+from engine.rules import reasons
+from engine.stages.verify import Verifier
 
 from .chain import balances, cancel_calldata, count_authorization_used, payer_addresses
 

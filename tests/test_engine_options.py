@@ -12,13 +12,13 @@ import pytest
 import trio
 
 from engine import EngineHandle
+from engine.chain.rpc import Rpc
 from engine.config import PolicyConfig
-from engine.demo import run_demo
-from engine.devchain import Anvil, engine_config, new_key, setup_devchain
+from engine.dev.demo import run_demo
+from engine.dev.devchain import Anvil, engine_config, new_key, setup_devchain
+from engine.dev.loadgen import payment_v2
 from engine.engine import Engine
-from engine.loadgen import payment_v2
 from engine.model import Accepted
-from engine.rpc import Rpc
 
 from .chain import balances
 
@@ -74,7 +74,8 @@ async def test_batch_over_the_gas_cap_is_split_and_several_signers_share_the_loa
     async with Engine.open(config, environ=env) as engine:
         for key in dev.payer_key_bytes():
             assert isinstance(
-                await engine.submit(*payment_v2(dev.domain, key, payee, VALUE, now)), Accepted
+                await engine.submit(*payment_v2(dev.domain, key, payee, VALUE, now)),
+                Accepted,
             )
         await engine.drain(timeout_s=60)
         stats = engine.statistics()
@@ -164,7 +165,7 @@ async def test_batch_of_one_is_sent_directly_to_the_token(anvil: Anvil, tmp_path
 async def test_reverted_batch_is_requeued_and_settles_in_a_later_batch(
     anvil: Anvil, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import engine.submit as submit_module
+    import engine.stages.submit as submit_module
 
     dev = await setup_devchain(anvil.url, payers=10)
     config, env = engine_config(

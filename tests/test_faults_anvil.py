@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import trio
 
-from engine.devchain import Anvil, engine_config, setup_devchain
+from engine.chain.rpc import Rpc
+from engine.dev.devchain import Anvil, engine_config, setup_devchain
+from engine.dev.loadgen import payment_v2
 from engine.engine import Engine
-from engine.loadgen import payment_v2
 from engine.model import Accepted
-from engine.rpc import Rpc
 
 from .chain import balances, count_authorization_used
 from .rpc_proxy import RpcProxy

@@ -8,13 +8,13 @@ from typing import Any
 import msgspec
 import trio
 
-from engine import crypto
+from engine.chain import crypto
 from engine.clock import TrioWallClock
 from engine.config import ServiceConfig
+from engine.dev.loadgen import TokenDomain, payment_v2
 from engine.engine import Engine
-from engine.health import judge_health
-from engine.loadgen import TokenDomain, payment_v2
 from engine.model import Accepted
+from engine.rules.health import judge_health
 from engine.sim import FakeChain, Faults
 from engine.sim.campaign import BATCHER, CHAIN_ID, START_UNIX, TOKEN
 from engine.sim.campaign import _key as sim_key
@@ -88,8 +88,8 @@ async def test_engine_reports_unhealthy_while_the_node_is_away_and_recovers(
 
 
 def test_healthz_answers_503_with_the_reason() -> None:
-    from engine.facilitator import Facilitator
-    from engine.health import Health
+    from engine.rules.health import Health
+    from engine.service.facilitator import Facilitator
 
     class Stalled:
         def health(self) -> Health:

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from engine.journal import Journal, JournalCorrupt, JournalRow, decode_frames, encode_frame
-from engine.ledger import Ledger
+from engine.store.journal import Journal, JournalCorrupt, JournalRow, decode_frames, encode_frame
+from engine.store.ledger import Ledger
 
 from .test_ledger import _payment
 
@@ -82,7 +82,7 @@ def test_ledger_reads_see_staged_payments_and_close_empties_the_journal(tmp_path
 
 _CHILD = """
 import sys, trio
-from engine.ledger import AsyncLedger, Ledger
+from engine.store.ledger import AsyncLedger, Ledger
 from tests.test_ledger import _payment
 
 async def main(path):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from engine.ledger import Ledger
 from engine.model import BatchEvent, BatchRecord, Payment, PaymentEvent
+from engine.store.ledger import Ledger
 
 
 def _payment(value: int = 10) -> Payment:

@@ -15,12 +15,13 @@ import msgspec
 import pytest
 import trio
 
-from engine import codec, reasons
+from engine.chain import codec
+from engine.chain.rpc import Rpc
 from engine.config import ServiceConfig
-from engine.devchain import Deployer, new_key
-from engine.loadgen import payment_v1, payment_v2
+from engine.dev.devchain import Deployer, new_key
+from engine.dev.loadgen import payment_v1, payment_v2
 from engine.model import PaymentPayloadV2
-from engine.rpc import Rpc
+from engine.rules import reasons
 
 from .chain import balances, cancel_calldata, count_authorization_used
 from .service_helpers import RunningService, running_service
@@ -135,7 +136,7 @@ def test_verify_refuses_what_the_ledger_or_the_chain_already_decided(
     # used on chain by someone else's transaction (the payer's wallet, a front-runner)
     used, used_req = _signed(svc, 3)
     deployer = Deployer(Rpc(dev.rpc_url), bytes.fromhex(dev.deployer_key[2:]), dev.chain_id)
-    from engine.verify import Verifier
+    from engine.stages.verify import Verifier
 
     payment, _ = Verifier(svc.config).check(used, used_req, time.time())
     assert payment is not None
@@ -247,7 +248,7 @@ def test_deferred_mode_sells_once_and_checks_the_chain_first(tmp_path: Path) -> 
 
 
 async def test_sales_and_payment_identifiers_survive_a_restart(tmp_path: Path) -> None:
-    from engine.devchain import Anvil, engine_config, setup_devchain
+    from engine.dev.devchain import Anvil, engine_config, setup_devchain
     from engine.engine import Engine
 
     with Anvil() as anvil:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 from engine.model import Payment, PendingItem
-from engine.policy import ImmediatePolicy, Limits, PendingPool, plan
+from engine.rules.policy import ImmediatePolicy, Limits, PendingPool, plan
 
 NOW = 1_800_000_000.0
 LIMITS = Limits(

@@ -12,11 +12,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from engine.cli import main as cli_main
-from engine.devchain import Anvil, engine_config, new_key, setup_devchain
+from engine.dev.devchain import Anvil, engine_config, new_key, setup_devchain
+from engine.dev.loadgen import payment_v2
 from engine.engine import Engine
-from engine.ledger import Ledger
-from engine.loadgen import payment_v2
-from engine.report import build_report
+from engine.store.ledger import Ledger
+from engine.store.report import build_report
 
 pytestmark = pytest.mark.chain
 VALUE = 1000

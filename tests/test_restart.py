@@ -15,11 +15,11 @@ import msgspec
 import pytest
 import trio
 
+from engine.chain.rpc import Rpc
 from engine.config import PolicyConfig, dump_config
-from engine.devchain import Anvil, engine_config, setup_devchain
-from engine.ledger import Ledger
-from engine.loadgen import payment_v2
-from engine.rpc import Rpc
+from engine.dev.devchain import Anvil, engine_config, setup_devchain
+from engine.dev.loadgen import payment_v2
+from engine.store.ledger import Ledger
 
 from .chain import balances, payer_addresses
 

@@ -11,7 +11,6 @@ import pytest
 import trio
 import trio.testing
 
-from engine.batch import BatchStage
 from engine.clock import TrioWallClock
 from engine.config import (
     ConfigError,
@@ -22,7 +21,7 @@ from engine.config import (
     validate,
 )
 from engine.model import Batch, Payment, PendingItem
-from engine.policy import (
+from engine.rules.policy import (
     ImmediatePolicy,
     Limits,
     PendingPool,
@@ -33,6 +32,7 @@ from engine.policy import (
     plan,
     schedule_policy,
 )
+from engine.stages.batch import BatchStage
 
 # 2027-01-05 15:20:00 UTC
 START = float(calendar.timegm((2027, 1, 5, 15, 20, 0)))

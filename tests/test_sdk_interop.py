@@ -27,8 +27,8 @@ from x402.schemas import (
     PaymentRequirementsV1,
 )
 
+from engine.chain.rpc import Rpc
 from engine.config import ServiceConfig
-from engine.rpc import Rpc
 
 from .chain import balances
 from .service_helpers import RunningService, running_service

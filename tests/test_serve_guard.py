@@ -18,7 +18,7 @@ from engine.config import (
     TokenConfig,
     dump_config,
 )
-from engine.service import effective_bind, is_loopback_bind
+from engine.service.app import effective_bind, is_loopback_bind
 
 ROOT = Path(__file__).resolve().parent.parent
 

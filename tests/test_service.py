@@ -14,9 +14,9 @@ import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from engine.chain.rpc import Rpc
 from engine.config import ConfigError, PolicyConfig, ServiceConfig
-from engine.loadgen import payment_v1, payment_v2
-from engine.rpc import Rpc
+from engine.dev.loadgen import payment_v1, payment_v2
 
 from .chain import balances
 from .service_helpers import RunningService, running_service
@@ -107,8 +107,8 @@ def test_settle_confirmed_v1_and_v2_answer_with_the_batch_transaction(svc: Runni
 
 
 def test_failed_settlement_is_200_with_the_reason(svc: RunningService) -> None:
-    from engine.devchain import new_key
-    from engine.loadgen import payment_v2 as sign
+    from engine.dev.devchain import new_key
+    from engine.dev.loadgen import payment_v2 as sign
 
     dev = svc.dev
     payload, req = sign(
@@ -250,7 +250,7 @@ def test_bearer_token_guards_verify_and_settle(tmp_path: Path) -> None:
 
 
 def test_public_bind_without_token_is_refused() -> None:
-    from engine.service import bearer_token
+    from engine.service.app import bearer_token
 
     with pytest.raises(ConfigError, match="not loopback"):
         bearer_token(ServiceConfig(host="0.0.0.0"), {})

@@ -15,9 +15,9 @@ import pytest
 import trio
 
 from engine.config import ServiceConfig, dump_config
-from engine.devchain import Anvil, engine_config, free_port, setup_devchain
-from engine.ledger import Ledger
-from engine.loadgen import payment_v2
+from engine.dev.devchain import Anvil, engine_config, free_port, setup_devchain
+from engine.dev.loadgen import payment_v2
+from engine.store.ledger import Ledger
 
 pytestmark = pytest.mark.chain
 ROOT = Path(__file__).resolve().parent.parent

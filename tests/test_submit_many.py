@@ -9,11 +9,11 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from engine import reasons
-from engine.devchain import Anvil, engine_config, setup_devchain
+from engine.dev.devchain import Anvil, engine_config, setup_devchain
+from engine.dev.loadgen import payment_v2, to_json
 from engine.engine import Engine
-from engine.loadgen import payment_v2, to_json
 from engine.model import Accepted, Rejected
+from engine.rules import reasons
 
 pytestmark = pytest.mark.chain
 

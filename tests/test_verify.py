@@ -5,11 +5,11 @@ from __future__ import annotations
 import msgspec
 import pytest
 
-from engine import reasons
 from engine.config import EngineConfig
-from engine.loadgen import TokenDomain, payment_v1, payment_v2, sign_authorization, to_json
+from engine.dev.loadgen import TokenDomain, payment_v1, payment_v2, sign_authorization, to_json
 from engine.model import Payment, Rejected
-from engine.verify import Verifier
+from engine.rules import reasons
+from engine.stages.verify import Verifier
 
 from .conftest import PAYEE
 

@@ -9,15 +9,15 @@ import msgspec
 import pytest
 import trio
 
-from engine import reasons
 from engine.clock import SystemClock
 from engine.config import EngineConfig
-from engine.devchain import Anvil, engine_config, setup_devchain
+from engine.dev.devchain import Anvil, engine_config, setup_devchain
+from engine.dev.loadgen import TokenDomain, payment_v1, payment_v2, to_json
 from engine.engine import Engine
-from engine.loadgen import TokenDomain, payment_v1, payment_v2, to_json
 from engine.model import Accepted, Rejected
-from engine.verify import Verifier
-from engine.verify_pool import VerifyPool
+from engine.rules import reasons
+from engine.stages.verify import Verifier
+from engine.stages.verify_pool import VerifyPool
 
 from .conftest import PAYEE
 

@@ -33,7 +33,7 @@ import msgspec
 import trio
 import trio.testing
 
-from .. import codec, crypto
+from ..chain import codec, crypto
 from ..clock import TrioWallClock
 from ..config import (
     ChainConfig,
@@ -42,10 +42,10 @@ from ..config import (
     PolicyConfig,
     TokenConfig,
 )
+from ..dev.loadgen import TokenDomain, payment_v2
 from ..engine import Engine
-from ..loadgen import TokenDomain, payment_v2
 from ..model import Accepted, Payment, PaymentPayloadV2, RequirementsV2
-from ..verify import Verifier
+from ..stages.verify import Verifier
 from .fakechain import FakeChain, Faults
 
 CHAIN_ID = 31337

@@ -1,4 +1,4 @@
-"""A seeded, in-process chain that speaks :class:`~engine.rpc.ChainClient`, for fault campaigns.
+"""A seeded, in-process chain that speaks :class:`~engine.chain.rpc.ChainClient`, for fault campaigns.
 
 It keeps what matters to settlement without an EVM: account nonces, a mempool (replacement by
 fee, nonce gaps), blocks mined on the engine's clock with a base fee, receipts and logs shaped
@@ -24,12 +24,12 @@ from eth_abi.abi import decode as abi_decode
 from eth_abi.abi import encode as abi_encode
 from eth_account import Account
 
-from .. import codec, crypto
+from ..chain import codec, crypto
+from ..chain.codec import Log, Receipt
+from ..chain.rpc import RpcError, RpcUnavailable
+from ..chain.signer import decode_raw
 from ..clock import Clock
-from ..codec import Log, Receipt
 from ..model import Payment
-from ..rpc import RpcError, RpcUnavailable
-from ..signer import decode_raw
 
 ITEM_GAS = 40_000
 FAILED_ITEM_GAS = 9_000

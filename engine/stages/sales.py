@@ -14,7 +14,7 @@ the same id on another payload is refused (``payment_identifier_conflict``).
 
 :class:`SalesDesk` answers /settle; :class:`SaleWriter` makes sales durable, many per ledger
 commit (a burst of settles answered by one mined batch is one write); the payment-identifier
-bindings are :class:`engine.dedup.Identifiers`.
+bindings are :class:`engine.stages.dedup.Identifiers`.
 """
 
 from __future__ import annotations
@@ -26,13 +26,13 @@ from typing import Any
 import msgspec
 import trio
 
-from . import reasons
-from .clock import Clock, Wakeup
-from .config import EngineConfig, SettlementMode
+from ..clock import Clock, Wakeup
+from ..config import EngineConfig, SettlementMode
+from ..model import EngineError, Outcome, Payment, Rejected, Sale, SettleAnswer, hex_addr
+from ..rules import reasons
+from ..store.ledger import AsyncLedger
 from .dedup import Claim, DedupIndex, Identifiers
 from .ingest import Ingest
-from .ledger import AsyncLedger
-from .model import EngineError, Outcome, Payment, Rejected, Sale, SettleAnswer, hex_addr
 from .verify import payment_identifier
 
 

@@ -22,12 +22,12 @@ from typing import Any
 
 import msgspec
 
-from . import reasons
-from .config import ServiceConfig
-from .engine import Engine
+from ..config import ServiceConfig
+from ..engine import Engine
+from ..model import hex_addr
+from ..rules import reasons
+from ..stages.verify import probe_payer
 from .metrics import Exposition, Histogram
-from .model import hex_addr
-from .verify import probe_payer
 
 _encoder = msgspec.json.Encoder()
 

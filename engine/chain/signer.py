@@ -10,10 +10,10 @@ import rlp  # type: ignore[import-untyped]
 from eth_account import Account
 from eth_utils.address import to_checksum_address
 
+from ..config import SignerKey
+from ..model import hex_addr
+from ..rules.fees import Fees
 from . import crypto
-from .config import SignerKey
-from .fees import Fees
-from .model import hex_addr
 
 
 class SignedTx:

@@ -25,9 +25,9 @@ import msgspec
 import trio
 import trio.lowlevel
 
-from .clock import Clock, Wakeup
-from .config import EngineConfig
-from .model import Payment, Rejected, payment_from_tuple
+from ..clock import Clock, Wakeup
+from ..config import EngineConfig
+from ..model import Payment, Rejected, payment_from_tuple
 from .verify_worker import (
     LENGTH,
     READY,
@@ -37,8 +37,8 @@ from .verify_worker import (
     result_decoder,
 )
 
-# Not ``-m engine.verify_worker``: the package imports that module first, which runpy warns of.
-_WORKER_MAIN = "import sys; from engine.verify_worker import main; main()"
+# Not ``-m engine.stages.verify_worker``: the package imports that module first (runpy warns).
+_WORKER_MAIN = "import sys; from engine.stages.verify_worker import main; main()"
 
 
 class VerifyWorkerError(RuntimeError):

@@ -10,9 +10,9 @@ The transaction that used the nonce decides: if it moved exactly this payment
 
 from __future__ import annotations
 
-from . import codec
-from .model import PaymentEvent, PendingItem
-from .rpc import ChainClient, RpcUnavailable
+from ..chain import codec
+from ..chain.rpc import ChainClient, RpcUnavailable
+from ..model import PaymentEvent, PendingItem
 
 LOG_LOOKBACK_BLOCKS = 50_000
 

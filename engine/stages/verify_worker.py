@@ -1,6 +1,6 @@
 """A verify worker process: the ingest checks of ``verify.py`` on another core.
 
-    python -c "from engine.verify_worker import main; main()"   (started by the VerifyPool)
+    python -c "from engine.stages.verify_worker import main; main()"   (started by the VerifyPool)
 
 Speaks length-prefixed msgpack frames on stdin/stdout. The first frame in is the engine's
 configuration (JSON bytes); the worker answers ``READY``. Every later frame in is a batch
@@ -18,8 +18,8 @@ from typing import BinaryIO
 
 import msgspec
 
-from .config import EngineConfig, validate
-from .model import PaymentTuple, payment_to_tuple
+from ..config import EngineConfig, validate
+from ..model import PaymentTuple, payment_to_tuple
 from .verify import Verifier
 
 LENGTH = struct.Struct("<I")

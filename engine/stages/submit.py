@@ -16,15 +16,16 @@ import logging
 import msgspec
 import trio
 
-from . import codec, reasons
-from .clock import Clock
-from .config import SEND_MARGIN_S, ChainConfig
-from .fees import Fees, choose_fees
-from .model import Batch, BatchRecord, InflightBatch, PaymentEvent, PendingItem
-from .outcomes import Recorder
+from ..chain import codec
+from ..chain.rpc import ChainClient, RpcError, RpcUnavailable
+from ..chain.signer import Signer, SignerPool
+from ..clock import Clock
+from ..config import SEND_MARGIN_S, ChainConfig
+from ..model import Batch, BatchRecord, InflightBatch, PaymentEvent, PendingItem
+from ..outcomes import Recorder
+from ..rules import reasons
+from ..rules.fees import Fees, choose_fees
 from .reconcile import settled_elsewhere
-from .rpc import ChainClient, RpcError, RpcUnavailable
-from .signer import Signer, SignerPool
 
 log = logging.getLogger("x402_engine.submit")
 

@@ -24,8 +24,7 @@ import duckdb
 import pyarrow as pa
 import trio
 
-from .journal import Journal, JournalRow, SalvageReport, encode_frame
-from .model import (
+from ..model import (
     BatchEvent,
     BatchRecord,
     OpenPayment,
@@ -36,6 +35,7 @@ from .model import (
     Sale,
     hex_addr,
 )
+from .journal import Journal, JournalRow, SalvageReport, encode_frame
 
 T = TypeVar("T")
 

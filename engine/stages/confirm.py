@@ -17,7 +17,7 @@ was consumed while none of its hashes has a receipt is dead: each of its items i
 against the chain, so nothing is settled twice or dropped.
 
 The decisions are pure functions (:func:`unseen_action`, :func:`outcome_events`); the stage does
-the I/O through the narrow :class:`~engine.rpc.ChainClient`.
+the I/O through the narrow :class:`~engine.chain.rpc.ChainClient`.
 """
 
 from __future__ import annotations
@@ -29,15 +29,16 @@ import logging
 import msgspec
 import trio
 
-from . import codec, reasons
-from .clock import Clock, Wakeup
-from .config import ChainConfig
-from .fees import bump_fees
-from .model import BatchEvent, InflightBatch, PaymentEvent, PendingItem
-from .outcomes import Recorder
+from ..chain import codec
+from ..chain.rpc import ChainClient, RpcError, RpcUnavailable
+from ..chain.signer import SignerPool, decode_raw
+from ..clock import Clock, Wakeup
+from ..config import ChainConfig
+from ..model import BatchEvent, InflightBatch, PaymentEvent, PendingItem
+from ..outcomes import Recorder
+from ..rules import reasons
+from ..rules.fees import bump_fees
 from .reconcile import LOG_LOOKBACK_BLOCKS, settled_elsewhere
-from .rpc import ChainClient, RpcError, RpcUnavailable
-from .signer import SignerPool, decode_raw
 
 log = logging.getLogger("x402_engine.confirm")
 

@@ -17,10 +17,10 @@ from collections import deque
 import trio
 import trio.lowlevel
 
-from .clock import Wakeup
-from .ledger import AsyncLedger
-from .model import Payment, PendingItem
-from .outcomes import Tracker
+from ..clock import Wakeup
+from ..model import Payment, PendingItem
+from ..outcomes import Tracker
+from ..store.ledger import AsyncLedger
 
 
 class IntakeStopped(RuntimeError):

@@ -13,10 +13,10 @@ from typing import Any
 
 import msgspec
 
-from . import crypto, reasons
-from .config import ChainConfig, EngineConfig, IngestConfig, TokenConfig
-from .model import Payment as Payment
-from .model import (
+from ..chain import crypto
+from ..config import ChainConfig, EngineConfig, IngestConfig, TokenConfig
+from ..model import Payment as Payment
+from ..model import (
     PaymentPayload,
     PaymentPayloadV1,
     PaymentPayloadV2,
@@ -25,6 +25,7 @@ from .model import (
     RequirementsV1,
     RequirementsV2,
 )
+from ..rules import reasons
 
 _payload_decoder = msgspec.json.Decoder(PaymentPayload)
 _req_v1_decoder = msgspec.json.Decoder(RequirementsV1)

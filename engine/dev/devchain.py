@@ -22,11 +22,12 @@ from eth_abi.abi import encode as abi_encode
 from eth_account import Account
 from eth_utils.address import to_checksum_address
 
-from . import artifacts, codec, crypto
-from .config import ChainConfig, EngineConfig, LedgerConfig, PolicyConfig, TokenConfig
+from ..chain import codec, crypto
+from ..chain.rpc import Rpc, RpcError
+from ..config import ChainConfig, EngineConfig, LedgerConfig, PolicyConfig, TokenConfig
+from ..model import hex_addr
+from . import artifacts
 from .loadgen import TokenDomain
-from .model import hex_addr
-from .rpc import Rpc, RpcError
 
 ANVIL_CHAIN_ID = 31337
 TOKEN_NAME = "USD Coin"

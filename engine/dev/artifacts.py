@@ -21,7 +21,7 @@ def contracts_dir() -> Path:
     override = os.environ.get("X402_CONTRACTS_DIR")
     if override:
         return Path(override)
-    return Path(__file__).resolve().parent.parent / "contracts"
+    return Path(__file__).resolve().parents[2] / "contracts"
 
 
 @cache

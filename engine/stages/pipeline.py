@@ -10,17 +10,18 @@ from __future__ import annotations
 import msgspec
 import trio
 
+from ..chain.rpc import ChainClient
+from ..chain.signer import SignerPool
+from ..clock import Clock
+from ..config import ChainConfig, EngineConfig
+from ..model import Batch, InflightBatch, PendingItem
+from ..outcomes import Recorder
+from ..rules.credit import CreditBook
+from ..rules.policy import BatchPolicy, Limits, schedule_policy
 from .batch import BatchStage
 from .chainstate import ChainStateReader
-from .clock import Clock
-from .config import ChainConfig, EngineConfig
 from .confirm import ConfirmStage
-from .credit import BalanceReader, ChainCredit, CreditBook
-from .model import Batch, InflightBatch, PendingItem
-from .outcomes import Recorder
-from .policy import BatchPolicy, Limits, schedule_policy
-from .rpc import ChainClient
-from .signer import SignerPool
+from .credit_control import BalanceReader, ChainCredit
 from .submit import BatchIds, SubmitStage
 
 

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import msgspec
 
-from .model import Payment, PaymentTuple, payment_from_tuple, payment_to_tuple
+from ..model import Payment, PaymentTuple, payment_from_tuple, payment_to_tuple
 
 log = logging.getLogger("x402_engine.journal")
 _HEADER = struct.Struct("<II")

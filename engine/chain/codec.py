@@ -13,9 +13,9 @@ import msgspec
 from eth_abi.abi import decode as abi_decode
 from eth_abi.abi import encode as abi_encode
 
-from . import reasons
+from ..model import Payment
+from ..rules import reasons
 from .crypto import keccak256
-from .model import Payment
 
 ITEM_SIZE = 165
 

@@ -11,8 +11,8 @@ from typing import Any
 
 import msgspec
 
-from . import crypto
-from .model import (
+from ..chain import crypto
+from ..model import (
     ExactEvmPayload,
     PaymentPayloadV1,
     PaymentPayloadV2,

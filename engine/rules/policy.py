@@ -18,8 +18,8 @@ from typing import Protocol
 
 import msgspec
 
-from .config import ScheduleConfig, parse_utc_times
-from .model import PendingItem
+from ..config import ScheduleConfig, parse_utc_times
+from ..model import PendingItem
 
 BATCH_BASE_GAS = 60_000  # intrinsic gas + calldata head + loop set-up, planning figure
 

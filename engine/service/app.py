@@ -16,10 +16,10 @@ import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
 
-from .config import ConfigError, EngineConfig, ServiceConfig
-from .engine import Engine
+from ..config import ConfigError, EngineConfig, ServiceConfig
+from ..engine import Engine
+from ..gctune import tuned_gc
 from .facilitator import Facilitator, Response, error
-from .gctune import tuned_gc
 
 log = logging.getLogger("x402_engine.service")
 

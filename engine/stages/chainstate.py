@@ -25,10 +25,11 @@ from collections.abc import Sequence
 import msgspec
 import trio
 
-from . import codec, reasons
-from .clock import Clock, Wakeup
-from .model import Payment, Rejected, hex_addr
-from .rpc import ChainClient
+from ..chain import codec
+from ..chain.rpc import ChainClient
+from ..clock import Clock, Wakeup
+from ..model import Payment, Rejected, hex_addr
+from ..rules import reasons
 
 log = logging.getLogger("x402_engine.chainstate")
 

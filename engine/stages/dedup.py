@@ -22,8 +22,8 @@ from __future__ import annotations
 
 from enum import Enum
 
-from . import crypto
-from .model import Payment
+from ..chain import crypto
+from ..model import Payment
 
 _FP_BITS = 64
 _FP_MASK = (1 << _FP_BITS) - 1

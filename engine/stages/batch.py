@@ -2,7 +2,7 @@
 
 A payee with a policy of its own (``payee_policies``: windowed, scheduled, thresholds) gets pools
 of its own, planned by that policy; every other payee shares the token's pool and the default
-policy. The deadline rule of :func:`engine.policy.plan` applies to every pool.
+policy. The deadline rule of :func:`engine.rules.policy.plan` applies to every pool.
 
 Three tasks share the pools: one takes newly accepted payments (and stops taking them while
 the pools hold ``pool_max`` items: backpressure), one takes payments handed back by the submit
@@ -16,9 +16,17 @@ import math
 
 import trio
 
-from .clock import Clock, Wakeup
-from .model import Batch, PendingItem
-from .policy import BatchPolicy, ImmediatePolicy, Limits, PendingPool, Plan, needs_payer_max, plan
+from ..clock import Clock, Wakeup
+from ..model import Batch, PendingItem
+from ..rules.policy import (
+    BatchPolicy,
+    ImmediatePolicy,
+    Limits,
+    PendingPool,
+    Plan,
+    needs_payer_max,
+    plan,
+)
 
 _NOW = ImmediatePolicy(0.0)  # due whenever anything is ready
 

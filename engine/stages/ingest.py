@@ -14,17 +14,17 @@ from typing import Any
 
 import trio
 
-from . import reasons
+from ..chain.rpc import RpcError, RpcUnavailable
+from ..clock import Clock
+from ..config import EngineConfig
+from ..model import Accepted, EngineError, Payment, PendingItem, Rejected, hex_addr
+from ..outcomes import Tracker
+from ..rules import reasons
+from ..store.ledger import AsyncLedger
 from .chainstate import judge
-from .clock import Clock
-from .config import EngineConfig
 from .dedup import Claim, DedupIndex, Identifiers
 from .intake import Group, IntakeStage
-from .ledger import AsyncLedger
-from .model import Accepted, EngineError, Payment, PendingItem, Rejected, hex_addr
-from .outcomes import Tracker
 from .pipeline import ChainPipeline
-from .rpc import RpcError, RpcUnavailable
 from .verify import Verifier, payment_identifier
 from .verify_pool import VerifyPool
 

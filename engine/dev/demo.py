@@ -13,12 +13,12 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from .config import PolicyConfig
+from ..chain.rpc import Rpc
+from ..config import PolicyConfig
+from ..engine import Engine
+from ..model import Accepted, PaymentPayloadV2, RequirementsV2
 from .devchain import Anvil, DevChain, engine_config, setup_devchain, token_balance
-from .engine import Engine
 from .loadgen import payment_v2
-from .model import Accepted, PaymentPayloadV2, RequirementsV2
-from .rpc import Rpc
 
 
 class DemoResult(msgspec.Struct):
