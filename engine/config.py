@@ -144,7 +144,8 @@ class LedgerConfig(msgspec.Struct, forbid_unknown_fields=True):
 
 
 class CreditConfig(msgspec.Struct, forbid_unknown_fields=True):
-    """Credit control for payments that wait for a window or a schedule (engine.rules.credit, engine.stages.credit_control)."""
+    """Credit control for payments that wait for a window or a schedule
+    (engine.rules.credit, engine.stages.credit_control)."""
 
     enabled: bool = True
     refresh_s: float = 60.0  # re-read the balances of every payer who owes something

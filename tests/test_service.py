@@ -155,6 +155,7 @@ def test_metrics_are_prometheus_text(svc: RunningService) -> None:
         "x402_batches_mined_total",
         "x402_gas_used_total",
         'x402_http_request_seconds_bucket{le="+Inf",route="settle"}',
+        "process_resident_memory_bytes",  # process metrics come with prometheus_client
         "x402_settlement_seconds_count",
     ]:
         assert name in text, name

@@ -20,6 +20,7 @@ from ..config import ConfigError, EngineConfig, ServiceConfig
 from ..engine import Engine
 from ..gctune import tuned_gc
 from .facilitator import Facilitator, Response, error
+from .metrics import CONTENT_TYPE_LATEST
 
 log = logging.getLogger("x402_engine.service")
 
@@ -28,7 +29,7 @@ Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 _JSON = [(b"content-type", b"application/json")]
-_TEXT = [(b"content-type", b"text/plain; version=0.0.4; charset=utf-8")]
+_TEXT = [(b"content-type", CONTENT_TYPE_LATEST.encode())]
 
 
 BIND_ENV = "X402_ENGINE_BIND"  # host:port to listen on, between --bind and [service]

@@ -27,7 +27,7 @@ from ..engine import Engine
 from ..model import hex_addr
 from ..rules import reasons
 from ..stages.verify import probe_payer
-from .metrics import Exposition, Histogram
+from .metrics import Families, Histogram, Metric, registry, render
 
 _encoder = msgspec.json.Encoder()
 
@@ -121,6 +121,7 @@ class Facilitator:
         self.engine = engine
         self.config = config
         self.http_latency = {"verify": Histogram(), "settle": Histogram()}
+        self._registry = registry(self._families)
         self.requests: dict[tuple[str, int], int] = {}
 
     def count(self, route: str, status: int, started: float) -> None:
@@ -221,8 +222,11 @@ class Facilitator:
         )
 
     def metrics(self) -> Response:
+        return 200, render(self._registry)
+
+    def _families(self) -> list[Metric]:
         stats = self.engine.statistics()
-        page = Exposition()
+        page = Families()
         page.metric(
             "x402_payments_accepted_total",
             "counter",
@@ -374,4 +378,4 @@ class Facilitator:
             self.engine.settle_latency(),
             {},
         )
-        return 200, page.render()
+        return page.families

@@ -1,4 +1,5 @@
-"""A seeded, in-process chain that speaks :class:`~engine.chain.rpc.ChainClient`, for fault campaigns.
+"""A seeded, in-process chain that speaks :class:`~engine.chain.rpc.ChainClient`, for fault
+campaigns.
 
 It keeps what matters to settlement without an EVM: account nonces, a mempool (replacement by
 fee, nonce gaps), blocks mined on the engine's clock with a base fee, receipts and logs shaped
