@@ -1,7 +1,8 @@
 #!/usr/bin/env node
 // Reproducible build of the engine's contracts with the pinned solcjs (see package.json).
 //
-// Usage: node contracts/compile.mjs [OUT_DIR]      (default OUT_DIR: contracts/build)
+// Usage: node contracts/compile.mjs [OUT_DIR]      (default OUT_DIR: engine/dev/contracts, the
+// package data the engine deploys from)
 //
 // Writes OUT_DIR/<Contract>.json for every contract below. The output is deterministic:
 // fixed key order, 2-space indentation, trailing newline. Exits non-zero on compile errors.
@@ -51,7 +52,7 @@ if (!version.startsWith(`${COMPILER_VERSION}+`)) {
   fail(`expected solc ${COMPILER_VERSION}, found ${version} (run npm install in contracts/)`);
 }
 
-const outDir = resolve(process.argv[2] ?? join(HERE, "build"));
+const outDir = resolve(process.argv[2] ?? join(HERE, "..", "engine", "dev", "contracts"));
 
 const input = {
   language: "Solidity",

@@ -11,7 +11,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 CONTRACTS = ROOT / "contracts"
 COMPILE_SCRIPT = CONTRACTS / "compile.mjs"
-BUILD_DIR = CONTRACTS / "build"
+BUILD_DIR = ROOT / "engine" / "dev" / "contracts"  # package data
 ARTIFACTS = ("TestToken.json", "X402Batcher.json")
 
 
@@ -37,5 +37,5 @@ def test_contract_build_is_reproducible(tmp_path: Path) -> None:
         assert committed.is_file(), f"missing committed artifact {committed}"
         assert rebuilt.is_file(), f"compile.mjs did not write {name}"
         assert rebuilt.read_bytes() == committed.read_bytes(), (
-            f"contracts/build/{name} is stale: rerun `node contracts/compile.mjs` and commit it"
+            f"engine/dev/contracts/{name} is stale: rerun `node contracts/compile.mjs` and commit it"
         )

@@ -1,9 +1,13 @@
-"""Compiled contract artifacts (ABI and bytecode) committed under ``contracts/build``."""
+"""Compiled contract artifacts (ABI and bytecode), shipped in the package
+(``engine/dev/contracts/``, written by ``node contracts/compile.mjs``), so an installed wheel
+can deploy them outside the checkout. anvil comes from ``$X402_ANVIL``, the checkout's
+``contracts/node_modules``, or the ``PATH``."""
 
 from __future__ import annotations
 
 import os
 from functools import cache
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +30,7 @@ def contracts_dir() -> Path:
 
 @cache
 def load(name: str) -> Artifact:
-    path = contracts_dir() / "build" / f"{name}.json"
+    path = resources.files("engine.dev") / "contracts" / f"{name}.json"
     try:
         raw = path.read_bytes()
     except FileNotFoundError:

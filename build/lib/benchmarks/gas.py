@@ -1,0 +1,130 @@
+"""Gas per payment: one transaction per payment vs aggregate3 vs the compact entry point.
+
+    python -m benchmarks.gas [--sizes 1,10,100] [--json bench-results/gas.json]
+
+Each measurement runs on a fresh anvil (anvil slows as its state grows), with distinct payers
+who hold balances paying one payee who already holds a balance. "max" is the largest batch whose
+gas fits the EIP-7825 per-transaction cap (16,777,216), derived from the measured fixed and
+per-item costs and then proven by sending it with the cap as its gas limit on an anvil that
+enforces the cap (--enable-tx-gas-limit).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import msgspec
+import trio
+
+from engine.chain import codec
+from engine.chain.rpc import Rpc
+from engine.dev.devchain import Anvil, Deployer, engine_config, setup_devchain
+from engine.dev.loadgen import payment_v2
+from engine.model import Payment
+from engine.stages.verify import Verifier
+
+TX_GAS_CAP = 16_777_216
+VALUE = 1000
+
+
+class Row(msgspec.Struct):
+    mode: str
+    batch_size: int
+    gas_total: int
+    gas_per_payment: float
+    calldata_bytes_per_payment: float
+    settled: int
+
+
+async def _measure(mode: str, n: int, gas_limit: int | None = None) -> Row:
+    with Anvil(
+        gas_limit=max(30_000_000, TX_GAS_CAP + 1), extra_args=["--enable-tx-gas-limit"]
+    ) as anvil:
+        dev = await setup_devchain(anvil.url, payers=n, payer_balance=10 * VALUE)
+        config, _ = engine_config(dev, ":memory:")
+        verifier = Verifier(config)
+        payee = bytes.fromhex(dev.payee[2:])
+        now = int(time.time())
+        payments: list[Payment] = []
+        for key in dev.payer_key_bytes():
+            payload, req = payment_v2(dev.domain, key, payee, VALUE, now)
+            payment, rejected = verifier.check(payload, req, now)
+            assert payment is not None, rejected
+            payments.append(payment)
+        rpc = Rpc(anvil.url)
+        sender = Deployer(rpc, bytes.fromhex(dev.signer_keys[0][2:]), dev.chain_id)
+        token = bytes.fromhex(dev.token[2:])
+        batcher = bytes.fromhex(dev.batcher[2:])
+        receipts = []
+        calldata = 0
+        if mode == "single":
+            for p in payments:
+                data = codec.transfer_calldata(p)
+                calldata += len(data)
+                receipts.append(await sender.send(dev.token, data, gas=200_000))
+        else:
+            if mode == "compact":
+                data = codec.settle_calldata(token, payments)
+            else:
+                data = codec.aggregate3_calldata(token, payments)
+            calldata = len(data)
+            limit = gas_limit or min(
+                TX_GAS_CAP, await rpc.estimate_gas(batcher, data, sender.address) * 6 // 5
+            )
+            receipts.append(await sender.send(dev.batcher, data, gas=limit))
+        used_topic = "0x" + codec.AUTHORIZATION_USED.hex()
+        settled = sum(1 for r in receipts for log in r["logs"] if log["topics"][0] == used_topic)
+        total = sum(int(r["gasUsed"], 16) for r in receipts)
+        await rpc.aclose()
+    return Row(mode, n, total, total / n, calldata / n, settled)
+
+
+async def run(sizes: list[int]) -> list[Row]:
+    rows: list[Row] = []
+    for mode in ("single", "aggregate3", "compact"):
+        for n in [10] if mode == "single" else sizes:
+            rows.append(await _measure(mode, n))
+            print(_fmt(rows[-1]), flush=True)
+        if mode == "single":
+            continue
+        # Largest batch under the per-transaction cap: from the measured fixed and per-item gas.
+        by_n = {r.batch_size: r.gas_total for r in rows if r.mode == mode}
+        lo, hi = min(by_n), max(by_n)
+        per_item = (by_n[hi] - by_n[lo]) / (hi - lo)
+        fixed = by_n[lo] - lo * per_item
+        n_max = int((TX_GAS_CAP - fixed) / (per_item * 1.01))  # 1% margin for the 63/64 rule
+        row = await _measure(mode, n_max, gas_limit=TX_GAS_CAP)
+        rows.append(row)
+        print(_fmt(row) + "  (max under the cap)", flush=True)
+    return rows
+
+
+def _fmt(r: Row) -> str:
+    return (
+        f"{r.mode:>10}  N={r.batch_size:<4} gas/payment={r.gas_per_payment:>9,.0f}"
+        f"  calldata/payment={r.calldata_bytes_per_payment:>6.0f} B  settled={r.settled}"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--sizes", default="1,10,100")
+    parser.add_argument("--json", default="bench-results/gas.json")
+    args = parser.parse_args()
+    sizes = [int(x) for x in args.sizes.split(",")]
+    rows = trio.run(run, sizes)
+    out = Path(args.json)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_bytes(msgspec.json.format(msgspec.json.encode(rows)))
+    single = next(r for r in rows if r.mode == "single")
+    print(f"\none transaction per payment: {single.gas_per_payment:,.0f} gas")
+    for r in rows:
+        if r.mode != "single":
+            saving = 1 - r.gas_per_payment / single.gas_per_payment
+            print(f"{r.mode:>10} N={r.batch_size:<4} {saving:6.1%} less gas per payment")
+
+
+if __name__ == "__main__":
+    main()

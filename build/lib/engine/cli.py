@@ -1,0 +1,441 @@
+"""``x402-engine``: the command line."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import msgspec
+import trio
+from rich.console import Console
+
+from .config import dump_config
+from .dev.devchain import Anvil, engine_config, setup_devchain
+
+
+def _devchain(args: argparse.Namespace) -> int:
+    console = Console()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    anvil = Anvil(args.port, block_time_s=args.block_time, log_path=out / "anvil.log")
+    try:
+        dev = trio.run(lambda: setup_devchain(anvil.url, payers=args.payers))
+        config, env = engine_config(dev, str(out / "ledger.duckdb"))
+        (out / "engine.toml").write_bytes(dump_config(config))
+        (out / "signer.env").write_text("".join(f"{k}={v}\n" for k, v in env.items()))
+        (out / "signer.env").chmod(0o600)
+        (out / "devchain.json").write_bytes(msgspec.json.format(msgspec.json.encode(dev)))
+        (out / "devchain.json").chmod(0o600)
+        console.print(f"anvil      {anvil.url} (chain id {dev.chain_id})")
+        console.print(f"token      {dev.token}  ({dev.token_name} v{dev.token_version})")
+        console.print(f"batcher    {dev.batcher}")
+        console.print(f"payee      {dev.payee}")
+        console.print(f"payers     {len(dev.payer_keys)} funded (keys in {out / 'devchain.json'})")
+        console.print(f"config     {out / 'engine.toml'}; signer keys in {out / 'signer.env'}")
+        if args.exit:
+            return 0
+        console.print("running; Ctrl-C stops anvil")
+        stop = False
+
+        def _stop(*_: object) -> None:
+            nonlocal stop
+            stop = True
+
+        signal.signal(signal.SIGTERM, _stop)
+        try:
+            while not stop and anvil.process.poll() is None:
+                time.sleep(0.5)
+        except KeyboardInterrupt:
+            pass
+        return 0
+    finally:
+        anvil.stop()
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .dev.demo import print_result, run_demo
+
+    console = Console()
+    result = trio.run(
+        lambda: run_demo(
+            payments=args.payments,
+            payers=args.payers,
+            value=args.value,
+            concurrency=args.concurrency,
+            block_time_s=args.block_time,
+            mode=args.mode,
+            ledger_dir=Path(args.ledger_dir) if args.ledger_dir else None,
+            console=console,
+        )
+    )
+    print_result(result, console)
+    if args.json:
+        Path(args.json).write_bytes(msgspec.json.format(msgspec.json.encode(result)))
+    ok = (
+        result.settled == result.accepted
+        and result.payee_received == result.payee_expected
+        and result.accepted == result.payments
+    )
+    if not ok:
+        console.print("[red]demo: not every accepted payment settled[/red]")
+    return 0 if ok else 1
+
+
+def read_env_file(path: str | None) -> dict[str, str]:
+    """KEY=VALUE lines (as ``devchain`` writes signer.env); blank lines and # comments skipped."""
+    env: dict[str, str] = {}
+    if path:
+        for line in Path(path).read_text().splitlines():
+            line = line.strip()
+            if line and not line.startswith("#") and "=" in line:
+                key, _, value = line.partition("=")
+                env[key.strip()] = value.strip()
+    return env
+
+
+SHUTDOWN_GRACE_S = 10.0  # in-flight requests get this long after SIGTERM/SIGINT
+
+
+def _serve(args: argparse.Namespace) -> int:
+    """Serve until SIGTERM or SIGINT, then drain: stop accepting, let requests in flight
+    finish (acknowledgements always do: they are uncancellable), close the ledger cleanly and
+    exit 0. A second signal stops at once."""
+    from .config import ConfigError, load_config
+    from .service.app import bearer_token, run_service
+
+    config = load_config(args.config)
+    environ = {**os.environ, **read_env_file(args.env_file)}
+    console = Console(stderr=True)
+    try:
+        bearer_token(config.service, environ, args.bind)  # refuse before opening anything
+    except ConfigError as exc:
+        print(f"x402-engine serve: {exc}", file=sys.stderr)
+        return 2
+
+    async def main() -> None:
+        stopping = trio.Event()
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async with trio.open_nursery() as nursery:
+
+                async def watch_signals() -> None:
+                    async for signum in signals:
+                        if stopping.is_set():
+                            console.print("second signal: stopping now")
+                            nursery.cancel_scope.cancel()
+                            return
+                        console.print(
+                            f"{signal.Signals(signum).name}: draining (up to"
+                            f" {SHUTDOWN_GRACE_S:g} s), then stopping"
+                        )
+                        stopping.set()
+                        nursery.cancel_scope.deadline = trio.current_time() + SHUTDOWN_GRACE_S + 30
+
+                async def serve(task_status: trio.TaskStatus[list[str]]) -> None:
+                    await run_service(
+                        config,
+                        environ=environ,
+                        bind=args.bind,
+                        task_status=task_status,
+                        tune_collector=True,
+                        shutdown_trigger=stopping.wait,
+                        graceful_timeout_s=SHUTDOWN_GRACE_S,
+                    )
+                    nursery.cancel_scope.cancel()  # served and drained: stop watching
+
+                nursery.start_soon(watch_signals)
+                addresses = await nursery.start(serve)
+                console.print(f"x402 facilitator listening on {', '.join(addresses)}")
+
+    trio.run(main)
+    return 0
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    """Open the engine on its ledger, settle everything waiting now, show progress, report."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    from .config import load_config
+    from .engine import Engine
+
+    config = load_config(args.config)
+    environ = {**os.environ, **read_env_file(args.env_file)}
+    console = Console()
+
+    async def main() -> int:
+        async with Engine.open(config, environ=environ) as engine:
+            before = engine.statistics()
+            waiting = engine.settle_now(args.payee)
+            console.print(f"{waiting:,} payments waiting; {before.pending:,} not yet final")
+            columns = (BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+            with Progress(*columns, console=console) as progress:
+                task = progress.add_task("sweep", total=before.pending)
+                with trio.fail_after(args.timeout):
+                    while True:
+                        now = engine.statistics()
+                        progress.update(task, completed=before.pending - now.pending)
+                        rest = sum(
+                            n
+                            for (_, payee), n in engine.payee_queue_depths().items()
+                            if args.payee is None or payee in ("", args.payee.lower())
+                        )
+                        if rest == 0 and not any(engine.inflight_batches().values()):
+                            break
+                        await trio.sleep(0.5)
+            after = engine.statistics()
+        settled = after.settled - before.settled
+        failed = {r: n - before.failed.get(r, 0) for r, n in after.failed.items()}
+        failed = {r: n for r, n in failed.items() if n}
+        txs = after.batches_mined - before.batches_mined
+        gas = after.gas_used - before.gas_used
+        console.print(
+            f"settled {settled:,} in {txs:,} transactions"
+            f" ({gas / max(1, after.items_in_mined_batches - before.items_in_mined_batches):,.0f}"
+            f" gas per payment); failed: {failed or 'none'}"
+        )
+        return 0 if not failed else 1
+
+    return trio.run(main)
+
+
+def _report(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    from .config import load_config
+    from .store.ledger import Ledger
+    from .store.report import build_report, chart, export
+
+    path = args.ledger or load_config(args.config).ledger.path
+    if not Path(path).exists():
+        raise SystemExit(f"no ledger at {path}")
+    ledger = Ledger(path)  # replays the journal: acknowledged payments are all there
+    try:
+        columns, rows = build_report(ledger, args.by)
+        table = Table(title=f"x402 ledger {path}, by {args.by}")
+        for name in columns:
+            table.add_column(name, justify="left" if name == args.by else "right")
+        for row in rows:
+            table.add_row(*(f"{v:,}" if isinstance(v, int) else str(v) for v in row))
+        Console().print(table)
+        for target, fmt in ((args.csv, "csv"), (args.parquet, "parquet")):
+            if target:
+                export(ledger, args.by, Path(target), fmt)  # type: ignore[arg-type]
+                Console().print(f"wrote {target}")
+        if args.chart:
+            chart(ledger, Path(args.chart), args.decimals)
+            Console().print(f"wrote {args.chart}")
+    finally:
+        ledger.close()
+    return 0
+
+
+def _salvage_journal(args: argparse.Namespace) -> int:
+    """Keep every intact frame of a damaged journal; set the damaged segments aside."""
+    from .config import load_config
+    from .store.ledger import Ledger
+
+    path = args.ledger or load_config(args.config).ledger.path
+    if not Path(path).exists() and not Path(path + ".journal").exists():
+        raise SystemExit(f"no ledger at {path}")
+    ledger = Ledger(path, salvage=True)
+    try:
+        report = ledger.salvaged
+        assert report is not None
+        print(
+            f"{report.frames} intact frames, {report.rows} payments recovered into {path}"
+            f" ({ledger.replayed} were not in the ledger yet); {report.damaged_bytes} damaged"
+            f" bytes skipped"
+        )
+        for aside in report.set_aside:
+            print(f"damaged segment kept at {aside}")
+    finally:
+        ledger.close()
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    try:
+        from benchmarks.bench import FULL, QUICK, SCENARIOS, run
+    except ImportError as exc:  # installed without the repository's benchmarks/
+        raise SystemExit(f"x402-engine bench needs the repository checkout: {exc}") from exc
+
+    scenarios = args.scenario or list(SCENARIOS)
+    profile = QUICK if args.quick else FULL
+    if args.crawler_day:
+        from benchmarks.crawler_day import Day
+
+        try:
+            crawlers, requests, sites = (int(x) for x in args.crawler_day.split("x"))
+        except ValueError as exc:
+            raise SystemExit(
+                "--crawler-day takes CRAWLERSxREQUESTSxSITES, e.g. 100x1000x20"
+            ) from exc
+        profile = msgspec.structs.replace(profile, crawler_day=Day(crawlers, requests, sites))
+    run(scenarios, profile, Path(args.out), Console())
+    return 0
+
+
+def _campaign(args: argparse.Namespace) -> int:
+    """Seeded fault campaign against the in-process chain simulator."""
+    from .sim.campaign import SeedReport, run
+
+    if args.seed is not None:
+        seeds = [args.seed]
+    else:
+        seeds = list(range(args.start, args.start + args.seeds))
+    if args.log_level == "warning":  # the engine's own warnings are the faults being injected
+        logging.getLogger("x402_engine").setLevel(logging.ERROR)
+    failed: list[int] = []
+    started = time.perf_counter()
+
+    def show(r: SeedReport) -> None:
+        status = "ok" if r.ok else "FAILED"
+        print(
+            f"seed {r.seed}: {status}: {r.accepted}/{r.payments} accepted, {r.settled} settled,"
+            f" {r.failed} failed, {r.lives} lives, {r.reorgs} reorgs, {r.third_party}"
+            f" third-party acts, {r.replacements} fee bumps ({r.wall_s:.1f} s)",
+            flush=True,
+        )
+        for problem in r.problems:
+            print(f"    {problem}", flush=True)
+        if not r.ok:
+            failed.append(r.seed)
+            print(f"    replay: x402-engine campaign --seed {r.seed}", flush=True)
+
+    reports = run(seeds, payments_max=args.payments, on_report=show)
+    minutes = (time.perf_counter() - started) / 60
+    print(
+        f"{len(reports)} seeds, {len(failed)} failed ({len(reports) / max(minutes, 1e-9):.0f}"
+        f" seeds per minute){': ' + ', '.join(map(str, failed)) if failed else ''}"
+    )
+    return 1 if failed else 0
+
+
+def _engine_arguments(parser: argparse.ArgumentParser) -> None:
+    """What every command that runs the engine needs: its configuration and secrets."""
+    parser.add_argument("--config", required=True, help="engine TOML (see README)")
+    parser.add_argument("--env-file", default=None, help="KEY=VALUE file, e.g. signer keys")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="x402-engine", description=__doc__)
+    parser.add_argument("--log-level", default="warning", help="debug, info, warning, error")
+    parser.add_argument("--log-file", default=None, help="default: standard error")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    dc = sub.add_parser("devchain", help="start anvil, deploy token + batcher, fund payers")
+    dc.add_argument("--port", type=int, default=8545)
+    dc.add_argument("--payers", type=int, default=100)
+    dc.add_argument("--block-time", type=float, default=1.0, help="seconds; 0 = automine")
+    dc.add_argument("--out", default="devchain", help="directory for config and keys")
+    dc.add_argument("--exit", action="store_true", help="set up, write files, stop anvil, exit")
+    dc.set_defaults(func=_devchain)
+
+    serve = sub.add_parser("serve", help="run the HTTP facilitator on the engine")
+    _engine_arguments(serve)
+    serve.add_argument(
+        "--bind",
+        default=None,
+        help="host:port (default: $X402_ENGINE_BIND, else [service] host and port); beyond"
+        " loopback only with a bearer token",
+    )
+    serve.set_defaults(func=_serve)
+
+    sweep = sub.add_parser("sweep", help="settle every waiting payment now (end of day)")
+    _engine_arguments(sweep)
+    sweep.add_argument("--payee", default=None, help="only this payee's payments")
+    sweep.add_argument("--timeout", type=float, default=3600.0, help="seconds")
+    sweep.set_defaults(func=_sweep)
+
+    report = sub.add_parser("report", help="counts, amounts, gas and fees from the ledger")
+    source = report.add_mutually_exclusive_group(required=True)
+    source.add_argument("--config", help="engine TOML: report on its [ledger] path")
+    source.add_argument("--ledger", help="a ledger file (not open in a running engine)")
+    report.add_argument("--by", choices=["day", "payee", "payer", "status"], default="day")
+    report.add_argument("--csv", default=None, help="also write the report as CSV here")
+    report.add_argument("--parquet", default=None, help="also write the report as Parquet here")
+    report.add_argument("--chart", default=None, help="PNG of accepted vs settled value")
+    report.add_argument("--decimals", type=int, default=6, help="token decimals for the chart")
+    report.set_defaults(func=_report)
+
+    salvage = sub.add_parser(
+        "salvage-journal", help="recover every intact frame of a damaged journal into the ledger"
+    )
+    salvage_source = salvage.add_mutually_exclusive_group(required=True)
+    salvage_source.add_argument("--config", help="engine TOML: its [ledger] path")
+    salvage_source.add_argument("--ledger", help="a ledger file (the engine stopped)")
+    salvage.set_defaults(func=_salvage_journal)
+
+    bench = sub.add_parser("bench", help="run the benchmark scenarios (see benchmarks/)")
+    bench.add_argument("--quick", action="store_true", help="small sizes, about a minute")
+    bench.add_argument(
+        "--scenario",
+        action="append",
+        choices=["ingest", "settlement", "scale", "crawler-day"],
+        help="repeatable; default: all",
+    )
+    bench.add_argument("--out", default="bench-results", help="output directory")
+    bench.add_argument(
+        "--crawler-day", default=None, help="CRAWLERSxREQUESTSxSITES, e.g. 100x1000x20"
+    )
+    bench.set_defaults(func=_bench)
+
+    campaign = sub.add_parser(
+        "campaign", help="seeded fault campaign against the in-process chain simulator"
+    )
+    campaign.add_argument("--seeds", type=int, default=100, help="how many seeds (default 100)")
+    campaign.add_argument("--start", type=int, default=0, help="first seed (default 0)")
+    campaign.add_argument("--seed", type=int, default=None, help="replay this one seed")
+    campaign.add_argument("--payments", type=int, default=40, help="most payments per seed")
+    campaign.set_defaults(func=_campaign)
+
+    demo = sub.add_parser("demo", help="devchain + engine + a synthetic load of payments")
+    demo.add_argument("--payments", type=int, default=5000)
+    demo.add_argument("--payers", type=int, default=500)
+    demo.add_argument("--value", type=int, default=1000, help="base units ($0.001 in USDC)")
+    demo.add_argument("--concurrency", type=int, default=64)
+    demo.add_argument("--block-time", type=float, default=1.0, help="seconds; 0 = automine")
+    demo.add_argument("--mode", choices=["compact", "aggregate3"], default="compact")
+    demo.add_argument("--ledger-dir", default=None, help="default: a new temporary directory")
+    demo.add_argument("--json", default=None, help="also write the results here")
+    demo.set_defaults(func=_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, args.log_level.upper()),
+        filename=args.log_file,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    from .config import ConfigError
+    from .store.journal import JournalCorrupt
+
+    try:
+        code: int = args.func(args)
+    except BaseException as exc:
+        leaf = _single(exc)
+        if isinstance(leaf, ConfigError):  # the operator's input: one line, usage exit code
+            print(f"x402-engine {args.command}: {leaf}", file=sys.stderr)
+            return 2
+        if isinstance(leaf, JournalCorrupt):
+            print(f"x402-engine {args.command}: {leaf}", file=sys.stderr)
+            return 1
+        raise
+    return code
+
+
+def _single(exc: BaseException) -> BaseException:
+    """The one exception inside (nested) single-member exception groups, or ``exc``."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
+
+
+if __name__ == "__main__":
+    sys.exit(main())

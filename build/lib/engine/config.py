@@ -1,0 +1,326 @@
+"""Configuration: one typed Struct loaded from TOML; secrets (signer keys) from the environment.
+
+Example (see README.md for every field)::
+
+    [ledger]
+    path = "x402-ledger.duckdb"
+
+    [[chains]]
+    chain_id = 8453
+    network_names = ["base"]
+    rpc_url = "http://127.0.0.1:8545"
+    batcher = "0x..."
+    signer_key_envs = ["X402_SIGNER_KEY"]
+
+    [[chains.tokens]]
+    address = "0x833589fcd6edb6e08f4c7c32d4f71b54bda02913"
+    name = "USD Coin"
+    version = "2"
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
+
+import msgspec
+
+SEND_MARGIN_S = 4  # an item must have this long before validBefore to be worth sending
+
+
+def parse_utc_times(times: Sequence[str]) -> list[int]:
+    """``["00:00", "12:30"]`` → seconds after midnight UTC, sorted; ValueError on bad input."""
+    out: set[int] = set()
+    for text in times:
+        hours, sep, minutes = text.partition(":")
+        if not sep or not (hours.isdigit() and minutes.isdigit()) or len(minutes) != 2:
+            raise ValueError(f"time of day must be HH:MM (UTC), got {text!r}")
+        h, m = int(hours), int(minutes)
+        if not (0 <= h < 24 and 0 <= m < 60):
+            raise ValueError(f"time of day out of range: {text!r}")
+        out.add(h * 3600 + m * 60)
+    if not out:
+        raise ValueError("at least one time of day is required")
+    return sorted(out)
+
+
+class ConfigError(ValueError):
+    """The configuration is unusable; the message says which field and why."""
+
+
+class TokenConfig(msgspec.Struct, forbid_unknown_fields=True):
+    address: str
+    name: str  # EIP-712 domain name
+    version: str  # EIP-712 domain version
+    symbol: str = ""
+    decimals: int = 6
+
+
+class ChainConfig(msgspec.Struct, forbid_unknown_fields=True):
+    chain_id: int
+    rpc_url: str
+    batcher: str  # X402Batcher (compact entry point and aggregate3)
+    tokens: list[TokenConfig]
+    signer_key_envs: list[str]  # names of environment variables holding 0x private keys
+    network_names: list[str] = msgspec.field(default_factory=list)  # v1 names, e.g. "base"
+    mode: Literal["compact", "aggregate3"] = "compact"
+    multicall: str = ""  # aggregate3 target; empty = the batcher (canonical Multicall3 works)
+    confirmations: int = 1
+    gas_per_tx_max: int = 16_777_216  # EIP-7825 cap, as on Base
+    block_gas_limit: int = 30_000_000
+    gas_per_item_estimate: int = 40_000  # planning figure used to size batches before estimateGas
+    max_fee_per_gas_wei: int = 100_000_000_000  # never pay more than this per gas
+    priority_fee_wei: int = 1_000_000
+    max_inflight_batches: int = 4
+    poll_interval_ms: int = 200
+    rebroadcast_after_s: float = 6.0  # resend a signed batch not mined after this long
+    simulate: bool = True  # eth_call each batch first and drop the items that would fail
+    direct_single: bool = True  # send a batch of one as a plain transferWithAuthorization
+    # aggregate3 mode: gas allowed per item (a transferWithAuthorization to a new holder costs
+    # ~90k on Base with the sub-call overhead). A batch's limit is this times its items plus
+    # calldata, proven by the simulation run at that limit: no eth_estimateGas per batch.
+    aggregate3_gas_per_item_max: int = 120_000
+    rpc_timeout_s: float = 10.0
+    rpc_retries_max: int = 6
+
+    @property
+    def caip2(self) -> str:
+        return f"eip155:{self.chain_id}"
+
+
+PolicyMode = Literal["immediate", "windowed", "scheduled"]
+
+
+class ScheduleConfig(msgspec.Struct, forbid_unknown_fields=True):
+    """When accumulated payments are settled (see engine.rules.policy)."""
+
+    mode: PolicyMode = "immediate"  # immediate: full batch or max_wait_ms
+    window_s: int = 3600  # windowed: every window_s seconds, aligned to the epoch (UTC)
+    times_utc: list[str] = msgspec.field(default_factory=lambda: ["00:00"])  # scheduled
+    value_threshold: int = 0  # also settle once this much value waits (base units; 0: off)
+    count_threshold: int = 0  # ... or this many payments wait (0: off)
+    payer_unsettled_threshold: int = 0  # ... or one payer owes this much unsettled (0: off)
+
+
+class PayeeScheduleConfig(ScheduleConfig, kw_only=True):
+    payee: str  # 0x address: its payments get pools and a schedule of their own
+
+
+class PolicyConfig(ScheduleConfig):
+    max_batch_size: int = 400
+    max_wait_ms: int = 500
+    deadline_margin_s: int = 30  # flush when the earliest validBefore is this close
+    payees: list[PayeeScheduleConfig] = msgspec.field(default_factory=list)
+
+
+class IngestConfig(msgspec.Struct, forbid_unknown_fields=True):
+    valid_before_margin_s: int = 6  # as the reference facilitator: validBefore >= now + 6 s
+    valid_after_tolerance_s: int = 0  # accept validAfter up to this far in the future
+    value_max: int = 2**128 - 1  # the compact entry point packs value in 16 bytes
+    value_min: int = 1  # refuse smaller amounts (each payment costs a transfer's gas)
+    # Worker processes that verify submitted payments (0: in the engine's own thread). Set it
+    # to the number of cores for high ingest rates; each costs ~1 s at start and ~60 MB.
+    verify_workers: int = 0
+    verify_batch_max: int = 512  # payments sent to a worker in one message at most
+    # /verify (and a deferred /settle) ask the chain: balance, nonce used or cancelled, token
+    # code. Concurrent questions share one aggregate3 eth_call; answers are reused this long.
+    state_checks: bool = True
+    state_max_age_ms: int = 1_000
+    state_window_ms: float = 2.0  # wait this long for more questions to join a read
+    state_batch_max: int = 256  # payments per read, at most
+
+
+class LedgerConfig(msgspec.Struct, forbid_unknown_fields=True):
+    path: str = "x402-ledger.duckdb"
+    group_max: int = 4096  # accepted payments made durable in one journal append at most
+    # The write-ahead journal (<path>.journal/): an acknowledgement waits for one append and
+    # fdatasync instead of a DuckDB commit. Off: every intake group is a DuckDB commit.
+    journal: bool = True
+    journal_segment_mb: int = 64
+    flush_interval_ms: int = 50  # journaled payments reach DuckDB at least this often
+    flush_rows: int = 2_000  # ... or as soon as this many wait
+
+
+class CreditConfig(msgspec.Struct, forbid_unknown_fields=True):
+    """Credit control for payments that wait for a window or a schedule
+    (engine.rules.credit, engine.stages.credit_control)."""
+
+    enabled: bool = True
+    refresh_s: float = 60.0  # re-read the balances of every payer who owes something
+    balance_max_age_s: float = 300.0  # older balances are read again before more credit
+    payer_cap: int = 0  # most unsettled value one payer may owe per token (0: off)
+
+
+SettlementMode = Literal["confirmed", "deferred"]
+
+
+class ServiceConfig(msgspec.Struct, forbid_unknown_fields=True):
+    """The HTTP facilitator (``x402-engine serve``)."""
+
+    host: str = "127.0.0.1"
+    port: int = 4021
+    settlement: SettlementMode = "confirmed"
+    payee_settlement: dict[str, SettlementMode] = msgspec.field(default_factory=dict)
+    settle_timeout_s: float = 30.0  # confirmed mode: then answer settlement_pending
+    body_max_bytes: int = 65_536
+    header_max_bytes: int = 16_384
+    backlog: int = 2048  # pending TCP connections the listener queues
+    bearer_token_env: str = ""  # env var with the token /verify and /settle then require
+    allow_public_without_token: bool = False  # listen beyond loopback with no token
+    # /healthz answers 503 when work waits (batches in flight, a batch waiting to be sent) and
+    # nothing has progressed (no batch sent, no payment final) for this long.
+    stall_after_s: float = 120.0
+
+
+class EngineConfig(msgspec.Struct, forbid_unknown_fields=True):
+    chains: list[ChainConfig]
+    ledger: LedgerConfig = msgspec.field(default_factory=LedgerConfig)
+    policy: PolicyConfig = msgspec.field(default_factory=PolicyConfig)
+    ingest: IngestConfig = msgspec.field(default_factory=IngestConfig)
+    credit: CreditConfig = msgspec.field(default_factory=CreditConfig)
+    service: ServiceConfig = msgspec.field(default_factory=ServiceConfig)
+    channel_capacity: int = 64  # bounded memory channels between stages (in messages)
+
+
+def _check_address(value: str, where: str) -> None:
+    if not (value.startswith("0x") and len(value) == 42):
+        raise ConfigError(f"{where}: expected a 0x-prefixed 20-byte hex address, got {value!r}")
+    try:
+        bytes.fromhex(value[2:])
+    except ValueError as exc:
+        raise ConfigError(f"{where}: not hex: {value!r}") from exc
+
+
+def validate(config: EngineConfig) -> EngineConfig:
+    if not config.chains:
+        raise ConfigError("chains: at least one chain is required")
+    seen: set[int] = set()
+    for i, chain in enumerate(config.chains):
+        where = f"chains[{i}]"
+        if chain.chain_id in seen:
+            raise ConfigError(f"{where}: duplicate chain_id {chain.chain_id}")
+        seen.add(chain.chain_id)
+        _check_address(chain.batcher, f"{where}.batcher")
+        if chain.multicall:
+            _check_address(chain.multicall, f"{where}.multicall")
+        if not chain.tokens:
+            raise ConfigError(f"{where}.tokens: at least one token is required")
+        for j, token in enumerate(chain.tokens):
+            _check_address(token.address, f"{where}.tokens[{j}].address")
+        if not chain.signer_key_envs:
+            raise ConfigError(f"{where}.signer_key_envs: at least one signer is required")
+        if chain.confirmations < 1:
+            raise ConfigError(f"{where}.confirmations must be >= 1")
+        if not 0 < chain.gas_per_tx_max <= chain.block_gas_limit:
+            raise ConfigError(f"{where}: need 0 < gas_per_tx_max <= block_gas_limit")
+        if chain.rebroadcast_after_s <= 0 or chain.poll_interval_ms <= 0:
+            raise ConfigError(f"{where}: rebroadcast_after_s and poll_interval_ms must be > 0")
+        if chain.max_inflight_batches < 1:
+            raise ConfigError(f"{where}.max_inflight_batches must be >= 1")
+    if config.policy.max_batch_size < 1:
+        raise ConfigError("policy.max_batch_size must be >= 1")
+    seen_payees: set[str] = set()
+    for i, schedule in enumerate([config.policy, *config.policy.payees]):
+        where = "policy" if i == 0 else f"policy.payees[{i - 1}]"
+        if isinstance(schedule, PayeeScheduleConfig):
+            _check_address(schedule.payee, f"{where}.payee")
+            if schedule.payee.lower() in seen_payees:
+                raise ConfigError(f"{where}: payee {schedule.payee} listed twice")
+            seen_payees.add(schedule.payee.lower())
+        _check_schedule(schedule, where)
+    for payee in config.service.payee_settlement:
+        _check_address(payee, "service.payee_settlement")
+    if config.service.stall_after_s <= 0:
+        raise ConfigError("service.stall_after_s must be > 0")
+    if config.service.settle_timeout_s <= 0 or config.service.body_max_bytes < 1024:
+        raise ConfigError("service: settle_timeout_s must be > 0 and body_max_bytes >= 1024")
+    if config.credit.refresh_s <= 0 or config.credit.balance_max_age_s <= 0:
+        raise ConfigError("credit: refresh_s and balance_max_age_s must be > 0")
+    if config.credit.payer_cap < 0:
+        raise ConfigError("credit.payer_cap must be >= 0")
+    ledger = config.ledger
+    if ledger.group_max < 1 or ledger.flush_rows < 1 or ledger.flush_interval_ms <= 0:
+        raise ConfigError("ledger: group_max, flush_rows and flush_interval_ms must be >= 1")
+    if ledger.journal_segment_mb < 1:
+        raise ConfigError("ledger.journal_segment_mb must be >= 1")
+    if not 0 <= config.ingest.verify_workers <= 64 or config.ingest.verify_batch_max < 1:
+        raise ConfigError("ingest: verify_workers must be in [0, 64], verify_batch_max >= 1")
+    if config.ingest.valid_before_margin_s <= SEND_MARGIN_S:
+        # Otherwise an authorization could be accepted that no batch may still be sent for.
+        raise ConfigError(f"ingest.valid_before_margin_s must be > {SEND_MARGIN_S} (send margin)")
+    if not 0 < config.ingest.value_max <= 2**128 - 1:
+        raise ConfigError("ingest.value_max must be in (0, 2**128 - 1]")
+    ingest = config.ingest
+    if ingest.state_max_age_ms < 0 or ingest.state_window_ms < 0 or ingest.state_batch_max < 1:
+        raise ConfigError(
+            "ingest: state_max_age_ms and state_window_ms must be >= 0, state_batch_max >= 1"
+        )
+    if not 0 <= config.ingest.value_min <= config.ingest.value_max:
+        raise ConfigError("ingest.value_min must be in [0, value_max]")
+    return config
+
+
+def _check_schedule(schedule: ScheduleConfig, where: str) -> None:
+    if schedule.window_s <= 0:
+        raise ConfigError(f"{where}.window_s must be > 0")
+    if (
+        min(schedule.value_threshold, schedule.count_threshold, schedule.payer_unsettled_threshold)
+        < 0
+    ):
+        raise ConfigError(f"{where}: thresholds must be >= 0")
+    if schedule.mode == "scheduled":
+        try:
+            parse_utc_times(schedule.times_utc)
+        except ValueError as exc:
+            raise ConfigError(f"{where}.times_utc: {exc}") from exc
+
+
+def load_config(path: str | Path) -> EngineConfig:
+    """Read and validate a TOML configuration file."""
+    raw = Path(path).read_bytes()
+    try:
+        config = msgspec.toml.decode(raw, type=EngineConfig)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
+    return validate(config)
+
+
+def dump_config(config: EngineConfig) -> bytes:
+    return msgspec.toml.encode(config)
+
+
+class SignerKey:
+    """A private key read from the environment. Its repr never shows the key."""
+
+    __slots__ = ("_key", "env_name")
+
+    def __init__(self, env_name: str, key: bytes) -> None:
+        self.env_name = env_name
+        self._key = key
+
+    @property
+    def secret(self) -> bytes:
+        return self._key
+
+    def __repr__(self) -> str:
+        return f"SignerKey(env={self.env_name!r}, key=<hidden>)"
+
+
+def signer_keys(chain: ChainConfig, environ: dict[str, str] | None = None) -> list[SignerKey]:
+    env = os.environ if environ is None else environ
+    keys: list[SignerKey] = []
+    for name in chain.signer_key_envs:
+        value = env.get(name)
+        if not value:
+            raise ConfigError(f"environment variable {name} (signer key) is not set")
+        text = value.strip().removeprefix("0x")
+        try:
+            raw = bytes.fromhex(text)
+        except ValueError:
+            raise ConfigError(f"environment variable {name} is not a hex private key") from None
+        if len(raw) != 32:
+            raise ConfigError(f"environment variable {name} must hold a 32-byte private key")
+        keys.append(SignerKey(name, raw))
+    return keys

@@ -1,0 +1,1 @@
+"""Development tools: a local anvil chain, the demo, signed load, contract artifacts."""

@@ -1,0 +1,319 @@
+"""A local development chain: anvil, the test token, the batcher, funded payers.
+
+Used by ``x402-engine devchain``/``demo``, the tests and the benchmarks. Everything listens on
+127.0.0.1 only.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import httpx
+import msgspec
+import trio
+from eth_abi.abi import encode as abi_encode
+from eth_account import Account
+from eth_utils.address import to_checksum_address
+
+from ..chain import codec, crypto
+from ..chain.rpc import Rpc, RpcError
+from ..config import ChainConfig, EngineConfig, LedgerConfig, PolicyConfig, TokenConfig
+from ..model import hex_addr
+from . import artifacts
+from .loadgen import TokenDomain
+
+ANVIL_CHAIN_ID = 31337
+TOKEN_NAME = "USD Coin"
+TOKEN_VERSION = "2"
+ETH = 10**18
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Anvil:
+    """An anvil process on 127.0.0.1. ``block_time_s=0`` mines each transaction at once."""
+
+    def __init__(
+        self,
+        port: int | None = None,
+        *,
+        block_time_s: float = 0,
+        gas_limit: int = 150_000_000,  # Base-like: blocks hold many batches
+        chain_id: int = ANVIL_CHAIN_ID,
+        extra_args: Sequence[str] = (),
+        log_path: Path | None = None,
+    ) -> None:
+        self.port = port or free_port()
+        self.chain_id = chain_id
+        binary = artifacts.anvil_binary()
+        if not binary.exists():
+            found = shutil.which("anvil")
+            if found is None:
+                raise FileNotFoundError(
+                    f"{binary} is missing: run `npm ci` in contracts/ (the Makefile does)"
+                )
+            binary = Path(found)
+        args = [
+            str(binary),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--chain-id",
+            str(chain_id),
+            "--gas-limit",
+            str(gas_limit),
+            "--accounts",
+            "1",
+            "--silent",
+        ]
+        if block_time_s:
+            args += ["--block-time", str(block_time_s)]
+        args += list(extra_args)
+        self._log = open(log_path, "ab") if log_path else subprocess.DEVNULL  # noqa: SIM115
+        self.process = subprocess.Popen(args, stdout=self._log, stderr=self._log)
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._wait_ready()
+
+    def _wait_ready(self, timeout_s: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        body = {"jsonrpc": "2.0", "id": 1, "method": "eth_chainId", "params": []}
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"anvil exited with {self.process.returncode}")
+            try:
+                if httpx.post(self.url, json=body, timeout=1.0).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.05)
+        self.stop()
+        raise TimeoutError("anvil did not start")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        if not isinstance(self._log, int):
+            self._log.close()
+
+    def __enter__(self) -> Anvil:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class DevChain(msgspec.Struct):
+    """What ``setup_devchain`` deployed and funded."""
+
+    rpc_url: str
+    chain_id: int
+    token: str
+    batcher: str
+    token_name: str
+    token_version: str
+    deployer_key: str
+    signer_keys: list[str]
+    payer_keys: list[str]
+    payee: str
+
+    @property
+    def domain(self) -> TokenDomain:
+        return TokenDomain(
+            self.chain_id, bytes.fromhex(self.token[2:]), self.token_name, self.token_version
+        )
+
+    def payer_key_bytes(self) -> list[bytes]:
+        return [bytes.fromhex(k[2:]) for k in self.payer_keys]
+
+
+def new_key(seed: bytes | None = None, label: str = "", index: int = 0) -> bytes:
+    """A random private key, or with ``seed`` a deterministic one (same seed, label and index:
+    same key), so that benchmark deployments get the same addresses on every fresh chain."""
+    counter = 0
+    while True:
+        if seed is None:
+            key = os.urandom(32)
+        else:
+            key = crypto.keccak256(seed + f"/{label}/{index}/{counter}".encode())
+            counter += 1
+        if 0 < int.from_bytes(key, "big") < crypto.SECP256K1_N:
+            return key
+
+
+class Deployer:
+    """Signs and sends set-up transactions from one funded key (sequential nonces)."""
+
+    def __init__(self, rpc: Rpc, key: bytes, chain_id: int) -> None:
+        self.rpc = rpc
+        self.key = key
+        self.address = hex_addr(crypto.private_key_address(key))
+        self.chain_id = chain_id
+        self.nonce: int | None = None
+
+    async def send(self, to: str | None, data: bytes, gas: int = 10_000_000) -> dict[str, Any]:
+        if self.nonce is None:
+            self.nonce = await self.rpc.nonce(self.address)
+        tx: dict[str, Any] = {
+            "type": 2,
+            "chainId": self.chain_id,
+            "nonce": self.nonce,
+            "value": 0,
+            "data": "0x" + data.hex(),
+            "gas": gas,
+            "maxFeePerGas": 50 * 10**9,
+            "maxPriorityFeePerGas": 10**9,
+        }
+        if to is not None:
+            tx["to"] = to_checksum_address(to)
+        signed = Account.sign_transaction(tx, self.key)
+        self.nonce += 1
+        tx_hash = await self.rpc.send_raw(bytes(signed.raw_transaction))
+        return await wait_receipt(self.rpc, tx_hash)
+
+
+async def wait_receipt(rpc: Rpc, tx_hash: str, timeout_s: float = 60.0) -> dict[str, Any]:
+    with trio.fail_after(timeout_s):
+        while True:
+            receipt = await rpc.call("eth_getTransactionReceipt", [tx_hash])
+            if receipt is not None:
+                if int(receipt["status"], 16) != 1:
+                    raise RuntimeError(f"transaction {tx_hash} reverted")
+                return dict(receipt)
+            await trio.sleep(0.05)
+
+
+async def deploy(deployer: Deployer, name: str, ctor_types: list[str], args: list[Any]) -> str:
+    data = artifacts.bytecode(name) + (abi_encode(ctor_types, args) if ctor_types else b"")
+    receipt = await deployer.send(None, data)
+    return str(receipt["contractAddress"]).lower()
+
+
+async def mint_batch(deployer: Deployer, token: str, holders: Sequence[str], amount: int) -> None:
+    selector = codec.selector("mintBatch(address[],uint256)")
+    for start in range(0, len(holders), 400):
+        chunk = list(holders[start : start + 400])
+        data = selector + abi_encode(["address[]", "uint256"], [chunk, amount])
+        await deployer.send(token, data, gas=16_000_000)
+
+
+async def set_balance(rpc: Rpc, address: str, wei: int) -> None:
+    await rpc.call("anvil_setBalance", [address, hex(wei)])
+
+
+async def setup_devchain(
+    rpc_url: str,
+    *,
+    payers: int = 100,
+    payer_balance: int = 1_000 * 10**6,
+    signers: int = 1,
+    token_name: str = TOKEN_NAME,
+    token_version: str = TOKEN_VERSION,
+    seed: bytes | None = None,
+) -> DevChain:
+    """Deploy the token and batcher, fund ``payers`` payer accounts and the payee. With a
+    ``seed`` every key, and so every address, is the same on each fresh chain."""
+    rpc = Rpc(rpc_url)
+    try:
+        chain_id = await rpc.chain_id()
+        deployer_key = new_key(seed, "deployer")
+        deployer = Deployer(rpc, deployer_key, chain_id)
+        await set_balance(rpc, deployer.address, 1_000 * ETH)
+        token = await deploy(
+            deployer,
+            "TestToken",
+            ["string", "string", "string", "uint8"],
+            [token_name, token_version, "USDC", 6],
+        )
+        batcher = await deploy(deployer, "X402Batcher", [], [])
+        signer_keys = [new_key(seed, "signer", i) for i in range(signers)]
+        for key in signer_keys:
+            await set_balance(rpc, hex_addr(crypto.private_key_address(key)), 1_000 * ETH)
+        payer_keys = [new_key(seed, "payer", i) for i in range(payers)]
+        payee_key = new_key(seed, "payee")
+        payee = hex_addr(crypto.private_key_address(payee_key))
+        holders = [hex_addr(crypto.private_key_address(k)) for k in payer_keys]
+        await mint_batch(deployer, token, holders, payer_balance)
+        await mint_batch(deployer, token, [payee], 1)  # the payee already holds a balance
+        return DevChain(
+            rpc_url=rpc_url,
+            chain_id=chain_id,
+            token=token,
+            batcher=batcher,
+            token_name=token_name,
+            token_version=token_version,
+            deployer_key="0x" + deployer_key.hex(),
+            signer_keys=["0x" + k.hex() for k in signer_keys],
+            payer_keys=["0x" + k.hex() for k in payer_keys],
+            payee=payee,
+        )
+    finally:
+        await rpc.aclose()
+
+
+def engine_config(
+    dev: DevChain,
+    ledger_path: str,
+    *,
+    mode: str = "compact",
+    policy: PolicyConfig | None = None,
+    **chain_overrides: Any,
+) -> tuple[EngineConfig, dict[str, str]]:
+    """A configuration for ``dev`` and the environment holding its signer keys."""
+    env_names = [f"X402_SIGNER_KEY_{i}" for i in range(len(dev.signer_keys))]
+    chain = ChainConfig(
+        chain_id=dev.chain_id,
+        rpc_url=dev.rpc_url,
+        batcher=dev.batcher,
+        tokens=[
+            TokenConfig(
+                address=dev.token,
+                name=dev.token_name,
+                version=dev.token_version,
+                symbol="USDC",
+                decimals=6,
+            )
+        ],
+        signer_key_envs=env_names,
+        network_names=["anvil"],
+        mode=mode,  # type: ignore[arg-type]
+        poll_interval_ms=50,
+        block_gas_limit=150_000_000,
+        rebroadcast_after_s=3.0,
+    )
+    chain = msgspec.structs.replace(chain, **chain_overrides)
+    config = EngineConfig(
+        chains=[chain],
+        ledger=LedgerConfig(path=ledger_path),
+        policy=policy or PolicyConfig(),
+    )
+    return config, dict(zip(env_names, dev.signer_keys, strict=True))
+
+
+async def token_balance(rpc: Rpc, token: str, owner: str) -> int:
+    data = codec.balance_of_calldata(bytes.fromhex(owner[2:]))
+    return int.from_bytes(await rpc.eth_call(bytes.fromhex(token[2:]), data), "big")
+
+
+async def authorization_used(rpc: Rpc, token: str, payer: bytes, nonce: bytes) -> bool:
+    data = codec.authorization_state_calldata(payer, nonce)
+    try:
+        return int.from_bytes(await rpc.eth_call(bytes.fromhex(token[2:]), data), "big") != 0
+    except RpcError:
+        return False

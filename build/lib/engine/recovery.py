@@ -1,0 +1,120 @@
+"""Recovery at start-up: the ledger's open work put back in motion.
+
+- Replay keys (and sold marks, payment-identifiers) of every payment whose authorization is
+  still valid go back into the dedup index, so a replay is recognised across restarts.
+- Every recorded-but-unconfirmed batch is rebroadcast (its latest replacement) before any
+  account nonce is read, so a batch written but never sent takes its own nonce, and it is
+  adopted by the confirm stage, which decides it from the chain.
+- Accepted payments in no open batch are queued again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import trio
+
+from .chain.rpc import ChainClient, RpcError, RpcUnavailable
+from .chain.signer import SignerPool
+from .clock import Clock
+from .config import ChainConfig
+from .model import ChainMismatch, InflightBatch, PendingItem, Recovered
+from .stages.dedup import DedupIndex, Identifiers
+from .store.ledger import AsyncLedger
+
+log = logging.getLogger("x402_engine.recovery")
+T = TypeVar("T")
+
+DEDUP_GRACE_S = 60  # replay keys are kept this long after their validBefore
+STARTUP_PATIENCE_S = 60.0
+
+
+async def restore_replay_keys(
+    ledger: AsyncLedger,
+    dedup: DedupIndex,
+    identifiers: Identifiers,
+    recovered: Recovered,
+    now: float,
+) -> None:
+    since = int(now) - DEDUP_GRACE_S
+    live = await ledger.run(ledger.sync.live_final_payments, since)
+    sales = {s.payment_id: s for s in await ledger.run(ledger.sync.live_sales, since)}
+    restored = [*live, *((op.id, op.payment) for op in recovered.open_payments)]
+    for rid, payment in restored:  # open ones even if expired: they must finish
+        sale = sales.get(rid)
+        dedup.restore(payment, rid, sold=sale is not None)
+        if sale is not None and sale.identifier is not None:
+            identifiers.bind(sale.identifier, payment.key, payment.valid_before)
+            identifiers.record_sale(rid, sale.identifier, sale.mode)
+
+
+async def adopt_sent_batches(
+    chain: ChainConfig,
+    rpc: ChainClient,
+    signers: SignerPool,
+    recovered: Recovered,
+    clock: Clock,
+) -> list[InflightBatch]:
+    """Check the node is the configured chain, rebroadcast this chain's open batches, then
+    read each signer's account nonce; returns the batches for the confirm stage."""
+    actual = await patiently(rpc.chain_id, chain)
+    if actual != chain.chain_id:
+        raise ChainMismatch(f"{chain.rpc_url} is chain {actual}, configured {chain.chain_id}")
+    open_by_id = {op.id: op for op in recovered.open_payments}
+    batches = [b for b in recovered.open_batches if b.chain_id == chain.chain_id]
+    adopted: list[InflightBatch] = []
+    for record in sorted(batches, key=lambda b: (b.signer, b.account_nonce)):
+        replacements = recovered.replacements.get(record.id, [])
+        latest = replacements[-1][1] if replacements else record.raw_tx
+        # "already known", or its nonce is spent, or the node is away: the confirm stage
+        # decides (it rebroadcasts what is not mined).
+        with contextlib.suppress(RpcError, RpcUnavailable):
+            await rpc.send_raw(latest)
+        items = []
+        for pid in record.payment_ids:
+            op = open_by_id.pop(pid, None)
+            if op is not None:
+                items.append(PendingItem(pid, op.payment, op.accepted_at_ms / 1000))
+        if not items:
+            continue
+        token = items[0].payment.token
+        target = (
+            token
+            if record.mode == "direct"
+            else bytes.fromhex((chain.multicall or chain.batcher)[2:])
+        )
+        adopted.append(InflightBatch(record, items, token, target, clock.now(), list(replacements)))
+    for signer in signers.signers:
+        signer.next_nonce = await patiently(
+            functools.partial(rpc.nonce, signer.address, "pending"), chain
+        )
+    return adopted
+
+
+def unbatched(recovered: Recovered, watched: set[int]) -> dict[int, list[PendingItem]]:
+    """Open payments in no watched batch, per chain, to be queued again."""
+    per_chain: dict[int, list[PendingItem]] = {}
+    for op in recovered.open_payments:
+        if op.id not in watched:
+            item = PendingItem(op.id, op.payment, op.accepted_at_ms / 1000)
+            per_chain.setdefault(op.payment.chain_id, []).append(item)
+    return per_chain
+
+
+async def patiently(read: Callable[[], Awaitable[T]], chain: ChainConfig) -> T:
+    """A start-up read that waits for a node that is away (a restart often races the node's
+    own), up to STARTUP_PATIENCE_S, then gives up with the node's error."""
+    waited = 0.0
+    while True:
+        try:
+            return await read()
+        except RpcUnavailable as exc:
+            if waited >= STARTUP_PATIENCE_S:
+                raise
+            log.warning("chain %d: node not answering yet (%s); retrying", chain.chain_id, exc)
+        await trio.sleep(1.0)
+        waited += 1.0

@@ -1,0 +1,1 @@
+"""Rules without I/O: batching policy and schedules, the credit book, fees, health, reason codes."""

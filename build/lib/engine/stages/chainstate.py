@@ -1,0 +1,262 @@
+"""What the chain says about a payment before we call it valid: the payer's balance, whether the
+authorization's nonce is already used or cancelled, and whether the token has code.
+
+``/verify`` (and a deferred ``/settle``, which answers before anything is sent) asks this for
+every payment, so it must not cost one RPC each. Concurrent questions are coalesced: those that
+arrive within ``window_s`` of the first (or while earlier reads are in flight) share one
+``aggregate3`` ``eth_call`` of ``balanceOf`` + ``authorizationState`` for up to ``batch_max``
+payments. Answers are cached for ``max_age_s``; a used nonce is cached until evicted (it can
+never become unused again).
+
+Staleness is bounded by ``max_age_s`` plus one read's round trip. It can only make ``/verify``
+call valid a payment whose settlement then fails (the payer spent or cancelled in between):
+the batch simulation before sending decides from the chain as it is then, so a stale answer
+never pays twice and never loses a payment.
+
+:func:`judge` and :class:`StateCache` are pure; :class:`ChainStateReader` does the reads.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict, deque
+from collections.abc import Sequence
+
+import msgspec
+import trio
+
+from ..chain import codec
+from ..chain.rpc import ChainClient
+from ..clock import Clock, Wakeup
+from ..model import Payment, Rejected, hex_addr
+from ..rules import reasons
+
+log = logging.getLogger("x402_engine.chainstate")
+
+
+class PayerState(msgspec.Struct, frozen=True):
+    """One payment's view of the chain."""
+
+    token_has_code: bool
+    balance: int | None  # None: balanceOf failed
+    nonce_used: bool | None  # authorizationState (used or cancelled); None: the call failed
+
+
+def judge(payment: Payment, state: PayerState) -> Rejected | None:
+    """The refusal the chain state calls for (None: the chain has no objection)."""
+    payer = hex_addr(payment.payer)
+    if not state.token_has_code:
+        return Rejected(
+            reasons.ASSET_NOT_DEPLOYED,
+            f"token {hex_addr(payment.token)} has no code on chain {payment.chain_id}",
+            payer,
+        )
+    if state.nonce_used is None or state.balance is None:
+        return Rejected(
+            reasons.UNEXPECTED_VERIFY,
+            "the token's balanceOf/authorizationState could not be read",
+            payer,
+        )
+    if state.nonce_used:
+        return Rejected(
+            reasons.NONCE_USED, "the authorization is already used or cancelled on chain", payer
+        )
+    if state.balance < payment.value:
+        return Rejected(
+            reasons.INSUFFICIENT_FUNDS,
+            f"the payer holds {state.balance}, less than the amount {payment.value}",
+            payer,
+        )
+    return None
+
+
+BalanceKey = tuple[bytes, bytes]  # (token, payer)
+NonceKey = tuple[bytes, bytes, bytes]  # (token, payer, nonce)
+
+
+class StateCache:
+    """Recent answers, each at most ``max_age_s`` old (used nonces: any age). Bounded: the
+    oldest entries go first beyond ``entries_max`` per kind."""
+
+    def __init__(self, max_age_s: float, entries_max: int = 100_000) -> None:
+        assert max_age_s >= 0 and entries_max >= 1
+        self.max_age_s = max_age_s
+        self.entries_max = entries_max
+        self._balances: OrderedDict[BalanceKey, tuple[int, float]] = OrderedDict()
+        self._nonces: OrderedDict[NonceKey, tuple[bool, float]] = OrderedDict()
+        self._no_code: dict[bytes, float] = {}  # token -> when it was seen without code
+
+    def get(self, token: bytes, payer: bytes, nonce: bytes, now: float) -> PayerState | None:
+        """The cached state if every part of it is fresh enough, else None."""
+        seen = self._no_code.get(token)
+        if seen is not None and now - seen <= self.max_age_s:
+            return PayerState(False, None, None)
+        balance = self._balances.get((token, payer))
+        used = self._nonces.get((token, payer, nonce))
+        if balance is None or used is None or now - balance[1] > self.max_age_s:
+            return None
+        if not used[0] and now - used[1] > self.max_age_s:
+            return None
+        return PayerState(True, balance[0], used[0])
+
+    def put(self, token: bytes, payer: bytes, nonce: bytes, state: PayerState, now: float) -> None:
+        if not state.token_has_code:
+            self._no_code[token] = now
+            return
+        self._no_code.pop(token, None)
+        if state.balance is not None:
+            self._balances[(token, payer)] = (state.balance, now)
+            self._balances.move_to_end((token, payer))
+            if len(self._balances) > self.entries_max:
+                self._balances.popitem(last=False)
+        if state.nonce_used is not None:
+            self._nonces[(token, payer, nonce)] = (state.nonce_used, now)
+            self._nonces.move_to_end((token, payer, nonce))
+            if len(self._nonces) > self.entries_max:
+                self._nonces.popitem(last=False)
+
+
+def read_calldata(keys: Sequence[NonceKey]) -> tuple[bytes, list[BalanceKey]]:
+    """One aggregate3 call: ``balanceOf`` of each distinct (token, payer), then
+    ``authorizationState`` of each key, failures allowed. Returns the calldata and the
+    balance keys in call order."""
+    balance_keys = list(dict.fromkeys((t, p) for t, p, _ in keys))
+    calls = [("0x" + t.hex(), True, codec.balance_of_calldata(p)) for t, p in balance_keys]
+    calls += [("0x" + t.hex(), True, codec.authorization_state_calldata(p, n)) for t, p, n in keys]
+    return codec.aggregate3(calls), balance_keys
+
+
+def decode_read(
+    keys: Sequence[NonceKey], balance_keys: Sequence[BalanceKey], returned: bytes
+) -> list[PayerState]:
+    """Each key's state from :func:`read_calldata`'s answer. A call that succeeded with no
+    return data hit an address without code (no token there)."""
+    results = codec.decode_aggregate3_result(returned)
+    if len(results) != len(balance_keys) + len(keys):
+        raise ValueError("aggregate3 answered a different number of results")
+    balances: dict[BalanceKey, tuple[bool, int | None]] = {}
+    for key, (ok, data) in zip(balance_keys, results, strict=False):
+        no_code = ok and not data
+        balances[key] = (
+            no_code,
+            int.from_bytes(data[:32], "big") if ok and len(data) >= 32 else None,
+        )
+    out: list[PayerState] = []
+    for nonce_key, (ok, data) in zip(keys, results[len(balance_keys) :], strict=True):
+        no_code, balance = balances[(nonce_key[0], nonce_key[1])]
+        if no_code or (ok and not data):
+            out.append(PayerState(False, None, None))
+            continue
+        used = int.from_bytes(data[:32], "big") != 0 if ok and len(data) >= 32 else None
+        out.append(PayerState(True, balance, used))
+    return out
+
+
+class _Request:
+    __slots__ = ("done", "error", "key", "state")
+
+    def __init__(self, key: NonceKey) -> None:
+        self.key = key
+        self.done = trio.Event()
+        self.state: PayerState | None = None
+        self.error: Exception | None = None
+
+
+class ReaderStatistics(msgspec.Struct, frozen=True):
+    reads: int  # eth_calls made
+    payments_read: int  # questions answered by those reads
+    cache_hits: int
+    queued: int
+
+
+class ChainStateReader:
+    """Coalesced, cached reads of :class:`PayerState` through ``aggregate3`` at ``target``
+    (the batcher or Multicall3). Run :meth:`run` in a nursery."""
+
+    def __init__(
+        self,
+        rpc: ChainClient,
+        target: bytes,
+        clock: Clock,
+        *,
+        max_age_s: float,
+        window_s: float,
+        batch_max: int,
+        inflight_max: int = 1,
+        queue_max: int = 10_000,
+    ) -> None:
+        assert window_s >= 0 and batch_max >= 1 and inflight_max >= 1 and queue_max >= batch_max
+        self._rpc = rpc
+        self._target = target
+        self._clock = clock
+        self._cache = StateCache(max_age_s)
+        self._window_s = window_s
+        self._batch_max = batch_max
+        self._queue_max = queue_max
+        self._slots = trio.Semaphore(inflight_max)
+        self._queue: deque[_Request] = deque()
+        self._arrived = Wakeup()
+        self._room = Wakeup()
+        self._reads = 0
+        self._payments_read = 0
+        self._cache_hits = 0
+
+    def statistics(self) -> ReaderStatistics:
+        return ReaderStatistics(
+            self._reads, self._payments_read, self._cache_hits, len(self._queue)
+        )
+
+    async def read(self, token: bytes, payer: bytes, nonce: bytes) -> PayerState:
+        """The chain's view of one payment; raises what the read raised (:class:`RpcError`,
+        :class:`RpcUnavailable`, a decoding error) when it cannot be read."""
+        cached = self._cache.get(token, payer, nonce, self._clock.now())
+        if cached is not None:
+            self._cache_hits += 1
+            return cached
+        while len(self._queue) >= self._queue_max:  # bounded: wait for room
+            await self._room.wait()
+        request = _Request((token, payer, nonce))
+        self._queue.append(request)
+        self._arrived.set()
+        await request.done.wait()
+        if request.error is not None:
+            raise request.error
+        assert request.state is not None
+        return request.state
+
+    async def run(self) -> None:
+        async with trio.open_nursery() as nursery:
+            while True:
+                if not self._queue:
+                    await self._arrived.wait()
+                    continue
+                if self._window_s:
+                    await trio.sleep(self._window_s)  # let concurrent questions join
+                await self._slots.acquire()
+                batch = [
+                    self._queue.popleft() for _ in range(min(self._batch_max, len(self._queue)))
+                ]
+                self._room.set()
+                nursery.start_soon(self._read, batch)
+
+    async def _read(self, batch: list[_Request]) -> None:
+        try:
+            keys = list(dict.fromkeys(r.key for r in batch))
+            data, balance_keys = read_calldata(keys)
+            returned = await self._rpc.eth_call(self._target, data)
+            self._reads += 1
+            self._payments_read += len(batch)
+            states = dict(zip(keys, decode_read(keys, balance_keys, returned), strict=True))
+            now = self._clock.now()
+            for key, state in states.items():
+                self._cache.put(*key, state, now)
+            for request in batch:
+                request.state = states[request.key]
+        except Exception as exc:  # node trouble or a malformed answer: every asker is told
+            log.warning("chain state read of %d payments failed: %s", len(batch), exc)
+            for request in batch:
+                request.error = exc
+        finally:
+            self._slots.release()
+            for request in batch:
+                request.done.set()

@@ -1,0 +1,368 @@
+"""Ingest checks: decode an x402 exact-scheme EVM payment and verify it, with no I/O.
+
+Order follows the reference facilitator: scheme → network → token/asset → recipient → amount →
+validBefore → validAfter → signature. The chain is not consulted here (balances, nonces already
+used on chain and cancellations are caught by the batch simulation before sending).
+An invalid payment is a :class:`Rejected` value carrying the x402 reason code.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import msgspec
+
+from ..chain import crypto
+from ..config import ChainConfig, EngineConfig, IngestConfig, TokenConfig
+from ..model import Payment as Payment
+from ..model import (
+    PaymentPayload,
+    PaymentPayloadV1,
+    PaymentPayloadV2,
+    PaymentRequirements,
+    Rejected,
+    RequirementsV1,
+    RequirementsV2,
+)
+from ..rules import reasons
+
+_payload_decoder = msgspec.json.Decoder(PaymentPayload)
+_req_v1_decoder = msgspec.json.Decoder(RequirementsV1)
+_req_v2_decoder = msgspec.json.Decoder(RequirementsV2)
+_UINT48_MAX = 2**48 - 1
+
+
+class TokenSpec(msgspec.Struct, frozen=True):
+    chain_id: int
+    address: bytes
+    name: str
+    version: str
+    domain_separator: bytes
+
+
+class ChainSpec(msgspec.Struct, frozen=True):
+    chain_id: int
+    tokens: dict[bytes, TokenSpec]
+
+
+class Verifier:
+    """Everything needed to check a payment, precomputed once from the configuration."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        self._ingest: IngestConfig = config.ingest
+        self._networks: dict[str, ChainSpec] = {}
+        for chain in config.chains:
+            spec = _chain_spec(chain)
+            self._networks[chain.caip2] = spec
+            for name in chain.network_names:
+                self._networks[name] = spec
+
+    def token(self, chain_id: int, address: bytes) -> TokenSpec | None:
+        spec = self._networks.get(f"eip155:{chain_id}")
+        return None if spec is None else spec.tokens.get(address)
+
+    def check(
+        self, payload: Any, requirements: Any, now: float
+    ) -> tuple[Payment | None, Rejected | None]:
+        """Decode and verify. Returns ``(payment, None)`` or ``(None, rejection)``."""
+        decoded = decode(payload, requirements)
+        if isinstance(decoded, Rejected):
+            return None, decoded
+        return self.verify(decoded[0], decoded[1], now)
+
+    def verify(
+        self, payload: PaymentPayload, req: PaymentRequirements, now: float
+    ) -> tuple[Payment | None, Rejected | None]:
+        auth = payload.payload.authorization
+        payer_text = _payer_text(auth.from_)
+
+        def reject(reason: str, message: str) -> tuple[None, Rejected]:
+            return None, Rejected(reason, message, payer_text)
+
+        if req.scheme != "exact":
+            return reject(reasons.UNSUPPORTED_SCHEME, f"scheme {req.scheme!r} is not supported")
+        if isinstance(payload, PaymentPayloadV1):
+            if not isinstance(req, RequirementsV1):
+                return reject(reasons.INVALID_VERSION, "payload is x402 v1, requirements are v2")
+            scheme, network, amount_text = payload.scheme, payload.network, req.max_amount_required
+        else:
+            if not isinstance(req, RequirementsV2):
+                return reject(reasons.INVALID_VERSION, "payload is x402 v2, requirements are v1")
+            if payload.accepted.scheme != req.scheme or payload.accepted.network != req.network:
+                return reject(
+                    reasons.INVALID_REQUIREMENTS, "payload.accepted does not match requirements"
+                )
+            scheme, network, amount_text = (
+                payload.accepted.scheme,
+                payload.accepted.network,
+                req.amount,
+            )
+        if scheme != "exact":
+            return reject(reasons.INVALID_SCHEME, "payload scheme does not match requirements")
+        if network != req.network:
+            return reject(reasons.INVALID_NETWORK, "payload network does not match requirements")
+        chain = self._networks.get(req.network)
+        if chain is None:
+            return reject(reasons.INVALID_NETWORK, f"network {req.network!r} is not configured")
+        asset = _address(req.asset)
+        token = None if asset is None else chain.tokens.get(asset)
+        if token is None:
+            return reject(reasons.INVALID_REQUIREMENTS, f"asset {req.asset!r} is not configured")
+        extra = req.extra or {}
+        method = extra.get("assetTransferMethod", "eip3009")
+        if method != "eip3009":
+            return reject(
+                reasons.INVALID_REQUIREMENTS,
+                f"assetTransferMethod {method!r} is not supported (only eip3009)",
+            )
+        if ("name" in extra and extra["name"] != token.name) or (
+            "version" in extra and extra["version"] != token.version
+        ):
+            return reject(
+                reasons.INVALID_REQUIREMENTS,
+                "extra.name/version differ from the token's EIP-712 domain",
+            )
+        pay_to = _address(req.pay_to)
+        if pay_to is None:
+            return reject(reasons.INVALID_REQUIREMENTS, "payTo is not an address")
+        amount = _uint(amount_text)
+        if amount is None:
+            return reject(
+                reasons.INVALID_REQUIREMENTS,
+                "amount is not a canonical unsigned integer (digits, no leading zeros)",
+            )
+        if amount < self._ingest.value_min:
+            # Each payment costs the operator a transfer's gas: refuse dust (and zero).
+            return reject(
+                reasons.INVALID_REQUIREMENTS,
+                f"amount {amount} is below the facilitator's minimum of {self._ingest.value_min}",
+            )
+
+        payer = _address(auth.from_)
+        payee = _address(auth.to)
+        value = _uint(auth.value)
+        valid_after = _uint(auth.valid_after)
+        valid_before = _uint(auth.valid_before)
+        nonce = _bytes32(auth.nonce)
+        sig_raw = _hex(payload.payload.signature)
+        if (
+            payer is None
+            or payee is None
+            or value is None
+            or valid_after is None
+            or valid_before is None
+            or nonce is None
+            or sig_raw is None
+        ):
+            return reject(reasons.INVALID_PAYLOAD, "authorization fields are malformed")
+        if payee != pay_to:
+            return reject(reasons.RECIPIENT_MISMATCH, "authorization.to differs from payTo")
+        if value != amount:
+            return reject(reasons.VALUE_MISMATCH, "authorization.value differs from the amount")
+        if value > self._ingest.value_max:
+            return reject(reasons.INVALID_PAYLOAD, "value exceeds the engine's limit")
+        if valid_before < now + self._ingest.valid_before_margin_s:
+            return reject(reasons.VALID_BEFORE, "authorization expires too soon")
+        if valid_after > now + self._ingest.valid_after_tolerance_s:
+            return reject(reasons.VALID_AFTER, "authorization is not yet valid")
+        if valid_before > _UINT48_MAX or valid_after > _UINT48_MAX:
+            return reject(reasons.INVALID_PAYLOAD, "validAfter/validBefore beyond 2**48")
+        signature = crypto.normalize_signature(sig_raw)
+        if signature is None:
+            return reject(reasons.SIGNATURE, "signature is not a 65-byte low-s ECDSA signature")
+        digest = crypto.transfer_digest(
+            token.domain_separator, payer, payee, value, valid_after, valid_before, nonce
+        )
+        if crypto.recover_address(digest, signature) != payer:
+            return reject(reasons.SIGNATURE, "signature does not recover to authorization.from")
+        payment = Payment(
+            chain_id=chain.chain_id,
+            token=token.address,
+            payer=payer,
+            payee=payee,
+            value=value,
+            valid_after=valid_after,
+            valid_before=valid_before,
+            nonce=nonce,
+            signature=signature,
+            network=req.network,
+            x402_version=2 if isinstance(payload, PaymentPayloadV2) else 1,
+        )
+        return payment, None
+
+
+def decode(
+    payload: Any, requirements: Any
+) -> tuple[PaymentPayload, PaymentRequirements] | Rejected:
+    """Decode a payload and requirements given as JSON bytes/str, dicts or Structs."""
+    try:
+        p = _decode_payload(payload)
+    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        text = str(exc)
+        payer = probe_payer(payload)
+        if "$.x402Version" in text:
+            return Rejected(reasons.INVALID_VERSION, f"paymentPayload: {text}", payer)
+        return Rejected(reasons.INVALID_PAYLOAD, f"paymentPayload: {text}", payer)
+    try:
+        r = _decode_requirements(requirements, 1 if isinstance(p, PaymentPayloadV1) else 2)
+    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        payer = _payer_text(p.payload.authorization.from_)
+        return Rejected(reasons.INVALID_REQUIREMENTS, f"paymentRequirements: {exc}", payer)
+    return p, r
+
+
+class _FromProbe(msgspec.Struct):
+    from_: str = msgspec.field(name="from", default="")
+
+
+class _AuthorizationProbe(msgspec.Struct):
+    authorization: _FromProbe = msgspec.field(default_factory=_FromProbe)
+
+
+class _PayloadProbe(msgspec.Struct):
+    payload: _AuthorizationProbe = msgspec.field(default_factory=_AuthorizationProbe)
+
+
+_probe_decoder = msgspec.json.Decoder(_PayloadProbe)
+
+
+def probe_payer(payload: Any) -> str | None:
+    """``payload.authorization.from`` of a payload that does not decode as a whole (so that a
+    refusal still names the payer), or None when even that is unreadable or not an address."""
+    try:
+        if isinstance(payload, bytes | bytearray | memoryview | str | msgspec.Raw):
+            probe = _probe_decoder.decode(payload)
+        else:
+            probe = msgspec.convert(payload, _PayloadProbe, from_attributes=True)
+    except (msgspec.ValidationError, msgspec.DecodeError, TypeError):
+        return None
+    return _payer_text(probe.payload.authorization.from_)
+
+
+def _payer_text(text: str) -> str | None:
+    """A payer address as reported in answers (lower-case), if ``text`` is one."""
+    return text.lower() if _address(text) is not None else None
+
+
+def _decode_payload(value: Any) -> PaymentPayload:
+    decoded: PaymentPayload
+    if isinstance(value, PaymentPayloadV1 | PaymentPayloadV2):
+        return value
+    if isinstance(value, bytes | bytearray | memoryview | str | msgspec.Raw):
+        decoded = _payload_decoder.decode(value)
+    else:
+        decoded = msgspec.convert(value, PaymentPayload)
+    return decoded
+
+
+def _decode_requirements(value: Any, version: int) -> PaymentRequirements:
+    decoded: PaymentRequirements
+    if isinstance(value, RequirementsV1 | RequirementsV2):
+        return value
+    if isinstance(value, bytes | bytearray | memoryview | str | msgspec.Raw):
+        decoded = (_req_v1_decoder if version == 1 else _req_v2_decoder).decode(value)
+    elif version == 1:
+        decoded = msgspec.convert(value, RequirementsV1)
+    else:
+        decoded = msgspec.convert(value, RequirementsV2)
+    return decoded
+
+
+def _chain_spec(chain: ChainConfig) -> ChainSpec:
+    tokens: dict[bytes, TokenSpec] = {}
+    for token in chain.tokens:
+        tokens[_token_address(token)] = _token_spec(chain.chain_id, token)
+    return ChainSpec(chain.chain_id, tokens)
+
+
+def _token_address(token: TokenConfig) -> bytes:
+    raw = _address(token.address)
+    assert raw is not None, token.address
+    return raw
+
+
+def _token_spec(chain_id: int, token: TokenConfig) -> TokenSpec:
+    address = _token_address(token)
+    return TokenSpec(
+        chain_id,
+        address,
+        token.name,
+        token.version,
+        crypto.domain_separator(token.name, token.version, chain_id, address),
+    )
+
+
+def _hex(text: str) -> bytes | None:
+    if not text.startswith(("0x", "0X")):
+        return None
+    try:
+        return bytes.fromhex(text[2:])
+    except ValueError:
+        return None
+
+
+def _address(text: str) -> bytes | None:
+    raw = _hex(text) if len(text) == 42 else None
+    return raw if raw is not None and len(raw) == 20 else None
+
+
+def _bytes32(text: str) -> bytes | None:
+    raw = _hex(text) if len(text) == 66 else None
+    return raw if raw is not None and len(raw) == 32 else None
+
+
+def _uint(text: str) -> int | None:
+    # Canonical atomic units only: ASCII decimal digits, no sign, whitespace, underscores or
+    # leading zeros ("010000" is not 10000 on the wire), bounded length (uint256).
+    if not text or len(text) > 78 or not text.isascii() or not text.isdigit():
+        return None
+    if text[0] == "0" and len(text) > 1:
+        return None
+    value = int(text)
+    return value if value < 2**256 else None
+
+
+PAYMENT_IDENTIFIER = "payment-identifier"  # the x402 extension's key
+_PAYMENT_ID = re.compile(r"[A-Za-z0-9_-]{16,128}")
+
+
+class _ExtensionsProbe(msgspec.Struct):
+    extensions: Any = None
+
+
+_extensions_decoder = msgspec.json.Decoder(_ExtensionsProbe)
+
+
+def payment_identifier(payload: Any) -> str | Rejected | None:
+    """The buyer's ``extensions["payment-identifier"].info.id`` (x402 payment-identifier
+    extension: 16-128 characters of ``A-Z a-z 0-9 _ -``), None when absent, or a refusal when
+    it is malformed."""
+    extensions: Any
+    if isinstance(payload, PaymentPayloadV2):
+        extensions = payload.extensions
+    elif isinstance(payload, PaymentPayloadV1):
+        return None
+    elif isinstance(payload, bytes | bytearray | memoryview | str | msgspec.Raw):
+        try:
+            extensions = _extensions_decoder.decode(payload).extensions
+        except (msgspec.ValidationError, msgspec.DecodeError):
+            return None  # the payload's own decoding reports it
+    elif isinstance(payload, dict):
+        extensions = payload.get("extensions")
+    else:
+        return None
+    if not isinstance(extensions, dict) or PAYMENT_IDENTIFIER not in extensions:
+        return None
+    entry = extensions[PAYMENT_IDENTIFIER]
+    info = entry.get("info") if isinstance(entry, dict) else None
+    identifier = info.get("id") if isinstance(info, dict) else None
+    if identifier is None:
+        return None  # declared (echoed from the requirements) without an id
+    if not isinstance(identifier, str) or not _PAYMENT_ID.fullmatch(identifier):
+        return Rejected(
+            reasons.INVALID_PAYLOAD,
+            "payment-identifier id must be 16-128 characters of A-Z, a-z, 0-9, _ and -",
+            probe_payer(payload),
+        )
+    return identifier

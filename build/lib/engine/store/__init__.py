@@ -1,0 +1,1 @@
+"""The system of record: the DuckDB ledger, the write-ahead journal, reports."""

@@ -1,0 +1,654 @@
+"""The ledger stage: an append-only DuckDB record of every payment, batch and state change.
+
+An accepted payment is durable once its intake group is in the journal (``journal.py``, one
+``fdatasync`` per group); the ledger stages journaled payments and writes them to DuckDB in bulk
+(Arrow tables, one INSERT ... SELECT and one commit per flush; per-row INSERTs manage under 1,000
+rows/s). Every other ledger call flushes the staged payments first, so DuckDB never shows an
+event of a payment it does not hold. Opening a ledger replays the journal into DuckDB.
+
+State changes are appended to ``payment_events`` / ``batch_events`` and never updated in place:
+a payment's current state is its latest event (highest ``seq``); no event means "accepted".
+
+All DuckDB work runs in a worker thread (DuckDB releases the GIL) behind a one-slot limiter, so
+the connection is never used by two threads at once and the trio thread never blocks on disk.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import duckdb
+import pyarrow as pa
+import trio
+
+from ..model import (
+    BatchEvent,
+    BatchRecord,
+    OpenPayment,
+    Outcome,
+    Payment,
+    PaymentEvent,
+    Recovered,
+    Sale,
+    hex_addr,
+)
+from .journal import Journal, JournalRow, SalvageReport, encode_frame
+
+T = TypeVar("T")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS payments (
+    id BIGINT NOT NULL,
+    accepted_at_ms BIGINT NOT NULL,
+    chain_id BIGINT NOT NULL,
+    network VARCHAR NOT NULL,
+    x402_version UTINYINT NOT NULL,
+    token VARCHAR NOT NULL,
+    payer VARCHAR NOT NULL,
+    payee VARCHAR NOT NULL,
+    value UHUGEINT NOT NULL,
+    valid_after UBIGINT NOT NULL,
+    valid_before UBIGINT NOT NULL,
+    nonce BLOB NOT NULL,
+    signature BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS payment_events (
+    seq BIGINT NOT NULL,
+    payment_id BIGINT NOT NULL,
+    at_ms BIGINT NOT NULL,
+    state VARCHAR NOT NULL,
+    batch_id BIGINT,
+    tx_hash VARCHAR,
+    block_number BIGINT,
+    gas_used BIGINT,
+    fee_wei UHUGEINT,
+    reason VARCHAR,
+    message VARCHAR
+);
+CREATE TABLE IF NOT EXISTS batches (
+    id BIGINT NOT NULL,
+    chain_id BIGINT NOT NULL,
+    created_at_ms BIGINT NOT NULL,
+    mode VARCHAR NOT NULL,
+    signer VARCHAR NOT NULL,
+    account_nonce BIGINT NOT NULL,
+    item_count INTEGER NOT NULL,
+    gas_limit BIGINT NOT NULL,
+    max_fee_per_gas UHUGEINT NOT NULL,
+    tx_hash VARCHAR NOT NULL,
+    raw_tx BLOB NOT NULL,
+    payment_ids BIGINT[] NOT NULL
+);
+CREATE TABLE IF NOT EXISTS sales (
+    payment_id BIGINT NOT NULL,
+    at_ms BIGINT NOT NULL,
+    mode VARCHAR NOT NULL,
+    identifier VARCHAR
+);
+CREATE TABLE IF NOT EXISTS batch_transactions (
+    batch_id BIGINT NOT NULL,
+    at_ms BIGINT NOT NULL,
+    tx_hash VARCHAR NOT NULL,
+    raw_tx BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS id_reservations (
+    ceiling BIGINT NOT NULL,
+    at_ms BIGINT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS batch_events (
+    seq BIGINT NOT NULL,
+    batch_id BIGINT NOT NULL,
+    at_ms BIGINT NOT NULL,
+    state VARCHAR NOT NULL,
+    tx_hash VARCHAR,
+    block_number BIGINT,
+    gas_used BIGINT,
+    effective_gas_price UHUGEINT,
+    message VARCHAR
+);
+"""
+
+_PAYMENT_SCHEMA = pa.schema(
+    [
+        ("id", pa.int64()),
+        ("accepted_at_ms", pa.int64()),
+        ("chain_id", pa.int64()),
+        ("network", pa.string()),
+        ("x402_version", pa.uint8()),
+        ("token", pa.string()),
+        ("payer", pa.string()),
+        ("payee", pa.string()),
+        ("value", pa.string()),
+        ("valid_after", pa.uint64()),
+        ("valid_before", pa.uint64()),
+        ("nonce", pa.binary()),
+        ("signature", pa.binary()),
+    ]
+)
+
+_EVENT_SCHEMA = pa.schema(
+    [
+        ("seq", pa.int64()),
+        ("payment_id", pa.int64()),
+        ("at_ms", pa.int64()),
+        ("state", pa.string()),
+        ("batch_id", pa.int64()),
+        ("tx_hash", pa.string()),
+        ("block_number", pa.int64()),
+        ("gas_used", pa.int64()),
+        ("fee_wei", pa.string()),
+        ("reason", pa.string()),
+        ("message", pa.string()),
+    ]
+)
+
+
+class Ledger:
+    """Synchronous DuckDB access. Use through :class:`AsyncLedger` from trio code.
+
+    ``journal``: keep a write-ahead journal beside the file (``<path>.journal/``) so accepted
+    payments are durable without a DuckDB commit each (ignored for ``:memory:``)."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        journal: bool = True,
+        journal_segment_bytes_max: int = 64 << 20,
+        salvage: bool = False,
+    ) -> None:
+        self.path = str(path)
+        if self.path != ":memory:":
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        self._con = duckdb.connect(self.path)
+        self._con.execute(SCHEMA)
+        row = self._con.execute(
+            "SELECT coalesce(max(seq), 0) FROM ("
+            "SELECT seq FROM payment_events UNION ALL SELECT seq FROM batch_events)"
+        ).fetchone()
+        assert row is not None
+        self._seq = int(row[0])
+        self._owner: int | None = None
+        self._staged: list[JournalRow] = []
+        self._staged_lock = threading.Lock()
+        self.replayed = 0
+        self.salvaged: SalvageReport | None = None
+        self.journal: Journal | None = None
+        if journal and self.path != ":memory:":
+            self.journal = Journal(Path(self.path + ".journal"), journal_segment_bytes_max)
+            if salvage:  # the operator's recovery: every intact frame, damage set aside
+                rows, self.salvaged = self.journal.salvage()
+            else:
+                rows = self.journal.replay()
+            self.replayed = self._insert_missing(rows)
+            self.journal.reset()  # DuckDB holds every replayed row now
+
+    def close(self) -> None:
+        self.flush_staged()
+        if self.journal is not None:
+            self.journal.reset()  # everything is in DuckDB
+            self.journal.close()
+        self._con.close()
+
+    # -- writes -----------------------------------------------------------------------------
+
+    def stage(self, rows: Sequence[JournalRow]) -> int:
+        """Take journaled payments for the next flush (any thread); returns how many wait."""
+        with self._staged_lock:
+            self._staged.extend(rows)
+            return len(self._staged)
+
+    def staged_count(self) -> int:
+        return len(self._staged)
+
+    def flush_staged(self) -> int:
+        """Write every staged payment to DuckDB in one commit, then let the journal drop the
+        segments DuckDB now covers; returns how many were written."""
+        with self._staged_lock:
+            rows, self._staged = self._staged, []
+        if not rows:
+            return 0
+        try:
+            self.insert_payments(rows)
+        except BaseException:
+            with self._staged_lock:  # still in the journal; keep them for the next try
+                self._staged[:0] = rows
+            raise
+        if self.journal is not None:
+            self.journal.release_through(max(r[0] for r in rows))
+        return len(rows)
+
+    def insert_payments(self, rows: Sequence[JournalRow]) -> None:
+        """Record accepted payments ``(id, payment, accepted_at_ms)`` in DuckDB in one commit
+        (bypasses the journal: the engine goes through :meth:`AsyncLedger.record_accepted`)."""
+        if not rows:
+            return
+        table = pa.Table.from_pydict(
+            {
+                "id": [r[0] for r in rows],
+                "accepted_at_ms": [r[2] for r in rows],
+                "chain_id": [r[1].chain_id for r in rows],
+                "network": [r[1].network for r in rows],
+                "x402_version": [r[1].x402_version for r in rows],
+                "token": [hex_addr(r[1].token) for r in rows],
+                "payer": [hex_addr(r[1].payer) for r in rows],
+                "payee": [hex_addr(r[1].payee) for r in rows],
+                "value": [str(r[1].value) for r in rows],
+                "valid_after": [r[1].valid_after for r in rows],
+                "valid_before": [r[1].valid_before for r in rows],
+                "nonce": [r[1].nonce for r in rows],
+                "signature": [r[1].signature for r in rows],
+            },
+            schema=_PAYMENT_SCHEMA,
+        )
+        self._in_transaction(lambda: self._insert_arrow("payments", table, value_cols=("value",)))
+
+    def append_events(self, events: Sequence[PaymentEvent], at_ms: int) -> None:
+        self.flush_staged()
+        if events:
+            self._in_transaction(lambda: self._write_events(events, at_ms))
+
+    def record_batch_sent(
+        self, batch: BatchRecord, events: Sequence[PaymentEvent], at_ms: int
+    ) -> None:
+        """Write-ahead: the signed transaction and its items' ``submitted`` events, atomically."""
+        self.flush_staged()
+
+        def work() -> None:
+            self._con.execute(
+                "INSERT INTO batches VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?::UHUGEINT, ?, ?, ?)",
+                [
+                    batch.id,
+                    batch.chain_id,
+                    at_ms,
+                    batch.mode,
+                    batch.signer,
+                    batch.account_nonce,
+                    len(batch.payment_ids),
+                    batch.gas_limit,
+                    str(batch.max_fee_per_gas),
+                    batch.tx_hash,
+                    batch.raw_tx,
+                    batch.payment_ids,
+                ],
+            )
+            self._write_batch_event(BatchEvent(batch.id, "sent", tx_hash=batch.tx_hash), at_ms)
+            self._write_events(events, at_ms)
+
+        self._in_transaction(work)
+
+    def record_batch_final(
+        self, event: BatchEvent, events: Sequence[PaymentEvent], at_ms: int
+    ) -> None:
+        """The batch's fate and every item's outcome, atomically."""
+        self.flush_staged()
+
+        def work() -> None:
+            self._write_batch_event(event, at_ms)
+            self._write_events(events, at_ms)
+
+        self._in_transaction(work)
+
+    def reserve_ids(self, upto: int, at_ms: int = 0) -> int:
+        """Make ``upto`` the highest payment id ever handed out, durably, before any id up to
+        it is: however many journaled payments a damaged journal loses, the next start
+        allocates above every id that could have been acknowledged. Returns the ceiling."""
+
+        def work() -> None:
+            self._con.execute("INSERT INTO id_reservations VALUES (?, ?)", [upto, at_ms])
+
+        if upto > self._id_ceiling():
+            self._in_transaction(work)
+        return self._id_ceiling()
+
+    def _id_ceiling(self) -> int:
+        row = self._con.execute("SELECT coalesce(max(ceiling), 0) FROM id_reservations").fetchone()
+        assert row is not None
+        return int(row[0])
+
+    def record_replacement(self, batch_id: int, tx_hash: str, raw_tx: bytes, at_ms: int) -> None:
+        """Write-ahead: a replacement of a sent batch (same account nonce, higher fees), before
+        it is broadcast; every hash a batch was sent under stays watched."""
+        self.flush_staged()
+
+        def work() -> None:
+            self._con.execute(
+                "INSERT INTO batch_transactions VALUES (?, ?, ?, ?)",
+                [batch_id, at_ms, tx_hash, raw_tx],
+            )
+
+        self._in_transaction(work)
+
+    def record_sales(self, sales: Sequence[Sale], at_ms: int) -> None:
+        """Payments a /settle answered ``success`` for (one payment, one purchase), atomically.
+        Append-only: a payment appears here at most once."""
+        self.flush_staged()
+        if not sales:
+            return
+
+        def work() -> None:
+            self._con.executemany(
+                "INSERT INTO sales VALUES (?, ?, ?, ?)",
+                [[s.payment_id, at_ms, s.mode, s.identifier] for s in sales],
+            )
+
+        self._in_transaction(work)
+
+    # -- reads ------------------------------------------------------------------------------
+
+    def live_sales(self, valid_before_min: int) -> list[Sale]:
+        """Sales of payments whose authorization is still valid (their replays must be
+        refused, and payment-identifier retries answered)."""
+        self.flush_staged()
+        rows = self._con.execute(
+            "SELECT s.payment_id, s.mode, s.identifier FROM sales s"
+            " JOIN payments p ON p.id = s.payment_id WHERE p.valid_before >= ?"
+            " ORDER BY s.payment_id",
+            [valid_before_min],
+        ).fetchall()
+        return [Sale(int(r[0]), str(r[1]), r[2]) for r in rows]
+
+    def recover(self) -> Recovered:
+        """Everything not yet final: payments to queue again, batches to reconcile."""
+        self.flush_staged()
+        con = self._con
+        rows = con.execute(
+            """
+            WITH last AS (
+                SELECT payment_id, state, batch_id FROM payment_events
+                QUALIFY row_number() OVER (PARTITION BY payment_id ORDER BY seq DESC) = 1
+            )
+            SELECT p.id, p.accepted_at_ms, p.chain_id, p.network, p.x402_version,
+                   unhex(p.token[3:]), unhex(p.payer[3:]), unhex(p.payee[3:]), p.value::VARCHAR,
+                   p.valid_after, p.valid_before, p.nonce, p.signature,
+                   coalesce(last.state, 'accepted'), last.batch_id
+            FROM payments p LEFT JOIN last ON p.id = last.payment_id
+            WHERE last.state IS NULL OR last.state NOT IN ('settled', 'failed')
+            ORDER BY p.id
+            """
+        ).fetchall()
+        shared: dict[Any, Any] = {}
+        open_payments = [
+            OpenPayment(
+                id=int(r[0]),
+                accepted_at_ms=int(r[1]),
+                payment=_payment_from_row(r[2:13], shared),
+                state=shared.setdefault(r[13], r[13]),
+                batch_id=None if r[14] is None else int(r[14]),
+            )
+            for r in rows
+        ]
+        batch_rows = con.execute(
+            """
+            WITH last AS (
+                SELECT batch_id, state FROM batch_events
+                QUALIFY row_number() OVER (PARTITION BY batch_id ORDER BY seq DESC) = 1
+            )
+            SELECT b.id, b.chain_id, b.mode, b.signer, b.account_nonce, b.gas_limit,
+                   b.max_fee_per_gas::VARCHAR, b.tx_hash, b.raw_tx, b.payment_ids
+            FROM batches b JOIN last ON b.id = last.batch_id
+            WHERE last.state = 'sent'
+            ORDER BY b.id
+            """
+        ).fetchall()
+        open_batches = [
+            BatchRecord(
+                id=int(r[0]),
+                chain_id=int(r[1]),
+                mode=str(r[2]),
+                signer=str(r[3]),
+                account_nonce=int(r[4]),
+                gas_limit=int(r[5]),
+                max_fee_per_gas=int(r[6]),
+                tx_hash=str(r[7]),
+                raw_tx=bytes(r[8]),
+                payment_ids=[int(x) for x in r[9]],
+            )
+            for r in batch_rows
+        ]
+        ids = con.execute(
+            "SELECT coalesce((SELECT max(id) FROM payments), 0),"
+            " coalesce((SELECT max(id) FROM batches), 0)"
+        ).fetchone()
+        assert ids is not None
+        replacements: dict[int, list[tuple[str, bytes]]] = {}
+        if open_batches:
+            for batch_id, tx_hash, raw in con.execute(
+                "SELECT batch_id, tx_hash, raw_tx FROM batch_transactions"
+                " WHERE batch_id >= ? ORDER BY batch_id, at_ms, tx_hash",
+                [min(b.id for b in open_batches)],
+            ).fetchall():
+                replacements.setdefault(int(batch_id), []).append((str(tx_hash), bytes(raw)))
+        next_payment_id = max(int(ids[0]), self._id_ceiling()) + 1  # ids never repeat
+        return Recovered(
+            open_payments, open_batches, next_payment_id, int(ids[1]) + 1, replacements
+        )
+
+    def live_final_payments(self, valid_before_min: int) -> list[tuple[int, Payment]]:
+        """Final (settled or failed) payments whose authorization is still valid: their replay
+        keys must stay known. (Open ones come from :meth:`recover`.)"""
+        self.flush_staged()
+        rows = self._con.execute(
+            "SELECT id, chain_id, network, x402_version, unhex(token[3:]), unhex(payer[3:]),"
+            " unhex(payee[3:]), value::VARCHAR, valid_after, valid_before, nonce, signature"
+            " FROM payments WHERE valid_before >= ? AND id IN (SELECT payment_id FROM"
+            " payment_events WHERE state IN ('settled', 'failed')) ORDER BY id",
+            [valid_before_min],
+        ).fetchall()
+        shared: dict[Any, Any] = {}
+        return [(int(r[0]), _payment_from_row(r[1:12], shared)) for r in rows]
+
+    def outcome(self, payment_id: int) -> Outcome | None:
+        self.flush_staged()
+        row = self._con.execute(
+            """
+            SELECT p.id, coalesce(e.state, 'accepted'), p.chain_id, p.payer, p.payee,
+                   p.value::VARCHAR, e.tx_hash, e.block_number, e.gas_used, e.reason, e.message
+            FROM payments p LEFT JOIN (
+                SELECT * FROM payment_events WHERE payment_id = $id
+                ORDER BY seq DESC LIMIT 1
+            ) e ON e.payment_id = p.id
+            WHERE p.id = $id
+            """,
+            {"id": payment_id},
+        ).fetchone()
+        if row is None:
+            return None
+        return Outcome(
+            id=int(row[0]),
+            state=str(row[1]),
+            chain_id=int(row[2]),
+            payer=str(row[3]),
+            payee=str(row[4]),
+            value=int(row[5]),
+            tx_hash=row[6],
+            block_number=row[7],
+            gas_used=row[8],
+            reason=row[9],
+            message=row[10],
+        )
+
+    def history(self, payment_id: int) -> list[dict[str, Any]]:
+        """Every recorded event of one payment, oldest first."""
+        self.flush_staged()
+        cur = self._con.execute(
+            "SELECT at_ms, state, batch_id, tx_hash, block_number, gas_used,"
+            " fee_wei::VARCHAR AS fee_wei, reason, message"
+            " FROM payment_events WHERE payment_id = ? ORDER BY seq",
+            [payment_id],
+        )
+        names = [d[0] for d in cur.description or []]
+        return [dict(zip(names, r, strict=True)) for r in cur.fetchall()]
+
+    def query(self, sql: str, params: Sequence[Any] | None = None) -> list[tuple[Any, ...]]:
+        """Read-only SQL for reports and tests."""
+        self.flush_staged()
+        return self._con.execute(sql, params or []).fetchall()
+
+    def query_with_columns(
+        self, sql: str, params: Sequence[Any] | None = None
+    ) -> tuple[list[str], list[tuple[Any, ...]]]:
+        """Read-only SQL with the result's column names (reports)."""
+        self.flush_staged()
+        cur = self._con.execute(sql, params or [])
+        return [d[0] for d in cur.description or []], cur.fetchall()
+
+    def copy_to(self, sql: str, path: str | Path, options: str) -> None:
+        """DuckDB's COPY of a query's result to a file (CSV, Parquet)."""
+        self.flush_staged()
+        target = str(path).replace("'", "''")
+        self._con.execute(f"COPY ({sql}) TO '{target}' ({options})")
+
+    # -- internals --------------------------------------------------------------------------
+
+    def _insert_missing(self, rows: list[JournalRow]) -> int:
+        """Journal rows DuckDB does not hold yet (a crash came before their flush)."""
+        if not rows:
+            return 0
+        low = min(r[0] for r in rows)
+        have = {
+            int(r[0])
+            for r in self._con.execute("SELECT id FROM payments WHERE id >= ?", [low]).fetchall()
+        }
+        missing = [r for r in rows if r[0] not in have]
+        self.insert_payments(missing)
+        return len(missing)
+
+    def _in_transaction(self, work: Callable[[], None]) -> None:
+        me = threading.get_ident()
+        assert self._owner is None, "ledger used from two threads at once"
+        self._owner = me
+        try:
+            self._con.begin()
+            try:
+                work()
+            except BaseException:
+                self._con.rollback()
+                raise
+            self._con.commit()
+        finally:
+            self._owner = None
+
+    def _insert_arrow(self, table_name: str, table: pa.Table, value_cols: tuple[str, ...]) -> None:
+        cols = [f'"{c}"::UHUGEINT' if c in value_cols else f'"{c}"' for c in table.column_names]
+        self._con.register("_incoming", table)
+        try:
+            self._con.execute(f"INSERT INTO {table_name} SELECT {', '.join(cols)} FROM _incoming")
+        finally:
+            self._con.unregister("_incoming")
+
+    def _write_events(self, events: Sequence[PaymentEvent], at_ms: int) -> None:
+        if not events:
+            return
+        first = self._seq + 1
+        self._seq += len(events)
+        table = pa.Table.from_pydict(
+            {
+                "seq": list(range(first, first + len(events))),
+                "payment_id": [e.payment_id for e in events],
+                "at_ms": [at_ms] * len(events),
+                "state": [e.state for e in events],
+                "batch_id": [e.batch_id for e in events],
+                "tx_hash": [e.tx_hash for e in events],
+                "block_number": [e.block_number for e in events],
+                "gas_used": [e.gas_used for e in events],
+                "fee_wei": [None if e.fee_wei is None else str(e.fee_wei) for e in events],
+                "reason": [e.reason for e in events],
+                "message": [e.message for e in events],
+            },
+            schema=_EVENT_SCHEMA,
+        )
+        self._insert_arrow("payment_events", table, value_cols=("fee_wei",))
+
+    def _write_batch_event(self, event: BatchEvent, at_ms: int) -> None:
+        self._seq += 1
+        self._con.execute(
+            "INSERT INTO batch_events VALUES (?, ?, ?, ?, ?, ?, ?, ?::UHUGEINT, ?)",
+            [
+                self._seq,
+                event.batch_id,
+                at_ms,
+                event.state,
+                event.tx_hash,
+                event.block_number,
+                event.gas_used,
+                None if event.effective_gas_price is None else str(event.effective_gas_price),
+                event.message,
+            ],
+        )
+
+
+def _payment_from_row(r: Sequence[Any], shared: dict[Any, Any]) -> Payment:
+    """(chain_id, network, x402_version, token, payer, payee, value, valid_after, valid_before,
+    nonce, signature) → Payment; addresses as raw bytes (``unhex`` in the query). Values that
+    repeat across rows (network, token, payee, payer) are shared through ``shared``: a million
+    recovered payments then hold a few hundred copies of them, not a million."""
+    return Payment(
+        chain_id=int(r[0]),
+        network=shared.setdefault(r[1], r[1]),
+        x402_version=int(r[2]),
+        token=shared.setdefault(r[3], r[3]),
+        payer=shared.setdefault(r[4], r[4]),
+        payee=shared.setdefault(r[5], r[5]),
+        value=int(r[6]),
+        valid_after=int(r[7]),
+        valid_before=int(r[8]),
+        nonce=bytes(r[9]),
+        signature=bytes(r[10]),
+    )
+
+
+class AsyncLedger:
+    """Runs :class:`Ledger` calls in a worker thread, one at a time; journal appends run on a
+    thread of their own so that an acknowledgement never waits behind a DuckDB commit."""
+
+    def __init__(self, ledger: Ledger, flush_rows: int = 20_000, *, threads: bool = True) -> None:
+        assert flush_rows >= 1
+        self.sync = ledger
+        self.flush_rows = flush_rows
+        # threads=False runs every call inline on the trio thread: slower, but with no thread
+        # timing in the schedule (the seeded simulator's deterministic replays).
+        self.threads = threads
+        self._limiter = trio.CapacityLimiter(1)
+        self._journal_limiter = trio.CapacityLimiter(1)
+        self._flush_wanted = trio.Event()
+
+    async def record_accepted(self, rows: Sequence[JournalRow]) -> None:
+        """Make accepted payments durable: journal append + fdatasync (or, with no journal, a
+        DuckDB commit). Returns once they would survive a crash."""
+        journal = self.sync.journal
+        if journal is None:
+            await self.run(self.sync.insert_payments, rows)
+            return
+        frame = encode_frame(rows)
+        max_id = max(r[0] for r in rows)
+        if self.threads:
+            await trio.to_thread.run_sync(
+                journal.append, frame, max_id, limiter=self._journal_limiter
+            )
+        else:
+            journal.append(frame, max_id)
+            await trio.lowlevel.checkpoint()
+        if self.sync.stage(rows) >= self.flush_rows:
+            self._flush_wanted.set()
+
+    async def run_flusher(self, interval_s: float) -> None:
+        """Move staged payments into DuckDB every ``interval_s`` or ``flush_rows``, whichever
+        comes first. A DuckDB failure propagates (the payments stay in the journal)."""
+        assert interval_s > 0
+        while True:
+            with trio.move_on_after(interval_s):
+                await self._flush_wanted.wait()
+            self._flush_wanted = trio.Event()
+            if self.sync.staged_count():
+                await self.run(self.sync.flush_staged)
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        if not self.threads:
+            result = fn(*args)
+            await trio.lowlevel.checkpoint()
+            return result
+        return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)
