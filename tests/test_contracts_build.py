@@ -37,5 +37,5 @@ def test_contract_build_is_reproducible(tmp_path: Path) -> None:
         assert committed.is_file(), f"missing committed artifact {committed}"
         assert rebuilt.is_file(), f"compile.mjs did not write {name}"
         assert rebuilt.read_bytes() == committed.read_bytes(), (
-            f"engine/dev/contracts/{name} is stale: rerun `node contracts/compile.mjs` and commit it"
+            f"engine/dev/contracts/{name} is stale: rerun `node contracts/compile.mjs`, commit it"
         )

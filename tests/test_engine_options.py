@@ -39,7 +39,16 @@ async def test_outcome_waits_for_the_configured_confirmations(anvil: Anvil, tmp_
         with trio.fail_after(20):
             while engine.statistics().batches_sent == 0:
                 await trio.sleep(0.05)
-        await trio.sleep(1.0)  # mined (automine) but only 1 confirmation so far
+        sent = await engine.status(result.id)
+        assert sent is not None and sent.tx_hash is not None
+        with trio.fail_after(20):  # mined (automine): 1 confirmation
+            while (await rpc.receipts([sent.tx_hash]))[0] is None:
+                await trio.sleep(0.05)
+        # two polls of the confirm stage that saw the receipt: still not final with 3 needed
+        polls = engine.settlement_statistics()[dev.chain_id].receipt_polls
+        with trio.fail_after(20):
+            while engine.settlement_statistics()[dev.chain_id].receipt_polls < polls + 2:
+                await trio.sleep(0.05)
         status = await engine.status(result.id)
         assert status is not None and status.state == "submitted"
         await rpc.call("evm_mine", [])

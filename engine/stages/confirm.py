@@ -89,6 +89,7 @@ class ConfirmStatistics(msgspec.Struct, frozen=True):
     inflight: int  # batches sent and not yet final
     replacements_sent: int  # fee-bumped replacements
     reorged_receipts: int  # receipts found no longer canonical
+    polls: int  # receipt polls completed
 
 
 class ConfirmStage:
@@ -116,12 +117,15 @@ class ConfirmStage:
         self._batcher = bytes.fromhex(chain.batcher[2:])
         self.replacements_sent = 0
         self.reorged_receipts = 0
+        self._polls = 0
 
     def inflight(self) -> int:
         return len(self._inflight)
 
     def statistics(self) -> ConfirmStatistics:
-        return ConfirmStatistics(len(self._inflight), self.replacements_sent, self.reorged_receipts)
+        return ConfirmStatistics(
+            len(self._inflight), self.replacements_sent, self.reorged_receipts, self._polls
+        )
 
     def watched_item_ids(self) -> set[int]:
         """Ids of the payments in batches this stage watches."""
@@ -193,6 +197,7 @@ class ConfirmStage:
             await self._finalize(batch, receipt)
         if unseen:
             await self._check_unseen(unseen)
+        self._polls += 1
 
     async def _finalize(self, batch: InflightBatch, receipt: codec.Receipt) -> None:
         record = batch.record

@@ -35,6 +35,7 @@ class SettlementStatistics(msgspec.Struct, frozen=True):
     reorged_receipts: int
     queued: int = 0  # payments waiting for a batch
     blocked_since: float | None = None  # a planned batch waiting for the submit stage
+    receipt_polls: int = 0  # completed polls of the confirm stage
 
 
 class ChainPipeline:
@@ -138,4 +139,5 @@ class ChainPipeline:
             reorged_receipts=confirm.reorged_receipts,
             queued=self.batch.depth(),
             blocked_since=self.batch.blocked_since,
+            receipt_polls=confirm.polls,
         )
