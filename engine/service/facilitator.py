@@ -225,50 +225,89 @@ class Facilitator:
         return 200, render(self._registry)
 
     def _families(self) -> list[Metric]:
-        stats = self.engine.statistics()
+        """Every engine metric of one scrape."""
         page = Families()
-        page.metric(
-            "x402_payments_accepted_total",
-            "counter",
-            "Payments durably accepted.",
-            [({}, stats.accepted)],
+        self._payment_metrics(page)
+        self._queue_metrics(page)
+        self._credit_metrics(page)
+        self._chain_metrics(page)
+        self._http_metrics(page)
+        return page.families
+
+    def _payment_metrics(self, page: Families) -> None:
+        stats = self.engine.statistics()
+        for name, kind, text, value in (
+            (
+                "x402_payments_accepted_total",
+                "counter",
+                "Payments durably accepted.",
+                stats.accepted,
+            ),
+            (
+                "x402_payments_duplicate_total",
+                "counter",
+                "Identical payloads submitted again.",
+                stats.duplicates,
+            ),
+            ("x402_payments_settled_total", "counter", "Payments settled on chain.", stats.settled),
+            ("x402_payments_pending", "gauge", "Accepted payments not yet final.", stats.pending),
+            (
+                "x402_payments_sold_total",
+                "counter",
+                "Payments a /settle answered success for (once each).",
+                self.engine.sale_statistics().sold,
+            ),
+            (
+                "x402_batches_sent_total",
+                "counter",
+                "Batch transactions broadcast.",
+                stats.batches_sent,
+            ),
+            (
+                "x402_batches_mined_total",
+                "counter",
+                "Batch transactions mined and final.",
+                stats.batches_mined,
+            ),
+            ("x402_gas_used_total", "counter", "Gas used by mined batches.", stats.gas_used),
+            ("x402_fee_wei_total", "counter", "Fees paid by mined batches, in wei.", stats.fee_wei),
+        ):
+            page.metric(name, kind, text, [({}, value)])
+        for name, text, by_reason in (
+            (
+                "x402_payments_rejected_total",
+                "Payments refused at ingest, by reason.",
+                stats.rejected,
+            ),
+            ("x402_payments_failed_total", "Payments that failed, by reason.", stats.failed),
+        ):
+            page.metric(
+                name, "counter", text, [({"reason": r}, n) for r, n in sorted(by_reason.items())]
+            )
+        page.histogram(
+            "x402_settlement_seconds",
+            "From acceptance to final state.",
+            self.engine.settle_latency(),
+            {},
         )
-        page.metric(
-            "x402_payments_duplicate_total",
-            "counter",
-            "Identical payloads submitted again.",
-            [({}, stats.duplicates)],
+
+    def _queue_metrics(self, page: Families) -> None:
+        per_chain = (
+            (
+                "x402_queue_depth",
+                "Payments waiting for a batch, per chain.",
+                self.engine.queue_depths(),
+            ),
+            (
+                "x402_batches_inflight",
+                "Batches sent and not yet final, per chain.",
+                self.engine.inflight_batches(),
+            ),
         )
-        page.metric(
-            "x402_payments_rejected_total",
-            "counter",
-            "Payments refused at ingest, by reason.",
-            [({"reason": r}, n) for r, n in sorted(stats.rejected.items())],
-        )
-        page.metric(
-            "x402_payments_settled_total",
-            "counter",
-            "Payments settled on chain.",
-            [({}, stats.settled)],
-        )
-        page.metric(
-            "x402_payments_failed_total",
-            "counter",
-            "Payments that failed, by reason.",
-            [({"reason": r}, n) for r, n in sorted(stats.failed.items())],
-        )
-        page.metric(
-            "x402_payments_pending",
-            "gauge",
-            "Accepted payments not yet final.",
-            [({}, stats.pending)],
-        )
-        page.metric(
-            "x402_queue_depth",
-            "gauge",
-            "Payments waiting for a batch, per chain.",
-            [({"chain_id": str(c)}, n) for c, n in sorted(self.engine.queue_depths().items())],
-        )
+        for name, text, values in per_chain:
+            page.metric(
+                name, "gauge", text, [({"chain_id": str(c)}, n) for c, n in sorted(values.items())]
+            )
         page.metric(
             "x402_payee_queue_depth",
             "gauge",
@@ -278,6 +317,8 @@ class Facilitator:
                 for (c, p), n in sorted(self.engine.payee_queue_depths().items())
             ],
         )
+
+    def _credit_metrics(self, page: Families) -> None:
         credit = self.engine.credit_statistics()
         page.metric(
             "x402_credit_owed",
@@ -289,79 +330,58 @@ class Facilitator:
                 for t, v in sorted(s["owed"].items())
             ],
         )
-        page.metric(
-            "x402_credit_refused_total",
-            "counter",
-            "Deferred payments refused because the payer's balance or cap would be exceeded.",
-            [({"chain_id": str(c)}, s["refused"]) for c, s in sorted(credit.items())],
-        )
-        page.metric(
-            "x402_credit_shortfalls_total",
-            "counter",
-            "Payers found holding less than they owe (settled early).",
-            [({"chain_id": str(c)}, s["shortfalls"]) for c, s in sorted(credit.items())],
-        )
-        states = self.engine.state_statistics()
-        page.metric(
-            "x402_state_reads_total",
-            "counter",
-            "eth_calls that read balances and authorization states for /verify, per chain.",
-            [({"chain_id": str(c)}, s.reads) for c, s in sorted(states.items())],
-        )
-        page.metric(
-            "x402_state_payments_read_total",
-            "counter",
-            "/verify questions answered by those reads, per chain.",
-            [({"chain_id": str(c)}, s.payments_read) for c, s in sorted(states.items())],
-        )
-        page.metric(
-            "x402_state_cache_hits_total",
-            "counter",
-            "/verify questions answered from recent reads, per chain.",
-            [({"chain_id": str(c)}, s.cache_hits) for c, s in sorted(states.items())],
-        )
+        for name, text, key in (
+            (
+                "x402_credit_refused_total",
+                "Deferred payments refused because the payer's balance or cap would be exceeded.",
+                "refused",
+            ),
+            (
+                "x402_credit_shortfalls_total",
+                "Payers found holding less than they owe (settled early).",
+                "shortfalls",
+            ),
+        ):
+            page.metric(
+                name,
+                "counter",
+                text,
+                [({"chain_id": str(c)}, s[key]) for c, s in sorted(credit.items())],
+            )
+
+    def _chain_metrics(self, page: Families) -> None:
+        states = sorted(self.engine.state_statistics().items())
+        for name, text, field in (
+            (
+                "x402_state_reads_total",
+                "eth_calls that read balances and authorization states for /verify, per chain.",
+                "reads",
+            ),
+            (
+                "x402_state_payments_read_total",
+                "/verify questions answered by those reads, per chain.",
+                "payments_read",
+            ),
+            (
+                "x402_state_cache_hits_total",
+                "/verify questions answered from recent reads, per chain.",
+                "cache_hits",
+            ),
+        ):
+            page.metric(
+                name,
+                "counter",
+                text,
+                [({"chain_id": str(c)}, getattr(s, field)) for c, s in states],
+            )
         page.metric(
             "x402_rpc_requests_total",
             "counter",
             "JSON-RPC HTTP requests sent, per chain.",
             [({"chain_id": str(c)}, n) for c, n in sorted(self.engine.rpc_requests().items())],
         )
-        page.metric(
-            "x402_payments_sold_total",
-            "counter",
-            "Payments a /settle answered success for (once each).",
-            [({}, self.engine.sale_statistics().sold)],
-        )
-        page.metric(
-            "x402_batches_inflight",
-            "gauge",
-            "Batches sent and not yet final, per chain.",
-            [({"chain_id": str(c)}, n) for c, n in sorted(self.engine.inflight_batches().items())],
-        )
-        page.metric(
-            "x402_batches_sent_total",
-            "counter",
-            "Batch transactions broadcast.",
-            [({}, stats.batches_sent)],
-        )
-        page.metric(
-            "x402_batches_mined_total",
-            "counter",
-            "Batch transactions mined and final.",
-            [({}, stats.batches_mined)],
-        )
-        page.metric(
-            "x402_gas_used_total",
-            "counter",
-            "Gas used by mined batches.",
-            [({}, stats.gas_used)],
-        )
-        page.metric(
-            "x402_fee_wei_total",
-            "counter",
-            "Fees paid by mined batches, in wei.",
-            [({}, stats.fee_wei)],
-        )
+
+    def _http_metrics(self, page: Families) -> None:
         page.metric(
             "x402_http_requests_total",
             "counter",
@@ -372,10 +392,3 @@ class Facilitator:
             page.histogram(
                 "x402_http_request_seconds", "Request latency by route.", hist, {"route": route}
             )
-        page.histogram(
-            "x402_settlement_seconds",
-            "From acceptance to final state.",
-            self.engine.settle_latency(),
-            {},
-        )
-        return page.families
