@@ -46,6 +46,18 @@ class ChainSpec(msgspec.Struct, frozen=True):
     tokens: dict[bytes, TokenSpec]
 
 
+class _Terms(msgspec.Struct, frozen=True):
+    """What the payment requirements ask for, resolved against the configuration."""
+
+    chain: ChainSpec
+    token: TokenSpec
+    pay_to: bytes
+    amount: int
+
+
+_Refusal = tuple[str, str]  # (x402 reason, message)
+
+
 class Verifier:
     """Everything needed to check a payment, precomputed once from the configuration."""
 
@@ -74,71 +86,83 @@ class Verifier:
     def verify(
         self, payload: PaymentPayload, req: PaymentRequirements, now: float
     ) -> tuple[Payment | None, Rejected | None]:
-        auth = payload.payload.authorization
-        payer_text = _payer_text(auth.from_)
+        """The reference facilitator's checks, in its order: the requirements' terms, then
+        the authorization against them, then the signature."""
+        payer_text = _payer_text(payload.payload.authorization.from_)
+        terms = self._terms(payload, req)
+        if isinstance(terms, tuple):
+            return None, Rejected(*terms, payer_text)
+        payment = self._authorization(payload, req, terms, now)
+        if isinstance(payment, tuple):
+            return None, Rejected(*payment, payer_text)
+        return payment, None
 
-        def reject(reason: str, message: str) -> tuple[None, Rejected]:
-            return None, Rejected(reason, message, payer_text)
-
+    def _terms(self, payload: PaymentPayload, req: PaymentRequirements) -> _Terms | _Refusal:
+        """Scheme, version, network, token and its EIP-712 domain, payTo and the amount."""
         if req.scheme != "exact":
-            return reject(reasons.UNSUPPORTED_SCHEME, f"scheme {req.scheme!r} is not supported")
+            return reasons.UNSUPPORTED_SCHEME, f"scheme {req.scheme!r} is not supported"
         if isinstance(payload, PaymentPayloadV1):
             if not isinstance(req, RequirementsV1):
-                return reject(reasons.INVALID_VERSION, "payload is x402 v1, requirements are v2")
+                return reasons.INVALID_VERSION, "payload is x402 v1, requirements are v2"
             scheme, network, amount_text = payload.scheme, payload.network, req.max_amount_required
         else:
             if not isinstance(req, RequirementsV2):
-                return reject(reasons.INVALID_VERSION, "payload is x402 v2, requirements are v1")
+                return reasons.INVALID_VERSION, "payload is x402 v2, requirements are v1"
             if payload.accepted.scheme != req.scheme or payload.accepted.network != req.network:
-                return reject(
-                    reasons.INVALID_REQUIREMENTS, "payload.accepted does not match requirements"
-                )
+                return reasons.INVALID_REQUIREMENTS, "payload.accepted does not match requirements"
             scheme, network, amount_text = (
                 payload.accepted.scheme,
                 payload.accepted.network,
                 req.amount,
             )
         if scheme != "exact":
-            return reject(reasons.INVALID_SCHEME, "payload scheme does not match requirements")
+            return reasons.INVALID_SCHEME, "payload scheme does not match requirements"
         if network != req.network:
-            return reject(reasons.INVALID_NETWORK, "payload network does not match requirements")
+            return reasons.INVALID_NETWORK, "payload network does not match requirements"
         chain = self._networks.get(req.network)
         if chain is None:
-            return reject(reasons.INVALID_NETWORK, f"network {req.network!r} is not configured")
+            return reasons.INVALID_NETWORK, f"network {req.network!r} is not configured"
         asset = _address(req.asset)
         token = None if asset is None else chain.tokens.get(asset)
         if token is None:
-            return reject(reasons.INVALID_REQUIREMENTS, f"asset {req.asset!r} is not configured")
+            return reasons.INVALID_REQUIREMENTS, f"asset {req.asset!r} is not configured"
         extra = req.extra or {}
         method = extra.get("assetTransferMethod", "eip3009")
         if method != "eip3009":
-            return reject(
+            return (
                 reasons.INVALID_REQUIREMENTS,
                 f"assetTransferMethod {method!r} is not supported (only eip3009)",
             )
         if ("name" in extra and extra["name"] != token.name) or (
             "version" in extra and extra["version"] != token.version
         ):
-            return reject(
+            return (
                 reasons.INVALID_REQUIREMENTS,
                 "extra.name/version differ from the token's EIP-712 domain",
             )
         pay_to = _address(req.pay_to)
         if pay_to is None:
-            return reject(reasons.INVALID_REQUIREMENTS, "payTo is not an address")
+            return reasons.INVALID_REQUIREMENTS, "payTo is not an address"
         amount = _uint(amount_text)
         if amount is None:
-            return reject(
+            return (
                 reasons.INVALID_REQUIREMENTS,
                 "amount is not a canonical unsigned integer (digits, no leading zeros)",
             )
         if amount < self._ingest.value_min:
             # Each payment costs the operator a transfer's gas: refuse dust (and zero).
-            return reject(
+            return (
                 reasons.INVALID_REQUIREMENTS,
                 f"amount {amount} is below the facilitator's minimum of {self._ingest.value_min}",
             )
+        return _Terms(chain, token, pay_to, amount)
 
+    def _authorization(
+        self, payload: PaymentPayload, req: PaymentRequirements, terms: _Terms, now: float
+    ) -> Payment | _Refusal:
+        """The signed authorization against the terms: fields, recipient, value, time window,
+        and the signature under the token's domain separator."""
+        auth = payload.payload.authorization
         payer = _address(auth.from_)
         payee = _address(auth.to)
         value = _uint(auth.value)
@@ -155,30 +179,30 @@ class Verifier:
             or nonce is None
             or sig_raw is None
         ):
-            return reject(reasons.INVALID_PAYLOAD, "authorization fields are malformed")
-        if payee != pay_to:
-            return reject(reasons.RECIPIENT_MISMATCH, "authorization.to differs from payTo")
-        if value != amount:
-            return reject(reasons.VALUE_MISMATCH, "authorization.value differs from the amount")
+            return reasons.INVALID_PAYLOAD, "authorization fields are malformed"
+        if payee != terms.pay_to:
+            return reasons.RECIPIENT_MISMATCH, "authorization.to differs from payTo"
+        if value != terms.amount:
+            return reasons.VALUE_MISMATCH, "authorization.value differs from the amount"
         if value > self._ingest.value_max:
-            return reject(reasons.INVALID_PAYLOAD, "value exceeds the engine's limit")
+            return reasons.INVALID_PAYLOAD, "value exceeds the engine's limit"
         if valid_before < now + self._ingest.valid_before_margin_s:
-            return reject(reasons.VALID_BEFORE, "authorization expires too soon")
+            return reasons.VALID_BEFORE, "authorization expires too soon"
         if valid_after > now + self._ingest.valid_after_tolerance_s:
-            return reject(reasons.VALID_AFTER, "authorization is not yet valid")
+            return reasons.VALID_AFTER, "authorization is not yet valid"
         if valid_before > _UINT48_MAX or valid_after > _UINT48_MAX:
-            return reject(reasons.INVALID_PAYLOAD, "validAfter/validBefore beyond 2**48")
+            return reasons.INVALID_PAYLOAD, "validAfter/validBefore beyond 2**48"
         signature = crypto.normalize_signature(sig_raw)
         if signature is None:
-            return reject(reasons.SIGNATURE, "signature is not a 65-byte low-s ECDSA signature")
+            return reasons.SIGNATURE, "signature is not a 65-byte low-s ECDSA signature"
         digest = crypto.transfer_digest(
-            token.domain_separator, payer, payee, value, valid_after, valid_before, nonce
+            terms.token.domain_separator, payer, payee, value, valid_after, valid_before, nonce
         )
         if crypto.recover_address(digest, signature) != payer:
-            return reject(reasons.SIGNATURE, "signature does not recover to authorization.from")
-        payment = Payment(
-            chain_id=chain.chain_id,
-            token=token.address,
+            return reasons.SIGNATURE, "signature does not recover to authorization.from"
+        return Payment(
+            chain_id=terms.chain.chain_id,
+            token=terms.token.address,
             payer=payer,
             payee=payee,
             value=value,
@@ -189,7 +213,6 @@ class Verifier:
             network=req.network,
             x402_version=2 if isinstance(payload, PaymentPayloadV2) else 1,
         )
-        return payment, None
 
 
 def decode(
