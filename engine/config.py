@@ -23,9 +23,10 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import msgspec
+from msgspec import Meta
 
 SEND_MARGIN_S = 4  # an item must have this long before validBefore to be worth sending
 
@@ -50,8 +51,17 @@ class ConfigError(ValueError):
     """The configuration is unusable; the message says which field and why."""
 
 
+# Field constraints are declared on the fields (msgspec checks them when the TOML is decoded,
+# and validate() re-checks a configuration built in code); validate() keeps the rules that
+# span fields.
+Address = Annotated[str, Meta(pattern=r"^0x[0-9a-fA-F]{40}$")]
+Positive = Annotated[int, Meta(ge=1)]
+NonNegative = Annotated[int, Meta(ge=0)]
+PositiveSeconds = Annotated[float, Meta(gt=0)]
+
+
 class TokenConfig(msgspec.Struct, forbid_unknown_fields=True):
-    address: str
+    address: Address
     name: str  # EIP-712 domain name
     version: str  # EIP-712 domain version
     symbol: str = ""
@@ -61,21 +71,23 @@ class TokenConfig(msgspec.Struct, forbid_unknown_fields=True):
 class ChainConfig(msgspec.Struct, forbid_unknown_fields=True):
     chain_id: int
     rpc_url: str
-    batcher: str  # X402Batcher (compact entry point and aggregate3)
-    tokens: list[TokenConfig]
-    signer_key_envs: list[str]  # names of environment variables holding 0x private keys
+    batcher: Address  # X402Batcher (compact entry point and aggregate3)
+    tokens: Annotated[list[TokenConfig], Meta(min_length=1)]
+    # names of environment variables holding 0x private keys
+    signer_key_envs: Annotated[list[str], Meta(min_length=1)]
     network_names: list[str] = msgspec.field(default_factory=list)  # v1 names, e.g. "base"
     mode: Literal["compact", "aggregate3"] = "compact"
-    multicall: str = ""  # aggregate3 target; empty = the batcher (canonical Multicall3 works)
-    confirmations: int = 1
-    gas_per_tx_max: int = 16_777_216  # EIP-7825 cap, as on Base
+    # aggregate3 target; empty = the batcher (canonical Multicall3 works)
+    multicall: Annotated[str, Meta(pattern=r"^(0x[0-9a-fA-F]{40})?$")] = ""
+    confirmations: Positive = 1
+    gas_per_tx_max: Positive = 16_777_216  # EIP-7825 cap, as on Base
     block_gas_limit: int = 30_000_000
     gas_per_item_estimate: int = 40_000  # planning figure used to size batches before estimateGas
     max_fee_per_gas_wei: int = 100_000_000_000  # never pay more than this per gas
     priority_fee_wei: int = 1_000_000
-    max_inflight_batches: int = 4
-    poll_interval_ms: int = 200
-    rebroadcast_after_s: float = 6.0  # resend a signed batch not mined after this long
+    max_inflight_batches: Positive = 4
+    poll_interval_ms: Positive = 200
+    rebroadcast_after_s: PositiveSeconds = 6.0  # resend a signed batch not mined after this long
     simulate: bool = True  # eth_call each batch first and drop the items that would fail
     direct_single: bool = True  # send a batch of one as a plain transferWithAuthorization
     # aggregate3 mode: gas allowed per item (a transferWithAuthorization to a new holder costs
@@ -97,19 +109,19 @@ class ScheduleConfig(msgspec.Struct, forbid_unknown_fields=True):
     """When accumulated payments are settled (see engine.rules.policy)."""
 
     mode: PolicyMode = "immediate"  # immediate: full batch or max_wait_ms
-    window_s: int = 3600  # windowed: every window_s seconds, aligned to the epoch (UTC)
+    window_s: Positive = 3600  # windowed: every window_s seconds, aligned to the epoch (UTC)
     times_utc: list[str] = msgspec.field(default_factory=lambda: ["00:00"])  # scheduled
-    value_threshold: int = 0  # also settle once this much value waits (base units; 0: off)
-    count_threshold: int = 0  # ... or this many payments wait (0: off)
-    payer_unsettled_threshold: int = 0  # ... or one payer owes this much unsettled (0: off)
+    value_threshold: NonNegative = 0  # also settle once this much value waits (base units; 0: off)
+    count_threshold: NonNegative = 0  # ... or this many payments wait (0: off)
+    payer_unsettled_threshold: NonNegative = 0  # ... or one payer owes this much unsettled (0: off)
 
 
 class PayeeScheduleConfig(ScheduleConfig, kw_only=True):
-    payee: str  # 0x address: its payments get pools and a schedule of their own
+    payee: Address  # its payments get pools and a schedule of their own
 
 
 class PolicyConfig(ScheduleConfig):
-    max_batch_size: int = 400
+    max_batch_size: Positive = 400
     max_wait_ms: int = 500
     deadline_margin_s: int = 30  # flush when the earliest validBefore is this close
     payees: list[PayeeScheduleConfig] = msgspec.field(default_factory=list)
@@ -119,28 +131,29 @@ class IngestConfig(msgspec.Struct, forbid_unknown_fields=True):
     valid_before_margin_s: int = 6  # as the reference facilitator: validBefore >= now + 6 s
     valid_after_tolerance_s: int = 0  # accept validAfter up to this far in the future
     value_max: int = 2**128 - 1  # the compact entry point packs value in 16 bytes
-    value_min: int = 1  # refuse smaller amounts (each payment costs a transfer's gas)
+    value_min: NonNegative = 1  # refuse smaller amounts (each payment costs a transfer's gas)
     # Worker processes that verify submitted payments (0: in the engine's own thread). Set it
     # to the number of cores for high ingest rates; each costs ~1 s at start and ~60 MB.
-    verify_workers: int = 0
-    verify_batch_max: int = 512  # payments sent to a worker in one message at most
+    verify_workers: Annotated[int, Meta(ge=0, le=64)] = 0
+    verify_batch_max: Positive = 512  # payments sent to a worker in one message at most
     # /verify (and a deferred /settle) ask the chain: balance, nonce used or cancelled, token
     # code. Concurrent questions share one aggregate3 eth_call; answers are reused this long.
     state_checks: bool = True
-    state_max_age_ms: int = 1_000
-    state_window_ms: float = 2.0  # wait this long for more questions to join a read
-    state_batch_max: int = 256  # payments per read, at most
+    state_max_age_ms: NonNegative = 1_000
+    # wait this long for more questions to join a read
+    state_window_ms: Annotated[float, Meta(ge=0)] = 2.0
+    state_batch_max: Positive = 256  # payments per read, at most
 
 
 class LedgerConfig(msgspec.Struct, forbid_unknown_fields=True):
     path: str = "x402-ledger.duckdb"
-    group_max: int = 4096  # accepted payments made durable in one journal append at most
+    group_max: Positive = 4096  # accepted payments made durable in one journal append at most
     # The write-ahead journal (<path>.journal/): an acknowledgement waits for one append and
     # fdatasync instead of a DuckDB commit. Off: every intake group is a DuckDB commit.
     journal: bool = True
-    journal_segment_mb: int = 64
-    flush_interval_ms: int = 50  # journaled payments reach DuckDB at least this often
-    flush_rows: int = 2_000  # ... or as soon as this many wait
+    journal_segment_mb: Positive = 64
+    flush_interval_ms: Positive = 50  # journaled payments reach DuckDB at least this often
+    flush_rows: Positive = 2_000  # ... or as soon as this many wait
 
 
 class CreditConfig(msgspec.Struct, forbid_unknown_fields=True):
@@ -148,9 +161,9 @@ class CreditConfig(msgspec.Struct, forbid_unknown_fields=True):
     (engine.rules.credit, engine.stages.credit_control)."""
 
     enabled: bool = True
-    refresh_s: float = 60.0  # re-read the balances of every payer who owes something
-    balance_max_age_s: float = 300.0  # older balances are read again before more credit
-    payer_cap: int = 0  # most unsettled value one payer may owe per token (0: off)
+    refresh_s: PositiveSeconds = 60.0  # re-read the balances of every payer who owes something
+    balance_max_age_s: PositiveSeconds = 300.0  # older balances are read again before more credit
+    payer_cap: NonNegative = 0  # most unsettled value one payer may owe per token (0: off)
 
 
 SettlementMode = Literal["confirmed", "deferred"]
@@ -162,20 +175,20 @@ class ServiceConfig(msgspec.Struct, forbid_unknown_fields=True):
     host: str = "127.0.0.1"
     port: int = 4021
     settlement: SettlementMode = "confirmed"
-    payee_settlement: dict[str, SettlementMode] = msgspec.field(default_factory=dict)
-    settle_timeout_s: float = 30.0  # confirmed mode: then answer settlement_pending
-    body_max_bytes: int = 65_536
+    payee_settlement: dict[Address, SettlementMode] = msgspec.field(default_factory=dict)
+    settle_timeout_s: PositiveSeconds = 30.0  # confirmed mode: then answer settlement_pending
+    body_max_bytes: Annotated[int, Meta(ge=1024)] = 65_536
     header_max_bytes: int = 16_384
     backlog: int = 2048  # pending TCP connections the listener queues
     bearer_token_env: str = ""  # env var with the token /verify and /settle then require
     allow_public_without_token: bool = False  # listen beyond loopback with no token
     # /healthz answers 503 when work waits (batches in flight, a batch waiting to be sent) and
     # nothing has progressed (no batch sent, no payment final) for this long.
-    stall_after_s: float = 120.0
+    stall_after_s: PositiveSeconds = 120.0
 
 
 class EngineConfig(msgspec.Struct, forbid_unknown_fields=True):
-    chains: list[ChainConfig]
+    chains: Annotated[list[ChainConfig], Meta(min_length=1)]
     ledger: LedgerConfig = msgspec.field(default_factory=LedgerConfig)
     policy: PolicyConfig = msgspec.field(default_factory=PolicyConfig)
     ingest: IngestConfig = msgspec.field(default_factory=IngestConfig)
@@ -184,92 +197,40 @@ class EngineConfig(msgspec.Struct, forbid_unknown_fields=True):
     channel_capacity: int = 64  # bounded memory channels between stages (in messages)
 
 
-def _check_address(value: str, where: str) -> None:
-    if not (value.startswith("0x") and len(value) == 42):
-        raise ConfigError(f"{where}: expected a 0x-prefixed 20-byte hex address, got {value!r}")
-    try:
-        bytes.fromhex(value[2:])
-    except ValueError as exc:
-        raise ConfigError(f"{where}: not hex: {value!r}") from exc
-
-
 def validate(config: EngineConfig) -> EngineConfig:
-    if not config.chains:
-        raise ConfigError("chains: at least one chain is required")
+    """The field constraints (for a configuration built in code too), then the rules that
+    span fields."""
+    try:
+        msgspec.convert(msgspec.to_builtins(config), EngineConfig)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(str(exc)) from None
     seen: set[int] = set()
     for i, chain in enumerate(config.chains):
         where = f"chains[{i}]"
         if chain.chain_id in seen:
             raise ConfigError(f"{where}: duplicate chain_id {chain.chain_id}")
         seen.add(chain.chain_id)
-        _check_address(chain.batcher, f"{where}.batcher")
-        if chain.multicall:
-            _check_address(chain.multicall, f"{where}.multicall")
-        if not chain.tokens:
-            raise ConfigError(f"{where}.tokens: at least one token is required")
-        for j, token in enumerate(chain.tokens):
-            _check_address(token.address, f"{where}.tokens[{j}].address")
-        if not chain.signer_key_envs:
-            raise ConfigError(f"{where}.signer_key_envs: at least one signer is required")
-        if chain.confirmations < 1:
-            raise ConfigError(f"{where}.confirmations must be >= 1")
-        if not 0 < chain.gas_per_tx_max <= chain.block_gas_limit:
-            raise ConfigError(f"{where}: need 0 < gas_per_tx_max <= block_gas_limit")
-        if chain.rebroadcast_after_s <= 0 or chain.poll_interval_ms <= 0:
-            raise ConfigError(f"{where}: rebroadcast_after_s and poll_interval_ms must be > 0")
-        if chain.max_inflight_batches < 1:
-            raise ConfigError(f"{where}.max_inflight_batches must be >= 1")
-    if config.policy.max_batch_size < 1:
-        raise ConfigError("policy.max_batch_size must be >= 1")
+        if chain.gas_per_tx_max > chain.block_gas_limit:
+            raise ConfigError(f"{where}: need gas_per_tx_max <= block_gas_limit")
     seen_payees: set[str] = set()
     for i, schedule in enumerate([config.policy, *config.policy.payees]):
         where = "policy" if i == 0 else f"policy.payees[{i - 1}]"
         if isinstance(schedule, PayeeScheduleConfig):
-            _check_address(schedule.payee, f"{where}.payee")
             if schedule.payee.lower() in seen_payees:
                 raise ConfigError(f"{where}: payee {schedule.payee} listed twice")
             seen_payees.add(schedule.payee.lower())
         _check_schedule(schedule, where)
-    for payee in config.service.payee_settlement:
-        _check_address(payee, "service.payee_settlement")
-    if config.service.stall_after_s <= 0:
-        raise ConfigError("service.stall_after_s must be > 0")
-    if config.service.settle_timeout_s <= 0 or config.service.body_max_bytes < 1024:
-        raise ConfigError("service: settle_timeout_s must be > 0 and body_max_bytes >= 1024")
-    if config.credit.refresh_s <= 0 or config.credit.balance_max_age_s <= 0:
-        raise ConfigError("credit: refresh_s and balance_max_age_s must be > 0")
-    if config.credit.payer_cap < 0:
-        raise ConfigError("credit.payer_cap must be >= 0")
-    ledger = config.ledger
-    if ledger.group_max < 1 or ledger.flush_rows < 1 or ledger.flush_interval_ms <= 0:
-        raise ConfigError("ledger: group_max, flush_rows and flush_interval_ms must be >= 1")
-    if ledger.journal_segment_mb < 1:
-        raise ConfigError("ledger.journal_segment_mb must be >= 1")
-    if not 0 <= config.ingest.verify_workers <= 64 or config.ingest.verify_batch_max < 1:
-        raise ConfigError("ingest: verify_workers must be in [0, 64], verify_batch_max >= 1")
     if config.ingest.valid_before_margin_s <= SEND_MARGIN_S:
         # Otherwise an authorization could be accepted that no batch may still be sent for.
         raise ConfigError(f"ingest.valid_before_margin_s must be > {SEND_MARGIN_S} (send margin)")
-    if not 0 < config.ingest.value_max <= 2**128 - 1:
+    if not 0 < config.ingest.value_max <= 2**128 - 1:  # beyond int64: not a field constraint
         raise ConfigError("ingest.value_max must be in (0, 2**128 - 1]")
-    ingest = config.ingest
-    if ingest.state_max_age_ms < 0 or ingest.state_window_ms < 0 or ingest.state_batch_max < 1:
-        raise ConfigError(
-            "ingest: state_max_age_ms and state_window_ms must be >= 0, state_batch_max >= 1"
-        )
-    if not 0 <= config.ingest.value_min <= config.ingest.value_max:
-        raise ConfigError("ingest.value_min must be in [0, value_max]")
+    if config.ingest.value_min > config.ingest.value_max:
+        raise ConfigError("ingest.value_min must be <= value_max")
     return config
 
 
 def _check_schedule(schedule: ScheduleConfig, where: str) -> None:
-    if schedule.window_s <= 0:
-        raise ConfigError(f"{where}.window_s must be > 0")
-    if (
-        min(schedule.value_threshold, schedule.count_threshold, schedule.payer_unsettled_threshold)
-        < 0
-    ):
-        raise ConfigError(f"{where}: thresholds must be >= 0")
     if schedule.mode == "scheduled":
         try:
             parse_utc_times(schedule.times_utc)

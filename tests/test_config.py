@@ -79,3 +79,23 @@ def test_engine_config_requires_a_chain() -> None:
 
     with pytest.raises(ConfigError, match="chain"):
         validate(EngineConfig(chains=[]))
+
+
+def test_field_constraints_hold_for_a_configuration_built_in_code(tmp_path: Path) -> None:
+    import msgspec
+
+    from engine.config import validate
+
+    path = tmp_path / "engine.toml"
+    path.write_text(GOOD)
+    config = load_config(path)
+    bad_chain = msgspec.structs.replace(config.chains[0], confirmations=0)
+    with pytest.raises(ConfigError, match=r"confirmations"):
+        validate(msgspec.structs.replace(config, chains=[bad_chain]))
+    bad_payee = msgspec.structs.replace(
+        config.service, payee_settlement={"0xnotanaddress": "deferred"}
+    )
+    with pytest.raises(ConfigError, match=r"payee_settlement"):
+        validate(msgspec.structs.replace(config, service=bad_payee))
+    with pytest.raises(ConfigError, match=r"chains"):
+        validate(msgspec.structs.replace(config, chains=[]))
