@@ -324,6 +324,17 @@ class Engine:
                 await self._tracker.all_final.wait()
                 await trio.lowlevel.checkpoint()
 
+    async def until(
+        self, condition: Callable[[Statistics], bool], timeout_s: float = math.inf
+    ) -> Statistics:
+        """Wait until ``condition`` holds for :meth:`statistics` (re-checked whenever a payment
+        or batch changes state, no polling); returns that snapshot. Raises
+        ``trio.TooSlowError`` on timeout."""
+        with trio.fail_after(timeout_s):
+            while not condition(snapshot := self.statistics()):
+                await self._tracker.changed.wait()
+        return snapshot
+
     def statistics(self) -> Statistics:
         return self._tracker.snapshot()
 

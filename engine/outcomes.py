@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 import msgspec
 import trio
 
-from .clock import Clock
+from .clock import Clock, Wakeup
 from .model import (
     FINAL_STATES,
     BatchEvent,
@@ -64,6 +64,7 @@ class Tracker:
         self.fee_wei = 0
         self.all_final = trio.Event()
         self.all_final.set()
+        self.changed = Wakeup()  # set on every state change or counter the snapshot shows
         self.settle_latency = Histogram()  # acceptance to final state, seconds
         self.on_final: list[Callable[[PendingItem], None]] = []  # called once per final item
         self._clock = clock
@@ -72,6 +73,7 @@ class Tracker:
 
     def track(self, item: PendingItem, state: str = "accepted", tx_hash: str | None = None) -> None:
         self._live[item.id] = (item, state, tx_hash)
+        self.changed.set()
         self.all_final = trio.Event() if self.all_final.is_set() else self.all_final
 
     def is_live(self, rid: int) -> bool:
@@ -91,6 +93,7 @@ class Tracker:
         return self._recent.get(rid)
 
     def apply(self, item: PendingItem, event: PaymentEvent) -> None:
+        self.changed.set()
         p = item.payment
         if event.state not in FINAL_STATES:
             if event.state == "accepted":
@@ -190,6 +193,7 @@ class Recorder:
         for item, event in zip(items, events, strict=True):
             self.tracker.apply(item, event)
         self.tracker.batches_sent += 1
+        self.tracker.changed.set()
 
     async def replacement(self, batch_id: int, tx_hash: str, raw_tx: bytes) -> None:
         """Write-ahead for a fee-bumped replacement of a sent batch."""
@@ -206,6 +210,7 @@ class Recorder:
             self.tracker.apply(item, e)
         if event.state == "mined":
             self.tracker.batches_mined += 1
+            self.tracker.changed.set()
             self.tracker.items_in_mined_batches += len(pairs)
             self.tracker.gas_used += event.gas_used or 0
             self.tracker.fee_wei += (event.gas_used or 0) * (event.effective_gas_price or 0)

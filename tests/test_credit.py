@@ -108,9 +108,7 @@ async def test_payer_who_drains_their_balance_is_settled_early_and_the_shortfall
         assert payment is not None, rejected
         deployer = Deployer(rpc, bytes.fromhex(dev.deployer_key[2:]), dev.chain_id)
         await deployer.send(dev.token, codec.transfer_calldata(payment))
-        with trio.fail_after(30):
-            while engine.statistics().settled + sum(engine.statistics().failed.values()) < 3:
-                await trio.sleep(0.1)
+        await engine.until(lambda s: s.settled + sum(s.failed.values()) >= 3, timeout_s=30)
         stats = engine.statistics()
         assert stats.settled == 1 and stats.failed == {reasons.INSUFFICIENT_FUNDS: 2}
         rows = await engine.query(

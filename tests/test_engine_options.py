@@ -36,9 +36,7 @@ async def test_outcome_waits_for_the_configured_confirmations(anvil: Anvil, tmp_
     async with Engine.open(config, environ=env) as engine:
         result = await engine.submit(payload, req)
         assert isinstance(result, Accepted)
-        with trio.fail_after(20):
-            while engine.statistics().batches_sent == 0:
-                await trio.sleep(0.05)
+        await engine.until(lambda s: s.batches_sent > 0, timeout_s=20)
         sent = await engine.status(result.id)
         assert sent is not None and sent.tx_hash is not None
         with trio.fail_after(20):  # mined (automine): 1 confirmation
@@ -190,9 +188,7 @@ async def test_reverted_batch_is_requeued_and_settles_in_a_later_batch(
             result = await engine.submit(*payment_v2(dev.domain, key, payee, VALUE, now))
             assert isinstance(result, Accepted)
             ids.append(result.id)
-        with trio.fail_after(30):
-            while engine.statistics().requeued < 10:
-                await trio.sleep(0.05)
+        await engine.until(lambda s: s.requeued >= 10, timeout_s=30)
         monkeypatch.setattr(submit_module, "SETTLE_OVERHEAD_GAS", 30_000)
         outcomes = [await engine.wait(i, timeout_s=30) for i in ids]
         history = await engine.history(ids[0])

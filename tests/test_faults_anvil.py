@@ -123,9 +123,7 @@ async def test_batch_stuck_under_a_risen_base_fee_is_replaced_and_settles(
     async with Engine.open(config, environ=env) as engine:
         result = await engine.submit(payload, req)
         assert isinstance(result, Accepted)
-        with trio.fail_after(30):
-            while engine.statistics().batches_sent == 0:
-                await trio.sleep(0.05)
+        await engine.until(lambda s: s.batches_sent > 0, timeout_s=30)
         first = await engine.status(result.id)
         assert first is not None and first.tx_hash is not None
         # the base fee jumps far above what the batch offered (twice the base fee at signing)

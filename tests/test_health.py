@@ -70,8 +70,7 @@ async def test_engine_reports_unhealthy_while_the_node_is_away_and_recovers(
         assert engine.health().ok
         result = await engine.submit(payload, req)
         assert isinstance(result, Accepted)
-        while engine.statistics().batches_sent == 0:  # sent; no block mined yet
-            await trio.sleep(0.1)
+        await engine.until(lambda s: s.batches_sent > 0)  # sent; no block mined yet
         chain.faults = Faults(rpc_error=1.0)  # the node stops answering
         await trio.sleep(30)
         assert engine.health().ok  # not yet: 60 s
