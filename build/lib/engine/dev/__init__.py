@@ -1,1 +1,0 @@
-"""Development tools: a local anvil chain, the demo, signed load, contract artifacts."""

@@ -1,1 +1,0 @@
-"""The system of record: the DuckDB ledger, the write-ahead journal, reports."""
