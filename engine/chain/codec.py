@@ -34,6 +34,18 @@ AGGREGATE3 = selector("aggregate3((address,bool,bytes)[])")
 TRANSFER_WITH_AUTHORIZATION = selector(
     "transferWithAuthorization(address,address,uint256,uint256,uint256,bytes32,uint8,bytes32,bytes32)"
 )
+# transferWithAuthorization(from, to, value, validAfter, validBefore, nonce, v, r, s)
+TRANSFER_WITH_AUTHORIZATION_TYPES = [
+    "address",
+    "address",
+    "uint256",
+    "uint256",
+    "uint256",
+    "bytes32",
+    "uint8",
+    "bytes32",
+    "bytes32",
+]
 AUTHORIZATION_STATE = selector("authorizationState(address,bytes32)")
 BALANCE_OF = selector("balanceOf(address)")
 ERROR_STRING = selector("Error(string)")
@@ -73,17 +85,7 @@ def settle_calldata(token: bytes, items: Sequence[Payment], *, simulate: bool = 
 def transfer_calldata(p: Payment) -> bytes:
     sig = p.signature
     return TRANSFER_WITH_AUTHORIZATION + abi_encode(
-        [
-            "address",
-            "address",
-            "uint256",
-            "uint256",
-            "uint256",
-            "bytes32",
-            "uint8",
-            "bytes32",
-            "bytes32",
-        ],
+        TRANSFER_WITH_AUTHORIZATION_TYPES,
         [
             "0x" + p.payer.hex(),
             "0x" + p.payee.hex(),

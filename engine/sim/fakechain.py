@@ -376,15 +376,13 @@ class FakeChain:
                     self._orphaned[tx.hash] = orphan
                 if self.rng.random() >= 0.3:  # 30% are lost with the old blocks
                     self.mempool[(tx.sender, tx.nonce)] = tx
-        # Third-party receipts of undone blocks (they have no _Tx) go too.
-        live = {t.hash for b in self.blocks for t in b.txs}
+        # What is left from undone blocks are third parties' receipts (they have no _Tx).
         for h in [
             h
             for h, r in self.receipts_by_hash.items()
             if int(r.block_number, 16) >= len(self.blocks)
         ]:
-            if h not in live:
-                del self.receipts_by_hash[h]
+            del self.receipts_by_hash[h]
 
     def _receipt(
         self,
@@ -541,18 +539,7 @@ class FakeChain:
             return True, (1 if used else 0).to_bytes(32, "big")
         if selector == codec.TRANSFER_WITH_AUTHORIZATION:
             frm, to, value, after, before, nonce, *_ = abi_decode(
-                [
-                    "address",
-                    "address",
-                    "uint256",
-                    "uint256",
-                    "uint256",
-                    "bytes32",
-                    "uint8",
-                    "bytes32",
-                    "bytes32",
-                ],
-                data[4:],
+                codec.TRANSFER_WITH_AUTHORIZATION_TYPES, data[4:]
             )
             return self._transfer(
                 state,

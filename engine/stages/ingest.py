@@ -212,11 +212,7 @@ class Ingest:
     async def verify(
         self, payload: Any, requirements: Any
     ) -> tuple[Payment | None, Rejected | None]:
-        """The facilitator's ``/verify``: every check :meth:`submit` makes, and what the ledger
-        and the chain already decided: a nonce accepted here before, used or cancelled on
-        chain, a balance below the amount, a token without code, and credit control for
-        payees that settle later. Stores nothing. Chain state is read in coalesced batches
-        (``ingest.state_*``): one ``eth_call`` answers many concurrent verifications."""
+        """See :meth:`engine.engine.Engine.verify`."""
         identifier = payment_identifier(payload)
         if isinstance(identifier, Rejected):
             return None, identifier
