@@ -415,6 +415,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     from .config import ConfigError
     from .store.journal import JournalCorrupt
+    from .store.ledger import LedgerBusy
 
     try:
         code: int = args.func(args)
@@ -423,7 +424,7 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(leaf, ConfigError):  # the operator's input: one line, usage exit code
             print(f"x402-engine {args.command}: {leaf}", file=sys.stderr)
             return 2
-        if isinstance(leaf, JournalCorrupt):
+        if isinstance(leaf, JournalCorrupt | LedgerBusy):
             print(f"x402-engine {args.command}: {leaf}", file=sys.stderr)
             return 1
         raise

@@ -75,3 +75,24 @@ def test_failed_transaction_leaves_nothing_behind(tmp_path: Path) -> None:
     else:  # pragma: no cover - the bad row must make the group fail
         raise AssertionError("expected the write to fail")
     assert ledger.query("SELECT count(*) FROM payments") == [(0,)]
+
+
+def test_a_ledger_held_by_another_process_is_one_line_not_a_traceback(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    path = tmp_path / "l.duckdb"
+    holder = Ledger(path)  # as a running `serve` would
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "engine.cli", "report", "--ledger", str(path)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        holder.close()
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert done.returncode == 1, done.stderr
+    assert len(lines) == 1 and "in use by another process" in lines[0], done.stderr
+    assert "Traceback" not in done.stderr

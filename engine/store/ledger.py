@@ -146,6 +146,10 @@ _EVENT_SCHEMA = pa.schema(
 )
 
 
+class LedgerBusy(RuntimeError):
+    """Another process holds the ledger file."""
+
+
 class Ledger:
     """Synchronous DuckDB access. Use through :class:`AsyncLedger` from trio code.
 
@@ -163,7 +167,15 @@ class Ledger:
         self.path = str(path)
         if self.path != ":memory:":
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-        self._con = duckdb.connect(self.path)
+        try:
+            self._con = duckdb.connect(self.path)
+        except duckdb.IOException as exc:
+            if "lock" not in str(exc).lower():
+                raise
+            raise LedgerBusy(
+                f"the ledger {self.path} is in use by another process (DuckDB allows one writer"
+                " per file): stop it first, e.g. x402-engine serve"
+            ) from None
         self._con.execute(SCHEMA)
         row = self._con.execute(
             "SELECT coalesce(max(seq), 0) FROM ("
