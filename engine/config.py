@@ -60,6 +60,14 @@ NonNegative = Annotated[int, Meta(ge=0)]
 PositiveSeconds = Annotated[float, Meta(gt=0)]
 
 
+def address_bytes(text: str) -> bytes:
+    """A configured ``0x`` address (already pattern-checked) as the 20 bytes used inside."""
+    raw = bytes.fromhex(text.removeprefix("0x").removeprefix("0X"))
+    if len(raw) != 20:
+        raise ConfigError(f"not an address: {text!r}")
+    return raw
+
+
 class TokenConfig(msgspec.Struct, forbid_unknown_fields=True):
     address: Address
     name: str  # EIP-712 domain name
@@ -101,6 +109,15 @@ class ChainConfig(msgspec.Struct, forbid_unknown_fields=True):
     def caip2(self) -> str:
         return f"eip155:{self.chain_id}"
 
+    @property
+    def batcher_address(self) -> bytes:
+        return address_bytes(self.batcher)
+
+    @property
+    def aggregate3_target(self) -> bytes:
+        """Where aggregate3 calls go: the configured Multicall3, else the batcher."""
+        return address_bytes(self.multicall or self.batcher)
+
 
 PolicyMode = Literal["immediate", "windowed", "scheduled"]
 
@@ -118,6 +135,10 @@ class ScheduleConfig(msgspec.Struct, forbid_unknown_fields=True):
 
 class PayeeScheduleConfig(ScheduleConfig, kw_only=True):
     payee: Address  # its payments get pools and a schedule of their own
+
+    @property
+    def payee_address(self) -> bytes:
+        return address_bytes(self.payee)
 
 
 class PolicyConfig(ScheduleConfig):

@@ -82,11 +82,8 @@ async def adopt_sent_batches(
         if not items:
             continue
         token = items[0].payment.token
-        target = (
-            token
-            if record.mode == "direct"
-            else bytes.fromhex((chain.multicall or chain.batcher)[2:])
-        )
+        targets = {"direct": token, "compact": chain.batcher_address}
+        target = targets.get(record.mode, chain.aggregate3_target)
         adopted.append(InflightBatch(record, items, token, target, clock.now(), list(replacements)))
     for signer in signers.signers:
         signer.next_nonce = await patiently(

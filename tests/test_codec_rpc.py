@@ -126,9 +126,7 @@ def test_hand_encoded_aggregate3_matches_eth_abi_both_ways() -> None:
     from engine.chain import codec
 
     for n in [0, 1, 3, 17]:
-        calls = [
-            ("0x" + os.urandom(20).hex(), bool(i % 2), os.urandom(i * 7 % 70)) for i in range(n)
-        ]
+        calls = [(os.urandom(20), bool(i % 2), os.urandom(i * 7 % 70)) for i in range(n)]
         ours = codec.aggregate3(calls)
         assert ours == codec.AGGREGATE3 + abi_encode(["(address,bool,bytes)[]"], [calls])
         results = [(bool(i % 3), os.urandom(i * 13 % 90)) for i in range(n)]

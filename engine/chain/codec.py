@@ -79,7 +79,7 @@ def pack_item(p: Payment) -> bytes:
 def settle_calldata(token: bytes, items: Sequence[Payment], *, simulate: bool = False) -> bytes:
     packed = b"".join(pack_item(p) for p in items)
     head = SIMULATE if simulate else SETTLE
-    return head + abi_encode(["address", "bytes"], ["0x" + token.hex(), packed])
+    return head + abi_encode(["address", "bytes"], [token, packed])
 
 
 def transfer_calldata(p: Payment) -> bytes:
@@ -87,8 +87,8 @@ def transfer_calldata(p: Payment) -> bytes:
     return TRANSFER_WITH_AUTHORIZATION + abi_encode(
         TRANSFER_WITH_AUTHORIZATION_TYPES,
         [
-            "0x" + p.payer.hex(),
-            "0x" + p.payee.hex(),
+            p.payer,
+            p.payee,
             p.value,
             p.valid_after,
             p.valid_before,
@@ -100,7 +100,7 @@ def transfer_calldata(p: Payment) -> bytes:
     )
 
 
-def aggregate3(calls: Sequence[tuple[str, bool, bytes]]) -> bytes:
+def aggregate3(calls: Sequence[tuple[bytes, bool, bytes]]) -> bytes:
     """Multicall3 ``aggregate3`` calldata for (target, allowFailure, calldata) calls.
 
     ABI-encoded by hand for this one fixed shape: eth_abi's general encoder cost a tenth of
@@ -111,13 +111,12 @@ def aggregate3(calls: Sequence[tuple[str, bool, bytes]]) -> bytes:
     tails: list[bytes] = []
     offset = 32 * n
     for target, allow_failure, data in calls:
-        address = bytes.fromhex(target[2:] if target[:2] in ("0x", "0X") else target)
-        if len(address) != 20:
+        if len(target) != 20:
             raise ValueError(f"not an address: {target!r}")
         padded = data + bytes(-len(data) % 32)
         tail = b"".join(
             (
-                bytes(12) + address,
+                bytes(12) + target,
                 (1 if allow_failure else 0).to_bytes(32, "big"),
                 (96).to_bytes(32, "big"),
                 len(data).to_bytes(32, "big"),
@@ -131,8 +130,7 @@ def aggregate3(calls: Sequence[tuple[str, bool, bytes]]) -> bytes:
 
 
 def aggregate3_calldata(token: bytes, items: Sequence[Payment]) -> bytes:
-    target = "0x" + token.hex()
-    return aggregate3([(target, True, transfer_calldata(p)) for p in items])
+    return aggregate3([(token, True, transfer_calldata(p)) for p in items])
 
 
 def authorization_state_calldata(payer: bytes, nonce: bytes) -> bytes:
@@ -185,8 +183,7 @@ def calldata_gas(data: bytes) -> int:
 
 def balances_aggregate3_calldata(token: bytes, owners: Sequence[bytes]) -> bytes:
     """One aggregate3 call reading ``balanceOf`` of every owner (failures allowed)."""
-    target = "0x" + token.hex()
-    return aggregate3([(target, True, balance_of_calldata(o)) for o in owners])
+    return aggregate3([(token, True, balance_of_calldata(o)) for o in owners])
 
 
 def decode_balances(return_data: bytes) -> list[int | None]:

@@ -121,8 +121,8 @@ def read_calldata(keys: Sequence[NonceKey]) -> tuple[bytes, list[BalanceKey]]:
     ``authorizationState`` of each key, failures allowed. Returns the calldata and the
     balance keys in call order."""
     balance_keys = list(dict.fromkeys((t, p) for t, p, _ in keys))
-    calls = [("0x" + t.hex(), True, codec.balance_of_calldata(p)) for t, p in balance_keys]
-    calls += [("0x" + t.hex(), True, codec.authorization_state_calldata(p, n)) for t, p, n in keys]
+    calls = [(t, True, codec.balance_of_calldata(p)) for t, p in balance_keys]
+    calls += [(t, True, codec.authorization_state_calldata(p, n)) for t, p, n in keys]
     return codec.aggregate3(calls), balance_keys
 
 

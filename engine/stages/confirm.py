@@ -114,7 +114,7 @@ class ConfirmStage:
         self._last_broadcast: dict[int, float] = {}
         self._nonce_spent_at: dict[int, int] = {}  # batch id -> head when first seen spent
         self._arrived = Wakeup()
-        self._batcher = bytes.fromhex(chain.batcher[2:])
+        self._batcher = chain.batcher_address
         self.replacements_sent = 0
         self.reorged_receipts = 0
         self._polls = 0

@@ -55,7 +55,7 @@ class Ingest:
         self.pool: VerifyPool | None = None  # set when verify workers run
         self.intake: IntakeStage | None = None  # set once the engine runs
         # Credit control applies to payments that wait for a window or a schedule.
-        listed = {bytes.fromhex(p.payee[2:]): p.mode for p in config.policy.payees}
+        listed = {p.payee_address: p.mode for p in config.policy.payees}
         self._credit_default = config.credit.enabled and config.policy.mode != "immediate"
         self._credit_payees = {
             payee for payee, mode in listed.items() if config.credit.enabled and mode != "immediate"

@@ -84,7 +84,7 @@ class ChainPipeline:
             clock,
             self.batch_send,
             payee_policies={
-                bytes.fromhex(p.payee[2:]): schedule_policy(p, policy_cfg.max_wait_ms / 1000)
+                p.payee_address: schedule_policy(p, policy_cfg.max_wait_ms / 1000)
                 for p in policy_cfg.payees
             },
         )
@@ -103,7 +103,7 @@ class ChainPipeline:
             config, rpc, recorder, clock, self.slots, self.requeue_send, signers
         )
         credit = engine_config.credit
-        reader_target = bytes.fromhex((config.multicall or config.batcher)[2:])
+        reader_target = config.aggregate3_target
         self.credit = ChainCredit(
             CreditBook(credit.balance_max_age_s, credit.payer_cap),
             BalanceReader(rpc, reader_target),

@@ -27,7 +27,7 @@ import msgspec
 import trio
 
 from ..clock import Clock, Wakeup
-from ..config import EngineConfig, SettlementMode
+from ..config import EngineConfig, SettlementMode, address_bytes
 from ..model import EngineError, Outcome, Payment, Rejected, Sale, SettleAnswer, hex_addr
 from ..rules import reasons
 from ..store.ledger import AsyncLedger
@@ -125,7 +125,7 @@ class SalesDesk:
         self._status = status
         self._wait_final = wait
         self._payee_modes = {
-            bytes.fromhex(k[2:].lower()): v for k, v in config.service.payee_settlement.items()
+            address_bytes(k): v for k, v in config.service.payee_settlement.items()
         }
 
     async def _wait(self, record_id: int) -> Outcome:

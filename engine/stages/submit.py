@@ -89,8 +89,8 @@ class SubmitStage:
         self._slots = slots
         self._requeue = requeue
         self._confirm = confirm
-        self._batcher = bytes.fromhex(chain.batcher[2:])
-        self._aggregate_target = bytes.fromhex((chain.multicall or chain.batcher)[2:])
+        self._batcher = chain.batcher_address
+        self._aggregate_target = chain.aggregate3_target
         self.dropped_in_simulation = 0
         self._handled: set[int] = set()  # item ids of this batch recorded or handed on
 
