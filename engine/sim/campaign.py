@@ -92,29 +92,14 @@ def _faults(rng: random.Random) -> Faults:
     )
 
 
-async def run_seed(seed: int, workdir: Path, *, payments_max: int = 40) -> SeedReport:
-    """One seed, start to finish (call under ``trio.run`` with a ``MockClock``)."""
-    started = time.perf_counter()
-    rng = random.Random(seed)
-    clock = TrioWallClock(START_UNIX)
-    confirmations = rng.choice([1, 2, 3])
-    faults = _faults(rng)
-    # Reorganisations stay shallower than the confirmations the operator chose for the chain
-    # (a deeper one undoes what the engine was told is final: choosing confirmations is that).
-    faults = msgspec.structs.replace(
-        faults,
-        reorg=faults.reorg if confirmations > 1 else 0.0,
-        reorg_depth_max=max(1, confirmations - 1),
-    )
-    chain = FakeChain(seed, clock, chain_id=CHAIN_ID, token=TOKEN, batcher=BATCHER, faults=faults)
-    signer_count = rng.choice([1, 2])
-    env = {f"SIM_SIGNER_{i}": "0x" + _key(seed, "signer", i).hex() for i in range(signer_count)}
-    chain_config = ChainConfig(
+def _chain_config(rng: random.Random, signer_envs: list[str], confirmations: int) -> ChainConfig:
+    """The seed's draw of the operator's choices for the chain."""
+    return ChainConfig(
         chain_id=CHAIN_ID,
         rpc_url="sim://fake-chain",
         batcher="0x" + BATCHER.hex(),
         tokens=[TokenConfig(address="0x" + TOKEN.hex(), name="USD Coin", version="2")],
-        signer_key_envs=list(env),
+        signer_key_envs=signer_envs,
         network_names=["sim"],
         mode=rng.choice(["compact", "aggregate3"]),
         simulate=rng.random() < 0.7,
@@ -126,13 +111,17 @@ async def run_seed(seed: int, workdir: Path, *, payments_max: int = 40) -> SeedR
         priority_fee_wei=10**6,
         block_gas_limit=150_000_000,
     )
-    config = EngineConfig(
-        chains=[chain_config],
-        ledger=LedgerConfig(path=str(workdir / f"seed-{seed}.duckdb")),
-        policy=PolicyConfig(
-            max_batch_size=rng.choice([3, 8, 25]), max_wait_ms=rng.choice([100, 500])
-        ),
-    )
+
+
+def _workload(
+    rng: random.Random,
+    seed: int,
+    chain: FakeChain,
+    config: EngineConfig,
+    payments_max: int,
+) -> tuple[list[tuple[PaymentPayloadV2, RequirementsV2, Payment]], list[bytes]]:
+    """Funded (or not) payers and their signed payments, registered with the chain so that it
+    can tell the engine's transfers from third parties'; and the payees."""
     domain = TokenDomain(CHAIN_ID, TOKEN, "USD Coin", "2")
     payees = [_key(seed, "payee", i)[:20] for i in range(2)]
     payer_keys = [_key(seed, "payer", i) for i in range(rng.randint(3, 12))]
@@ -155,6 +144,36 @@ async def run_seed(seed: int, workdir: Path, *, payments_max: int = 40) -> SeedR
         assert payment is not None
         chain.register(payment)
         work.append((payload, req, payment))
+    return work, payees
+
+
+# Longer than our ~60-line rule on purpose: one seed's story (draw the faults, run the engine's
+# lives with crashes between them, heal, check) reads best in one place; its parts are above.
+async def run_seed(seed: int, workdir: Path, *, payments_max: int = 40) -> SeedReport:
+    """One seed, start to finish (call under ``trio.run`` with a ``MockClock``)."""
+    started = time.perf_counter()
+    rng = random.Random(seed)
+    clock = TrioWallClock(START_UNIX)
+    confirmations = rng.choice([1, 2, 3])
+    faults = _faults(rng)
+    # Reorganisations stay shallower than the confirmations the operator chose for the chain
+    # (a deeper one undoes what the engine was told is final: choosing confirmations is that).
+    faults = msgspec.structs.replace(
+        faults,
+        reorg=faults.reorg if confirmations > 1 else 0.0,
+        reorg_depth_max=max(1, confirmations - 1),
+    )
+    chain = FakeChain(seed, clock, chain_id=CHAIN_ID, token=TOKEN, batcher=BATCHER, faults=faults)
+    signer_count = rng.choice([1, 2])
+    env = {f"SIM_SIGNER_{i}": "0x" + _key(seed, "signer", i).hex() for i in range(signer_count)}
+    config = EngineConfig(
+        chains=[_chain_config(rng, list(env), confirmations)],
+        ledger=LedgerConfig(path=str(workdir / f"seed-{seed}.duckdb")),
+        policy=PolicyConfig(
+            max_batch_size=rng.choice([3, 8, 25]), max_wait_ms=rng.choice([100, 500])
+        ),
+    )
+    work, payees = _workload(rng, seed, chain, config, payments_max)
     payee_start = {p: chain.balance(p) for p in payees}
     lives = rng.randint(1, 3)
     chunks = [work[i::lives] for i in range(lives)]

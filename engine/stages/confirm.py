@@ -204,72 +204,72 @@ class ConfirmStage:
         gas_used = int(receipt.gas_used, 16)
         price = int(receipt.effective_gas_price, 16)
         block = int(receipt.block_number, 16)
-        items = batch.items
-        pairs: list[tuple[PendingItem, PaymentEvent]] = []
         requeue: list[PendingItem] = []
         if int(receipt.status, 16) != 1:
             # The whole transaction reverted (e.g. out of gas): nothing moved, so every item
             # goes back to the pool for another batch.
-            for item in items:
-                pairs.append(
-                    (item, PaymentEvent(item.id, "accepted", message=f"batch {record.id} reverted"))
-                )
-                requeue.append(item)
-            event = BatchEvent(
-                record.id, "reverted", receipt.transaction_hash, block, gas_used, price
-            )
+            message = f"batch {record.id} reverted"
+            pairs = [
+                (item, PaymentEvent(item.id, "accepted", message=message)) for item in batch.items
+            ]
+            requeue = list(batch.items)
+            state = "reverted"
         else:
-            # Failure events come from the batcher (compact), the aggregate3 target, or nobody
-            # (direct: a failing direct transfer reverts the whole transaction instead).
-            outcomes = codec.item_outcomes(
-                receipt,
-                self._batcher if record.mode == "compact" else batch.target,
-                batch.token,
-                [i.payment for i in items],
-            )
-            gas_shares = split_evenly(gas_used, len(items))
-            for item, outcome, gas in zip(items, outcomes, gas_shares, strict=True):
-                common = PaymentEvent(
-                    item.id,
-                    "settled",
-                    batch_id=record.id,
-                    tx_hash=receipt.transaction_hash,
-                    block_number=block,
-                    gas_used=gas,
-                    fee_wei=gas * price,
-                )
-                if outcome.status is codec.ItemStatus.SETTLED:
-                    pairs.append((item, common))
-                elif outcome.status is codec.ItemStatus.FAILED:
-                    failed = _as_failed(common, outcome.reason, outcome.message)
-                    if outcome.reason == reasons.NONCE_USED:
-                        # Used by whom? If by a transaction that paid this payment, it is paid.
-                        failed = await self._decide_used(batch.token, item, failed)
-                    pairs.append((item, failed))
-                else:
-                    pairs.append(
-                        (
-                            item,
-                            _as_failed(
-                                common,
-                                reasons.UNEXPECTED_SETTLE,
-                                "no AuthorizationUsed log for this item in the batch receipt",
-                            ),
-                        )
-                    )
-            event = BatchEvent(record.id, "mined", receipt.transaction_hash, block, gas_used, price)
+            pairs = await self._item_events(batch, receipt)
+            state = "mined"
+        event = BatchEvent(record.id, state, receipt.transaction_hash, block, gas_used, price)
         await self._recorder.batch_final(event, pairs)
         log.info(
             "batch %d %s in block %d: %d items, gas %d",
             record.id,
             event.state,
             block,
-            len(items),
+            len(batch.items),
             gas_used,
         )
         self._forget(record.id)
         if requeue:
             await self._requeue.send(requeue)
+
+    async def _item_events(
+        self, batch: InflightBatch, receipt: codec.Receipt
+    ) -> list[tuple[PendingItem, PaymentEvent]]:
+        """Each item's final event from a mined batch's receipt, with its share of the gas."""
+        gas_used = int(receipt.gas_used, 16)
+        price = int(receipt.effective_gas_price, 16)
+        # Failure events come from the batcher (compact), the aggregate3 target, or nobody
+        # (direct: a failing direct transfer reverts the whole transaction instead).
+        outcomes = codec.item_outcomes(
+            receipt,
+            self._batcher if batch.record.mode == "compact" else batch.target,
+            batch.token,
+            [i.payment for i in batch.items],
+        )
+        pairs: list[tuple[PendingItem, PaymentEvent]] = []
+        gas_shares = split_evenly(gas_used, len(batch.items))
+        for item, outcome, gas in zip(batch.items, outcomes, gas_shares, strict=True):
+            event = PaymentEvent(
+                item.id,
+                "settled",
+                batch_id=batch.record.id,
+                tx_hash=receipt.transaction_hash,
+                block_number=int(receipt.block_number, 16),
+                gas_used=gas,
+                fee_wei=gas * price,
+            )
+            if outcome.status is codec.ItemStatus.FAILED:
+                event = _as_failed(event, outcome.reason, outcome.message)
+                if outcome.reason == reasons.NONCE_USED:
+                    # Used by whom? If by a transaction that paid this payment, it is paid.
+                    event = await self._decide_used(batch.token, item, event)
+            elif outcome.status is not codec.ItemStatus.SETTLED:
+                event = _as_failed(
+                    event,
+                    reasons.UNEXPECTED_SETTLE,
+                    "no AuthorizationUsed log for this item in the batch receipt",
+                )
+            pairs.append((item, event))
+        return pairs
 
     def _forget(self, batch_id: int) -> None:
         self._inflight.pop(batch_id, None)

@@ -150,13 +150,7 @@ class Ingest:
                 # Wait for room (and an id reserved) before claiming, so that claim, admission
                 # and registration happen with no checkpoint in between: a concurrent identical
                 # submit then always finds the group to wait on and is never acknowledged early.
-                while True:
-                    if self._next_id > self._id_ceiling:
-                        await self._reserve_ids()
-                        continue
-                    await self.intake.wait_for_room()
-                    if self._next_id <= self._id_ceiling:
-                        break
+                await self._room_and_id()
                 rid = self._next_id
                 claim, owner = self._dedup.claim(payment, rid)
                 if claim is Claim.CONFLICT:
@@ -191,6 +185,30 @@ class Ingest:
             for _, _, rid, _, new in waits:
                 if new:
                     self._intake_pending.pop(rid, None)
+        self._answer_durable(waits, reserved, results)
+        answers = [r for r in results if r is not None]
+        assert len(answers) == len(results)
+        return answers
+
+    async def _room_and_id(self) -> None:
+        """Return with room in the intake and a reserved id, and no checkpoint after that."""
+        assert self.intake is not None
+        while True:
+            if self._next_id > self._id_ceiling:
+                await self._reserve_ids()
+                continue
+            await self.intake.wait_for_room()
+            if self._next_id <= self._id_ceiling:
+                return
+
+    def _answer_durable(
+        self,
+        waits: list[tuple[int, Group, int, Payment, bool]],
+        reserved: set[int],
+        results: list[Accepted | Rejected | None],
+    ) -> None:
+        """Fill in the answers of payments whose group was written; undo the claims (dedup,
+        credit) of those whose write failed, and raise."""
         error: BaseException | None = None
         for i, group, rid, payment, new in waits:
             if group.error is not None:
@@ -206,8 +224,6 @@ class Ingest:
             results[i] = Accepted(rid, hex_addr(payment.payer), duplicate=not new)
         if error is not None:
             raise EngineError(f"ledger write failed: {error}") from error
-        assert all(r is not None for r in results)
-        return results  # type: ignore[return-value]
 
     async def verify(
         self, payload: Any, requirements: Any

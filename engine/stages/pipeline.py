@@ -102,23 +102,31 @@ class ChainPipeline:
         self.confirm = ConfirmStage(
             config, rpc, recorder, clock, self.slots, self.requeue_send, signers
         )
+        self.credit, self.state = self._readers(engine_config, clock)
+
+    def _readers(
+        self, engine_config: EngineConfig, clock: Clock
+    ) -> tuple[ChainCredit, ChainStateReader]:
+        """The chain's readers for credit control (balances) and /verify (nonce state)."""
         credit = engine_config.credit
-        reader_target = config.aggregate3_target
-        self.credit = ChainCredit(
-            CreditBook(credit.balance_max_age_s, credit.payer_cap),
-            BalanceReader(rpc, reader_target),
-            clock,
-            credit.refresh_s,
-            self.batch.expedite,
-        )
         ingest = engine_config.ingest
-        self.state = ChainStateReader(
-            rpc,
-            reader_target,
-            clock,
-            max_age_s=ingest.state_max_age_ms / 1000,
-            window_s=ingest.state_window_ms / 1000,
-            batch_max=ingest.state_batch_max,
+        target = self.config.aggregate3_target
+        return (
+            ChainCredit(
+                CreditBook(credit.balance_max_age_s, credit.payer_cap),
+                BalanceReader(self.rpc, target),
+                clock,
+                credit.refresh_s,
+                self.batch.expedite,
+            ),
+            ChainStateReader(
+                self.rpc,
+                target,
+                clock,
+                max_age_s=ingest.state_max_age_ms / 1000,
+                window_s=ingest.state_window_ms / 1000,
+                batch_max=ingest.state_batch_max,
+            ),
         )
 
     async def run(self) -> None:

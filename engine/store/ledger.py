@@ -366,8 +366,23 @@ class Ledger:
     def recover(self) -> Recovered:
         """Everything not yet final: payments to queue again, batches to reconcile."""
         self.flush_staged()
-        con = self._con
-        rows = con.execute(
+        open_batches = self._open_batches()
+        ids = self._con.execute(
+            "SELECT coalesce((SELECT max(id) FROM payments), 0),"
+            " coalesce((SELECT max(id) FROM batches), 0)"
+        ).fetchone()
+        assert ids is not None
+        next_payment_id = max(int(ids[0]), self._id_ceiling()) + 1  # ids never repeat
+        return Recovered(
+            self._open_payments(),
+            open_batches,
+            next_payment_id,
+            int(ids[1]) + 1,
+            self._transactions_of(open_batches),
+        )
+
+    def _open_payments(self) -> list[OpenPayment]:
+        rows = self._con.execute(
             """
             WITH last AS (
                 SELECT payment_id, state, batch_id FROM payment_events
@@ -383,7 +398,7 @@ class Ledger:
             """
         ).fetchall()
         shared: dict[Any, Any] = {}
-        open_payments = [
+        return [
             OpenPayment(
                 id=int(r[0]),
                 accepted_at_ms=int(r[1]),
@@ -393,7 +408,9 @@ class Ledger:
             )
             for r in rows
         ]
-        batch_rows = con.execute(
+
+    def _open_batches(self) -> list[BatchRecord]:
+        batch_rows = self._con.execute(
             """
             WITH last AS (
                 SELECT batch_id, state FROM batch_events
@@ -406,7 +423,7 @@ class Ledger:
             ORDER BY b.id
             """
         ).fetchall()
-        open_batches = [
+        return [
             BatchRecord(
                 id=int(r[0]),
                 chain_id=int(r[1]),
@@ -421,23 +438,19 @@ class Ledger:
             )
             for r in batch_rows
         ]
-        ids = con.execute(
-            "SELECT coalesce((SELECT max(id) FROM payments), 0),"
-            " coalesce((SELECT max(id) FROM batches), 0)"
-        ).fetchone()
-        assert ids is not None
-        replacements: dict[int, list[tuple[str, bytes]]] = {}
-        if open_batches:
-            for batch_id, tx_hash, raw in con.execute(
+
+    def _transactions_of(self, batches: list[BatchRecord]) -> dict[int, list[tuple[str, bytes]]]:
+        """Every transaction signed for these batches (the first and its fee-bump replacements),
+        oldest first: any of them may be the one that gets mined."""
+        out: dict[int, list[tuple[str, bytes]]] = {}
+        if batches:
+            for batch_id, tx_hash, raw in self._con.execute(
                 "SELECT batch_id, tx_hash, raw_tx FROM batch_transactions"
                 " WHERE batch_id >= ? ORDER BY batch_id, at_ms, tx_hash",
-                [min(b.id for b in open_batches)],
+                [min(b.id for b in batches)],
             ).fetchall():
-                replacements.setdefault(int(batch_id), []).append((str(tx_hash), bytes(raw)))
-        next_payment_id = max(int(ids[0]), self._id_ceiling()) + 1  # ids never repeat
-        return Recovered(
-            open_payments, open_batches, next_payment_id, int(ids[1]) + 1, replacements
-        )
+                out.setdefault(int(batch_id), []).append((str(tx_hash), bytes(raw)))
+        return out
 
     def live_final_payments(self, valid_before_min: int) -> list[tuple[int, Payment]]:
         """Final (settled or failed) payments whose authorization is still valid: their replay
