@@ -94,6 +94,9 @@ class ChainConfig(msgspec.Struct, forbid_unknown_fields=True):
     max_fee_per_gas_wei: int = 100_000_000_000  # never pay more than this per gas
     priority_fee_wei: int = 1_000_000
     max_inflight_batches: Positive = 4
+    # PostgreSQL ledger: signer accounts this instance leases, at most (0: every free one). With
+    # N instances sharing K keys, K / N each lets all of them settle.
+    signers_per_instance: NonNegative = 0
     poll_interval_ms: Positive = 200
     rebroadcast_after_s: PositiveSeconds = 6.0  # resend a signed batch not mined after this long
     simulate: bool = True  # eth_call each batch first and drop the items that would fail
@@ -175,6 +178,13 @@ class LedgerConfig(msgspec.Struct, forbid_unknown_fields=True):
     journal_segment_mb: Positive = 64
     flush_interval_ms: Positive = 50  # journaled payments reach DuckDB at least this often
     flush_rows: Positive = 2_000  # ... or as soon as this many wait
+    # "postgres": many instances share one PostgreSQL database (see the README's deployment
+    # section); path, journal and flush_* then do not apply.
+    backend: Literal["duckdb", "postgres"] = "duckdb"
+    dsn_env: str = "X402_LEDGER_DSN"  # environment variable holding the PostgreSQL DSN
+    instance_name: str = ""  # this instance's name (default: the host name); a restart with
+    # the same name resumes its own unfinished work at once instead of after the lease
+    lease_s: PositiveSeconds = 10.0  # an instance silent this long is taken over by another
 
 
 class CreditConfig(msgspec.Struct, forbid_unknown_fields=True):

@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 import trio
 import trio.lowlevel
 
-from . import recovery
+from . import cluster, recovery
 from .chain.rpc import ChainClient, Rpc, RpcUnavailable
 from .chain.signer import Signer, SignerPool
 from .clock import Clock, TrioWallClock
@@ -47,7 +47,8 @@ from .stages.sales import SalesDesk, SaleStatistics, SaleWriter
 from .stages.submit import BatchIds
 from .stages.verify import PAYMENT_IDENTIFIER
 from .stages.verify_pool import VerifyPool
-from .store.ledger import AsyncLedger, Ledger
+from .store.ledger import AsyncLedger
+from .store.postgres import PgLedger
 
 log = logging.getLogger("x402_engine.engine")
 T = TypeVar("T")
@@ -55,6 +56,7 @@ T = TypeVar("T")
 DEDUP_GRACE_S = recovery.DEDUP_GRACE_S
 ID_BLOCK = 10_000  # payment ids reserved per ledger write
 DEDUP_SWEEP_S = 60.0
+FOREIGN_POLL_S = 0.25  # how often a wait on another instance's payment reads the ledger
 
 
 class Engine:
@@ -70,6 +72,7 @@ class Engine:
         self._tracker = Tracker(clock)
         self._recorder = Recorder(ledger, self._tracker, clock)
         self._chains: dict[int, ChainPipeline] = {}
+        self._membership: cluster.Membership | None = None  # shared ledger only
         self._ingest = Ingest(
             config, clock, ledger, self._tracker, self._dedup, self._identifiers, self._chains
         )
@@ -113,12 +116,7 @@ class Engine:
         on the trio thread (deterministic simulation only: it blocks the engine on writes).
         """
         validate(config)
-        open_ledger = functools.partial(
-            Ledger,
-            config.ledger.path,
-            journal=config.ledger.journal,
-            journal_segment_bytes_max=config.ledger.journal_segment_mb << 20,
-        )
+        open_ledger = functools.partial(cluster.open_backend, config, environ)
         ledger_sync = await trio.to_thread.run_sync(open_ledger) if io_threads else open_ledger()
         ledger = AsyncLedger(ledger_sync, flush_rows=config.ledger.flush_rows, threads=io_threads)
         engine = cls(config, clock or TrioWallClock(), ledger)
@@ -149,8 +147,9 @@ class Engine:
         environ: Mapping[str, str] | None,
         chain_client: Callable[[ChainConfig], ChainClient] | None,
     ) -> AsyncIterator[Engine]:
-        recovered = await self._ledger.run(self._ledger.sync.recover)
-        await self._restore_dedup(recovered)
+        owners = await self._own_past()
+        recovered = await self._ledger.run(self._ledger.sync.recover, owners)
+        await self._restore_dedup(recovered, owners)
         for chain in self.config.chains:
             rpc: ChainClient = (
                 chain_client(chain)
@@ -193,15 +192,32 @@ class Engine:
             for runtime in self._chains.values():
                 nursery.start_soon(runtime.run)
             nursery.start_soon(self._sweep_dedup)
+            shared = self._shared()
+            if shared is not None:
+                self._membership = cluster.Membership(self._ledger, shared, self._adopt_instances)
+                nursery.start_soon(self._membership.run)
             try:
                 yield self
             finally:
                 nursery.cancel_scope.cancel()
 
-    async def _restore_dedup(self, recovered: Recovered) -> None:
+    async def _own_past(self) -> list[int] | None:
+        """Shared ledger: this instance, and earlier instances of its name (a restart resumes
+        their work at once). None: a single-process ledger, all of it ours."""
+        shared = self._shared()
+        if shared is None:
+            return None
+        taken = await self._ledger.run(functools.partial(shared.take_over, same_name_only=True))
+        return [shared.instance_id, *taken]
+
+    def _shared(self) -> PgLedger | None:
+        sync = self._ledger.sync
+        return sync if isinstance(sync, PgLedger) else None
+
+    async def _restore_dedup(self, recovered: Recovered, owners: list[int] | None = None) -> None:
         self._ingest.start_ids_at(recovered.next_payment_id)
         await recovery.restore_replay_keys(
-            self._ledger, self._dedup, self._identifiers, recovered, self.clock.now()
+            self._ledger, self._dedup, self._identifiers, recovered, self.clock.now(), owners
         )
 
     async def _start_chain(
@@ -212,8 +228,14 @@ class Engine:
         environ: Mapping[str, str] | None,
     ) -> None:
         keys = signer_keys(chain, dict(environ) if environ is not None else None)
-        signers = SignerPool([Signer(k, chain.chain_id) for k in keys])
+        signers = SignerPool(await self._leased([Signer(k, chain.chain_id) for k in keys], chain))
         adopted = await recovery.adopt_sent_batches(chain, rpc, signers, recovered, self.clock)
+        shared = self._shared()
+        batch_ids = (
+            BatchIds(recovered.next_batch_id + 1_000_000 * len(self._chains))
+            if shared is None
+            else BatchIds(0, functools.partial(self._ledger.run, shared.reserve_batch_ids))
+        )
         runtime = ChainPipeline(
             chain,
             self.config,
@@ -221,7 +243,7 @@ class Engine:
             signers,
             self._recorder,
             self.clock,
-            BatchIds(recovered.next_batch_id + 1_000_000 * len(self._chains)),
+            batch_ids,
             len(adopted),
             self._policy_factory(chain),
         )
@@ -230,6 +252,63 @@ class Engine:
             for item in batch.items:
                 self._tracker.track(item, "submitted", batch.record.tx_hash)
         self._chains[chain.chain_id] = runtime
+
+    async def _leased(self, signers: list[Signer], chain: ChainConfig) -> list[Signer]:
+        """Shared ledger: the accounts this instance leased (fencing epochs set); else all."""
+        shared = self._shared()
+        if shared is None:
+            return signers
+        most = chain.signers_per_instance or len(signers)
+        epochs = await self._ledger.run(
+            shared.lease_signers, chain.chain_id, [s.address for s in signers], most
+        )
+        leased = [s for s in signers if s.address in epochs]
+        if not leased:
+            raise EngineError(
+                f"chain {chain.chain_id}: every configured signer account is leased by another"
+                " live instance; give this instance accounts of its own, or set"
+                " signers_per_instance so that instances share them"
+            )
+        for signer in leased:
+            signer.lease_epoch = epochs[signer.address]
+        log.info("chain %d: leased %d signer account(s)", chain.chain_id, len(leased))
+        return leased
+
+    async def _adopt_instances(self, owners: list[int]) -> None:
+        """Put the open work of taken-over instances in motion, as a restart would: watch their
+        sent batches (rebroadcast), queue their payments in no batch, know their replay keys."""
+        recovered = await self._ledger.run(self._ledger.sync.recover, owners)
+        await recovery.restore_replay_keys(
+            self._ledger, self._dedup, self._identifiers, recovered, self.clock.now(), owners
+        )
+        watched: set[int] = set()
+        for chain_id, runtime in self._chains.items():
+            batches = await recovery.rebroadcast_open_batches(
+                runtime.config, runtime.rpc, recovered, self.clock
+            )
+            for batch in batches:
+                await runtime.slots.acquire()  # released when the batch is final
+                runtime.confirm.adopt(batch)
+                for item in batch.items:
+                    watched.add(item.id)
+                    self._tracker.track(item, "submitted", batch.record.tx_hash)
+            log.info("chain %d: adopted %d sent batch(es)", chain_id, len(batches))
+        for chain_id, items in recovery.unbatched(recovered, watched).items():
+            pipeline = self._chains.get(chain_id)
+            if pipeline is None:
+                log.error("taken-over payments on chain %d, which is not configured", chain_id)
+                continue
+            for item in items:
+                self._tracker.track(item)
+                if self._ingest.credit_applies(item.payment):
+                    key = (item.payment.token, item.payment.payer)
+                    pipeline.credit.book.reserve(key, item.payment.value)
+            await pipeline.new_send.send(items)
+        log.warning(
+            "took over %d open payment(s) of instance(s) %s",
+            len(recovered.open_payments),
+            owners,
+        )
 
     def _requeue_unbatched(self, recovered: Recovered) -> None:
         watched = {i for c in self._chains.values() for i in c.confirm.watched_item_ids()}
@@ -308,10 +387,15 @@ class Engine:
         Raises KeyError for an unknown id and trio.TooSlowError on timeout."""
         with trio.fail_after(timeout_s):
             outcome = await self._tracker.wait_final(record_id)
-        if outcome is None:
-            outcome = await self._ledger.run(self._ledger.sync.outcome, record_id)
-        if outcome is None:
-            raise KeyError(record_id)
+            if outcome is None:
+                outcome = await self._ledger.run(self._ledger.sync.outcome, record_id)
+            if outcome is None:
+                raise KeyError(record_id)
+            while not outcome.final:  # another instance's payment (shared ledger): ask again
+                await trio.sleep(FOREIGN_POLL_S)
+                current = await self._ledger.run(self._ledger.sync.outcome, record_id)
+                assert current is not None
+                outcome = current
         return outcome
 
     async def history(self, record_id: int) -> list[dict[str, Any]]:

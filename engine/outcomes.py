@@ -185,11 +185,16 @@ class Recorder:
     async def requeued(self, items: Sequence[PendingItem], message: str) -> None:
         await self.events([(i, PaymentEvent(i.id, "accepted", message=message)) for i in items])
 
-    async def batch_sent(self, batch: BatchRecord, items: Sequence[PendingItem]) -> None:
+    async def batch_sent(
+        self, batch: BatchRecord, items: Sequence[PendingItem], lease_epoch: int | None = None
+    ) -> None:
+        """Write-ahead (fenced by the signer's lease on a shared ledger)."""
         events = [
             PaymentEvent(i.id, "submitted", batch_id=batch.id, tx_hash=batch.tx_hash) for i in items
         ]
-        await self.ledger.run(self.ledger.sync.record_batch_sent, batch, events, self._now_ms())
+        await self.ledger.run(
+            self.ledger.sync.record_batch_sent, batch, events, self._now_ms(), lease_epoch
+        )
         for item, event in zip(items, events, strict=True):
             self.tracker.apply(item, event)
         self.tracker.batches_sent += 1

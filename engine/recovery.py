@@ -39,10 +39,11 @@ async def restore_replay_keys(
     identifiers: Identifiers,
     recovered: Recovered,
     now: float,
+    owners: list[int] | None = None,
 ) -> None:
     since = int(now) - DEDUP_GRACE_S
-    live = await ledger.run(ledger.sync.live_final_payments, since)
-    sales = {s.payment_id: s for s in await ledger.run(ledger.sync.live_sales, since)}
+    live = await ledger.run(ledger.sync.live_final_payments, since, owners)
+    sales = {s.payment_id: s for s in await ledger.run(ledger.sync.live_sales, since, owners)}
     restored = [*live, *((op.id, op.payment) for op in recovered.open_payments)]
     for rid, payment in restored:  # open ones even if expired: they must finish
         sale = sales.get(rid)
@@ -64,6 +65,19 @@ async def adopt_sent_batches(
     actual = await patiently(rpc.chain_id, chain)
     if actual != chain.chain_id:
         raise ChainMismatch(f"{chain.rpc_url} is chain {actual}, configured {chain.chain_id}")
+    adopted = await rebroadcast_open_batches(chain, rpc, recovered, clock)
+    for signer in signers.signers:
+        signer.next_nonce = await patiently(
+            functools.partial(rpc.nonce, signer.address, "pending"), chain
+        )
+    return adopted
+
+
+async def rebroadcast_open_batches(
+    chain: ChainConfig, rpc: ChainClient, recovered: Recovered, clock: Clock
+) -> list[InflightBatch]:
+    """This chain's recorded-but-unconfirmed batches, each rebroadcast (its latest
+    replacement), as in-flight batches for the confirm stage to decide from the chain."""
     open_by_id = {op.id: op for op in recovered.open_payments}
     batches = [b for b in recovered.open_batches if b.chain_id == chain.chain_id]
     adopted: list[InflightBatch] = []
@@ -85,10 +99,6 @@ async def adopt_sent_batches(
         targets = {"direct": token, "compact": chain.batcher_address}
         target = targets.get(record.mode, chain.aggregate3_target)
         adopted.append(InflightBatch(record, items, token, target, clock.now(), list(replacements)))
-    for signer in signers.signers:
-        signer.next_nonce = await patiently(
-            functools.partial(rpc.nonce, signer.address, "pending"), chain
-        )
     return adopted
 
 

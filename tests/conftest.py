@@ -1,15 +1,19 @@
 from __future__ import annotations
 
+import itertools
 import os
 import time
 from collections.abc import Iterator
 
+import psycopg
 import pytest
 
 from engine.chain import crypto
 from engine.config import ChainConfig, EngineConfig, LedgerConfig, TokenConfig
 from engine.dev.devchain import Anvil
 from engine.dev.loadgen import TokenDomain
+from engine.dev.postgres import PostgresServer, PostgresUnavailable
+from engine.store.postgres import migrate
 
 TOKEN = bytes.fromhex("1111111111111111111111111111111111111111")
 PAYEE = bytes.fromhex("2222222222222222222222222222222222222222")
@@ -50,6 +54,34 @@ def payer(payer_key: bytes) -> bytes:
 @pytest.fixture
 def now() -> int:
     return int(time.time())
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    """One PostgreSQL server for the session (started on first use); tests get a database
+    each (``pg_dsn``). Missing server binaries skip the tests, except in CI, where they fail."""
+    try:
+        server = PostgresServer()
+    except PostgresUnavailable as exc:
+        if os.environ.get("CI") == "true":
+            raise
+        pytest.skip(str(exc))
+    with server:
+        yield server
+
+
+_databases = itertools.count(1)
+
+
+@pytest.fixture
+def pg_dsn(postgres: PostgresServer) -> str:
+    """A fresh database on the session's server, migrated to the current schema."""
+    name = f"t{next(_databases)}_{os.getpid()}"
+    with psycopg.connect(postgres.dsn, autocommit=True) as con:
+        con.execute(f"CREATE DATABASE {name}")
+    dsn = postgres.dsn.rsplit("/", 1)[0] + "/" + name
+    migrate(dsn)
+    return dsn
 
 
 @pytest.fixture

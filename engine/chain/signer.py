@@ -31,6 +31,8 @@ class Signer:
         self.chain_id = chain_id
         self.address = hex_addr(crypto.private_key_address(key.secret))
         self.next_nonce: int | None = None
+        # shared ledger: the epoch of this instance's lease on the account (fencing token)
+        self.lease_epoch: int | None = None
 
     def __repr__(self) -> str:
         return f"Signer({self.address}, next_nonce={self.next_nonce})"

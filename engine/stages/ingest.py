@@ -190,6 +190,21 @@ class Ingest:
         assert len(answers) == len(results)
         return answers
 
+    def _answer_rival(self, payment: Payment, owner: int, identical: bool) -> Accepted | Rejected:
+        """A payment whose replay key another instance recorded first (shared ledger): the
+        identical payment is that record (remembered here too); any other is refused."""
+        if not identical:
+            self._tracker.rejected[reasons.NONCE_USED] += 1
+            return Rejected(
+                reasons.NONCE_USED,
+                "another authorization uses this nonce",
+                hex_addr(payment.payer),
+            )
+        if self._dedup.peek(payment) is Claim.NEW:
+            self._dedup.restore(payment, owner)
+        self._tracker.duplicates += 1
+        return Accepted(owner, hex_addr(payment.payer), duplicate=True)
+
     async def _room_and_id(self) -> None:
         """Return with room in the intake and a reserved id, and no checkpoint after that."""
         assert self.intake is not None
@@ -211,13 +226,18 @@ class Ingest:
         credit) of those whose write failed, and raise."""
         error: BaseException | None = None
         for i, group, rid, payment, new in waits:
-            if group.error is not None:
-                error = group.error
+            rival = group.rivals.get(rid)
+            if group.error is not None or rival is not None:
                 if new:
                     self._dedup.release(payment, rid)
                     if rid in reserved:
                         key = (payment.token, payment.payer)
                         self._chains[payment.chain_id].credit.book.release(key, payment.value)
+                if group.error is not None:
+                    error = group.error
+                    continue
+            if rival is not None:  # another instance recorded this replay key first
+                results[i] = self._answer_rival(payment, *rival)
                 continue
             if not new:
                 self._tracker.duplicates += 1
@@ -283,10 +303,13 @@ class Ingest:
         async with self._id_lock:
             if self._next_id <= self._id_ceiling:
                 return  # another caller reserved meanwhile
-            upto = self._next_id + ID_BLOCK - 1
-            self._id_ceiling = await self._ledger.run(
-                self._ledger.sync.reserve_ids, upto, int(self._clock.now() * 1000)
+            first, last = await self._ledger.run(
+                self._ledger.sync.reserve_payment_ids, ID_BLOCK, int(self._clock.now() * 1000)
             )
+            if first != self._next_id:  # a shared ledger: another instance took the ids between
+                assert first > self._next_id, (first, self._next_id)
+                self._next_id = first
+            self._id_ceiling = last
 
     def _check_credit(self, payment: Payment, read_error: str | None) -> Rejected | None:
         """Refuse a payment that would lend the payer more than they hold (or the cap).

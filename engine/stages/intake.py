@@ -31,12 +31,14 @@ class Group:
     """Payments committed together; :meth:`wait_durable` returns once they are durable (or the
     write failed: ``error``)."""
 
-    __slots__ = ("_waiters", "error", "finished", "items")
+    __slots__ = ("_waiters", "error", "finished", "items", "rivals")
 
     def __init__(self) -> None:
         self.items: list[PendingItem] = []
         self.finished = False
         self.error: BaseException | None = None
+        # shared ledger: items another instance recorded first -> (its record id, identical?)
+        self.rivals: dict[int, tuple[int, bool]] = {}
         self._waiters: list[trio.lowlevel.Task] = []
 
     async def wait_durable(self) -> None:
@@ -131,16 +133,17 @@ class IntakeStage:
             (i.id, i.payment, int(i.arrived_at * 1000)) for i in group.items
         ]
         try:
-            await self._ledger.record_accepted(rows)
+            group.rivals = await self._ledger.record_accepted(rows)
         except Exception as exc:  # disk full, I/O error: every submitter in the group is told
             group.finish(exc)
             return
         self.groups_written += 1
         by_chain: dict[int, list[PendingItem]] = {}
-        for item in group.items:
+        accepted = [i for i in group.items if i.id not in group.rivals]  # rivals: not ours
+        for item in accepted:
             self._tracker.track(item)
             by_chain.setdefault(item.payment.chain_id, []).append(item)
-        self._tracker.accepted += len(group.items)
+        self._tracker.accepted += len(accepted)
         group.finish()
         for chain_id, items in by_chain.items():
             await self._batch_sends[chain_id].send(items)

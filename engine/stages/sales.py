@@ -37,12 +37,13 @@ from .verify import payment_identifier
 
 
 class _Group:
-    __slots__ = ("done", "error", "sales")
+    __slots__ = ("done", "error", "sales", "sold_elsewhere")
 
     def __init__(self) -> None:
         self.sales: list[Sale] = []
         self.done = trio.Event()
         self.error: BaseException | None = None
+        self.sold_elsewhere: set[int] = set()  # shared ledger: another instance sold these
 
 
 class SaleStatistics(msgspec.Struct, frozen=True):
@@ -64,8 +65,9 @@ class SaleWriter:
     def statistics(self) -> SaleStatistics:
         return SaleStatistics(self._sold, self._writes)
 
-    async def record(self, sale: Sale) -> None:
-        """Return once ``sale`` is in the ledger; raise what the write raised otherwise.
+    async def record(self, sale: Sale) -> bool:
+        """Return once ``sale`` is in the ledger (True), or another instance's sale of the
+        payment is (False: shared ledger); raise what the write raised otherwise.
         Uncancellable once queued (shielded): the seller learns whether it sold."""
         group = self._open
         if group is None:
@@ -76,6 +78,11 @@ class SaleWriter:
             await group.done.wait()
         if group.error is not None:
             raise group.error
+        return sale.payment_id not in group.sold_elsewhere
+
+    async def recorded(self, payment_id: int) -> Sale | None:
+        """The payment's recorded sale, by whichever instance made it."""
+        return await self._ledger.run(self._ledger.sync.sale, payment_id)
 
     async def run(self) -> None:
         group: _Group | None = None
@@ -87,7 +94,9 @@ class SaleWriter:
                 group, self._open = self._open, None
                 try:
                     at_ms = int(self._clock.now() * 1000)
-                    await self._ledger.run(self._ledger.sync.record_sales, group.sales, at_ms)
+                    group.sold_elsewhere = await self._ledger.run(
+                        self._ledger.sync.record_sales, group.sales, at_ms
+                    )
                 except Exception as exc:  # disk trouble: every seller in the group is told
                     group.error = exc
                 else:
@@ -245,11 +254,14 @@ class SalesDesk:
         if identifier is not None:
             self._identifiers.record_sale(rid, identifier, mode)
         try:
-            await self._writer.record(Sale(rid, mode, identifier))
+            ours = await self._writer.record(Sale(rid, mode, identifier))
         except Exception as exc:
             self._dedup.unmark_sold(payment)
             self._identifiers.forget_sale(rid)
             raise EngineError(f"the sale of payment {rid} could not be recorded: {exc}") from exc
+        if not ours:  # another instance answered success for it first
+            self._identifiers.forget_sale(rid)
+            return await self._sold_before(payment, rid, identifier)
         current = await self._status(rid)
         return SettleAnswer(
             True,
@@ -268,6 +280,10 @@ class SalesDesk:
         transaction = (current.tx_hash if current else None) or ""
         payer = hex_addr(payment.payer)
         sale = self._identifiers.sold_with(rid)
+        if sale is None and identifier is not None:  # sold by another instance, maybe
+            recorded = await self._writer.recorded(rid)
+            if recorded is not None and recorded.identifier is not None:
+                sale = (recorded.identifier, recorded.mode)
         if identifier is not None and sale is not None and sale[0] == identifier:
             # the same purchase asked again (payment-identifier): the stored answer
             return SettleAnswer(

@@ -12,6 +12,8 @@ ledger (write-ahead), and only then broadcast.
 from __future__ import annotations
 
 import logging
+import math
+from collections.abc import Awaitable, Callable
 
 import msgspec
 import trio
@@ -58,10 +60,20 @@ def triage(items: list[PendingItem], now: float) -> Triage:
 class BatchIds:
     """Allocates batch ids (one counter for all chains)."""
 
-    def __init__(self, first: int) -> None:
+    def __init__(
+        self,
+        first: int,
+        refill: Callable[[int], Awaitable[tuple[int, int]]] | None = None,
+        block: int = 64,
+    ) -> None:
         self._next = first
+        self._last = first - 1 if refill is not None else math.inf
+        self._refill = refill  # shared ledger: blocks no other instance gets
+        self._block = block
 
-    def next(self) -> int:
+    async def next(self) -> int:
+        if self._refill is not None and self._next > self._last:
+            self._next, self._last = await self._refill(self._block)
         value = self._next
         self._next += 1
         return value
@@ -345,8 +357,9 @@ class SubmitStage:
             max_fee_per_gas=fees.max_fee_per_gas,
             max_priority_fee_per_gas=fees.max_priority_fee_per_gas,
         )
+        batch_id = await self._batch_ids.next()
         record = BatchRecord(
-            id=self._batch_ids.next(),
+            id=batch_id,
             chain_id=self.chain.chain_id,
             mode=mode or self.chain.mode,
             signer=signer.address,
@@ -358,7 +371,7 @@ class SubmitStage:
             payment_ids=[i.id for i in items],
         )
         try:
-            await self._recorder.batch_sent(record, items)
+            await self._recorder.batch_sent(record, items, signer.lease_epoch)
         except BaseException:
             signer.next_nonce = signed.nonce  # nothing was recorded or sent: reuse the nonce
             self._slots.release()

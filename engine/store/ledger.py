@@ -35,6 +35,7 @@ from ..model import (
     Sale,
     hex_addr,
 )
+from .backend import LedgerBackend
 from .journal import Journal, JournalRow, SalvageReport, encode_frame
 
 T = TypeVar("T")
@@ -151,10 +152,14 @@ class LedgerBusy(RuntimeError):
 
 
 class Ledger:
-    """Synchronous DuckDB access. Use through :class:`AsyncLedger` from trio code.
+    """Synchronous DuckDB access (one process: the embedded backend). Use through
+    :class:`AsyncLedger` from trio code.
 
     ``journal``: keep a write-ahead journal beside the file (``<path>.journal/``) so accepted
     payments are durable without a DuckDB commit each (ignored for ``:memory:``)."""
+
+    concurrency = 1  # one DuckDB connection: calls run one at a time
+    instance_id = 0  # one process: no instances
 
     def __init__(
         self,
@@ -183,6 +188,7 @@ class Ledger:
         ).fetchone()
         assert row is not None
         self._seq = int(row[0])
+        self._next_free: int | None = None  # next payment id to reserve from
         self._owner: int | None = None
         self._staged: list[JournalRow] = []
         self._staged_lock = threading.Lock()
@@ -233,11 +239,12 @@ class Ledger:
             self.journal.release_through(max(r[0] for r in rows))
         return len(rows)
 
-    def insert_payments(self, rows: Sequence[JournalRow]) -> None:
+    def insert_payments(self, rows: Sequence[JournalRow]) -> dict[int, tuple[int, bool]]:
         """Record accepted payments ``(id, payment, accepted_at_ms)`` in DuckDB in one commit
-        (bypasses the journal: the engine goes through :meth:`AsyncLedger.record_accepted`)."""
+        (bypasses the journal: the engine goes through :meth:`AsyncLedger.record_accepted`).
+        Returns no rivals: one process owns this ledger, its dedup index is the whole truth."""
         if not rows:
-            return
+            return {}
         table = pa.Table.from_pydict(
             {
                 "id": [r[0] for r in rows],
@@ -257,6 +264,7 @@ class Ledger:
             schema=_PAYMENT_SCHEMA,
         )
         self._in_transaction(lambda: self._insert_arrow("payments", table, value_cols=("value",)))
+        return {}
 
     def append_events(self, events: Sequence[PaymentEvent], at_ms: int) -> None:
         self.flush_staged()
@@ -264,7 +272,11 @@ class Ledger:
             self._in_transaction(lambda: self._write_events(events, at_ms))
 
     def record_batch_sent(
-        self, batch: BatchRecord, events: Sequence[PaymentEvent], at_ms: int
+        self,
+        batch: BatchRecord,
+        events: Sequence[PaymentEvent],
+        at_ms: int,
+        lease_epoch: int | None = None,  # no leases: one process holds every signer
     ) -> None:
         """Write-ahead: the signed transaction and its items' ``submitted`` events, atomically."""
         self.flush_staged()
@@ -316,6 +328,17 @@ class Ledger:
             self._in_transaction(work)
         return self._id_ceiling()
 
+    def reserve_payment_ids(self, count: int, at_ms: int = 0) -> tuple[int, int]:
+        """The next ``count`` payment ids, reserved durably (:meth:`reserve_ids`)."""
+        if self._next_free is None:
+            row = self._con.execute("SELECT coalesce(max(id), 0) FROM payments").fetchone()
+            assert row is not None
+            self._next_free = max(int(row[0]), self._id_ceiling()) + 1
+        first = self._next_free
+        last = self.reserve_ids(first + count - 1, at_ms)
+        self._next_free = last + 1
+        return first, last
+
     def _id_ceiling(self) -> int:
         row = self._con.execute("SELECT coalesce(max(ceiling), 0) FROM id_reservations").fetchone()
         assert row is not None
@@ -334,12 +357,13 @@ class Ledger:
 
         self._in_transaction(work)
 
-    def record_sales(self, sales: Sequence[Sale], at_ms: int) -> None:
+    def record_sales(self, sales: Sequence[Sale], at_ms: int) -> set[int]:
         """Payments a /settle answered ``success`` for (one payment, one purchase), atomically.
-        Append-only: a payment appears here at most once."""
+        Append-only: a payment appears here at most once (the dedup index's sold mark decides;
+        one process owns the ledger, so no sale is ever another's: returns none)."""
         self.flush_staged()
         if not sales:
-            return
+            return set()
 
         def work() -> None:
             self._con.executemany(
@@ -348,10 +372,11 @@ class Ledger:
             )
 
         self._in_transaction(work)
+        return set()
 
     # -- reads ------------------------------------------------------------------------------
 
-    def live_sales(self, valid_before_min: int) -> list[Sale]:
+    def live_sales(self, valid_before_min: int, owners: Sequence[int] | None = None) -> list[Sale]:
         """Sales of payments whose authorization is still valid (their replays must be
         refused, and payment-identifier retries answered)."""
         self.flush_staged()
@@ -363,8 +388,16 @@ class Ledger:
         ).fetchall()
         return [Sale(int(r[0]), str(r[1]), r[2]) for r in rows]
 
-    def recover(self) -> Recovered:
-        """Everything not yet final: payments to queue again, batches to reconcile."""
+    def sale(self, payment_id: int) -> Sale | None:
+        self.flush_staged()
+        row = self._con.execute(
+            "SELECT payment_id, mode, identifier FROM sales WHERE payment_id = ?", [payment_id]
+        ).fetchone()
+        return None if row is None else Sale(int(row[0]), str(row[1]), row[2])
+
+    def recover(self, owners: Sequence[int] | None = None) -> Recovered:
+        """Everything not yet final: payments to queue again, batches to reconcile.
+        (``owners``: for the shared backend; here everything is this process's.)"""
         self.flush_staged()
         open_batches = self._open_batches()
         ids = self._con.execute(
@@ -373,6 +406,7 @@ class Ledger:
         ).fetchone()
         assert ids is not None
         next_payment_id = max(int(ids[0]), self._id_ceiling()) + 1  # ids never repeat
+        self._next_free = next_payment_id
         return Recovered(
             self._open_payments(),
             open_batches,
@@ -452,7 +486,9 @@ class Ledger:
                 out.setdefault(int(batch_id), []).append((str(tx_hash), bytes(raw)))
         return out
 
-    def live_final_payments(self, valid_before_min: int) -> list[tuple[int, Payment]]:
+    def live_final_payments(
+        self, valid_before_min: int, owners: Sequence[int] | None = None
+    ) -> list[tuple[int, Payment]]:
         """Final (settled or failed) payments whose authorization is still valid: their replay
         keys must stay known. (Open ones come from :meth:`recover`.)"""
         self.flush_staged()
@@ -630,24 +666,26 @@ class AsyncLedger:
     """Runs :class:`Ledger` calls in a worker thread, one at a time; journal appends run on a
     thread of their own so that an acknowledgement never waits behind a DuckDB commit."""
 
-    def __init__(self, ledger: Ledger, flush_rows: int = 20_000, *, threads: bool = True) -> None:
+    def __init__(
+        self, ledger: LedgerBackend, flush_rows: int = 20_000, *, threads: bool = True
+    ) -> None:
         assert flush_rows >= 1
         self.sync = ledger
         self.flush_rows = flush_rows
         # threads=False runs every call inline on the trio thread: slower, but with no thread
         # timing in the schedule (the seeded simulator's deterministic replays).
         self.threads = threads
-        self._limiter = trio.CapacityLimiter(1)
+        self._limiter = trio.CapacityLimiter(ledger.concurrency)
         self._journal_limiter = trio.CapacityLimiter(1)
         self._flush_wanted = trio.Event()
 
-    async def record_accepted(self, rows: Sequence[JournalRow]) -> None:
+    async def record_accepted(self, rows: Sequence[JournalRow]) -> dict[int, tuple[int, bool]]:
         """Make accepted payments durable: journal append + fdatasync (or, with no journal, a
-        DuckDB commit). Returns once they would survive a crash."""
+        database commit). Returns once they would survive a crash, with the rows another
+        instance recorded first (shared backend): row id -> (its record id, identical?)."""
         journal = self.sync.journal
         if journal is None:
-            await self.run(self.sync.insert_payments, rows)
-            return
+            return await self.run(self.sync.insert_payments, rows)
         frame = encode_frame(rows)
         max_id = max(r[0] for r in rows)
         if self.threads:
@@ -659,6 +697,7 @@ class AsyncLedger:
             await trio.lowlevel.checkpoint()
         if self.sync.stage(rows) >= self.flush_rows:
             self._flush_wanted.set()
+        return {}
 
     async def run_flusher(self, interval_s: float) -> None:
         """Move staged payments into DuckDB every ``interval_s`` or ``flush_rows``, whichever

@@ -1,0 +1,771 @@
+"""The PostgreSQL ledger: the shared store of many engine instances.
+
+Same records and guarantees as the DuckDB ledger (``ledger.py``), for a database every instance
+reaches:
+
+- **Acknowledged means committed.** An intake group is one multi-row ``INSERT`` and one commit
+  (``synchronous_commit`` on, checked at start), so group commit still amortises the round trip.
+  No journal: the database is the durable copy, and a lost machine loses nothing acknowledged.
+- **Dedup across instances.** The unique key on (chain, token, payer, nonce) is the truth; each
+  instance's in-memory index stays the fast path. ``INSERT ... ON CONFLICT DO NOTHING`` tells
+  which rows another instance recorded first: the identical payment is answered with that
+  record's id, a different one with the same key is refused.
+- **One sale per payment** across instances: ``sales`` is keyed by payment id.
+- **Instances and fencing.** Each engine registers an ``instances`` row and heartbeats it.
+  Every write transaction first takes a share lock on the writer's own row and checks nobody
+  has taken it over (``successor IS NULL``); a survivor's takeover updates that row, so it waits
+  for writes in flight and every later write of the superseded instance fails
+  (:class:`Superseded`). A paused instance that wakes up can neither acknowledge nor record a
+  batch, and records come before broadcasts: it cannot send with an account another instance
+  now holds. Signer accounts are leased per instance with an epoch (``signer_leases``), the
+  fencing token a batch record is checked against.
+- **Ids from blocks.** Payment and batch ids come from counters in blocks, so instances never
+  collide and ids never repeat.
+
+Times that decide liveness (heartbeats, lease expiry) are the database's ``now()``: instances'
+clocks need not agree. Every call runs in a trio worker thread (psycopg's sync API) on a
+connection from a ``psycopg_pool`` pool.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+import psycopg
+import psycopg_pool
+
+from ..model import (
+    BatchEvent,
+    BatchRecord,
+    OpenPayment,
+    Outcome,
+    Payment,
+    PaymentEvent,
+    Recovered,
+    Sale,
+    hex_addr,
+)
+from . import pg_schema
+from .journal import Journal, JournalRow, SalvageReport
+
+log = logging.getLogger("x402_engine.postgres")
+T = TypeVar("T")
+
+# A failed background write (events, batch records) is retried for this long while the
+# database is away (a restart, a failover); acknowledgements are never retried: the caller
+# is told, and the payer retries.
+RETRY_FOR_S = 120.0
+
+
+class SchemaMismatch(RuntimeError):
+    """The database's schema version is not the one this engine runs."""
+
+
+class Superseded(RuntimeError):
+    """Another instance has taken this instance's work over: it must stop writing."""
+
+
+class LeaseLost(RuntimeError):
+    """A signer account's lease is no longer this instance's (or has a newer epoch)."""
+
+
+def schema_version(con: psycopg.Connection[Any]) -> int:
+    exists = con.execute("SELECT to_regclass('schema_migrations') IS NOT NULL").fetchone()
+    if not exists or not exists[0]:
+        return 0
+    row = con.execute("SELECT coalesce(max(version), 0) FROM schema_migrations").fetchone()
+    return int(row[0]) if row else 0
+
+
+def migrate(dsn: str) -> list[int]:
+    """Apply every migration the database lacks, each in its own transaction; returns the
+    versions applied (none: already current). Safe to run from several hosts at once: an
+    advisory lock serialises them."""
+    applied: list[int] = []
+    with psycopg.connect(dsn, autocommit=True) as con:
+        con.execute("SELECT pg_advisory_lock(402402)")
+        try:
+            con.execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY,"
+                " name TEXT NOT NULL, applied_at TIMESTAMPTZ NOT NULL DEFAULT now())"
+            )
+            current = schema_version(con)
+            for version, name, sql in pg_schema.MIGRATIONS:
+                if version <= current:
+                    continue
+                with con.transaction():
+                    con.execute(sql.encode())
+                    con.execute(
+                        "INSERT INTO schema_migrations (version, name) VALUES (%s, %s)",
+                        [version, name],
+                    )
+                applied.append(version)
+        finally:
+            con.execute("SELECT pg_advisory_unlock(402402)")
+    return applied
+
+
+class PgLedger:
+    """Synchronous PostgreSQL access for one engine instance; use through
+    :class:`engine.store.ledger.AsyncLedger` (which runs calls in worker threads)."""
+
+    journal: Journal | None = None  # none: the database is the durable copy
+    replayed = 0
+    salvaged: SalvageReport | None = None
+    concurrency = 4  # calls in flight at once (each on its own pooled connection)
+
+    def __init__(self, dsn: str, *, name: str = "", lease_s: float = 10.0) -> None:
+        self.lease_s = lease_s
+        self.name = name or socket.gethostname()
+        self._pool = psycopg_pool.ConnectionPool(
+            dsn,
+            min_size=1,
+            max_size=self.concurrency + 1,
+            open=False,
+            kwargs={"autocommit": False},
+            name="x402-ledger",
+        )
+        self._pool.open(wait=True, timeout=30)
+        with self._pool.connection() as con:
+            version = schema_version(con)
+            if version != pg_schema.CURRENT:
+                raise SchemaMismatch(
+                    f"the PostgreSQL ledger is at schema version {version}, this engine runs"
+                    f" {pg_schema.CURRENT}: run `x402-engine ledger migrate --config ...` first"
+                    if version < pg_schema.CURRENT
+                    else f"the PostgreSQL ledger is at schema version {version}, newer than this"
+                    f" engine's {pg_schema.CURRENT}: run the newer engine"
+                )
+            sync = con.execute("SHOW synchronous_commit").fetchone()
+            if sync is None or sync[0] == "off":
+                raise SchemaMismatch(
+                    "synchronous_commit is off for the ledger's role/database: an acknowledged"
+                    " payment could be lost; set it to on (or remote_apply with replicas)"
+                )
+            con.commit()
+        self.instance_id = self._register()
+
+    # -- instances ----------------------------------------------------------------------------
+
+    def _register(self) -> int:
+        with self._tx() as con:
+            first, _ = _take_block(con, "instance", 1)
+            con.execute(
+                "INSERT INTO instances (id, name, host, pid) VALUES (%s, %s, %s, %s)",
+                [first, self.name, socket.gethostname(), os.getpid()],
+            )
+        log.info("registered as instance %d (%s)", first, self.name)
+        return first
+
+    def heartbeat(self) -> None:
+        """Prove this instance alive and renew its signer leases; raises :class:`Superseded`
+        once another instance took it over."""
+        with self._tx() as con:
+            row = con.execute(
+                "UPDATE instances SET heartbeat_at = now() WHERE id = %s RETURNING successor",
+                [self.instance_id],
+            ).fetchone()
+            if row is None or row[0] is not None:
+                raise Superseded(
+                    f"instance {self.instance_id} was taken over by instance"
+                    f" {row[0] if row else '?'} (its heartbeat was older than the lease)"
+                )
+            con.execute(
+                "UPDATE signer_leases SET expires_at = now() + make_interval(secs => %s)"
+                " WHERE instance_id = %s",
+                [self.lease_s, self.instance_id],
+            )
+
+    def lease_signers(self, chain_id: int, signers: Sequence[str], most: int) -> dict[str, int]:
+        """Lease up to ``most`` of ``signers`` that no live instance holds (or that this one
+        holds); returns signer -> epoch, the fencing token of each."""
+        out: dict[str, int] = {}
+        with self._tx() as con:
+            for signer in signers:
+                if len(out) >= most:
+                    break
+                row = con.execute(
+                    """
+                    INSERT INTO signer_leases (chain_id, signer, instance_id, epoch, expires_at)
+                    VALUES (%(c)s, %(s)s, %(me)s, 1, now() + make_interval(secs => %(l)s))
+                    ON CONFLICT (chain_id, signer) DO UPDATE
+                        SET instance_id = EXCLUDED.instance_id,
+                            epoch = signer_leases.epoch + 1,
+                            expires_at = EXCLUDED.expires_at
+                        WHERE signer_leases.expires_at < now()
+                           OR signer_leases.instance_id = EXCLUDED.instance_id
+                    RETURNING epoch
+                    """,
+                    {"c": chain_id, "s": signer.lower(), "me": self.instance_id, "l": self.lease_s},
+                ).fetchone()
+                if row is not None:
+                    out[signer] = int(row[0])
+        return out
+
+    def release(self) -> None:
+        """A clean stop: leases freed at once, the instance marked stopped. Its open work stays
+        recorded under it; the next instance with its name (or any survivor, after the lease)
+        takes it over."""
+        with self._tx() as con:
+            con.execute("DELETE FROM signer_leases WHERE instance_id = %s", [self.instance_id])
+            con.execute(
+                "UPDATE instances SET stopped_at = now(),"
+                " heartbeat_at = now() - make_interval(secs => %s) WHERE id = %s",
+                [self.lease_s * 2, self.instance_id],
+            )
+
+    def take_over(self, same_name_only: bool = False) -> list[int]:
+        """Take over instances whose heartbeat is older than the lease (``same_name_only``:
+        only earlier instances of this name, stopped or silent: a restart resumes its own
+        work). One survivor wins each (the row update is atomic). Returns the ids whose open
+        work is now this instance's: the taken ones and those they had taken before."""
+        with self._tx() as con:
+            self._check_alive(con)
+            if same_name_only:
+                rows = con.execute(
+                    "UPDATE instances SET successor = %(me)s, taken_over_at = now()"
+                    " WHERE successor IS NULL AND id <> %(me)s AND name = %(name)s"
+                    " AND (stopped_at IS NOT NULL OR heartbeat_at < now() - make_interval("
+                    "secs => %(l)s)) RETURNING id",
+                    {"me": self.instance_id, "name": self.name, "l": self.lease_s},
+                ).fetchall()
+            else:
+                rows = con.execute(
+                    "UPDATE instances SET successor = %(me)s, taken_over_at = now()"
+                    " WHERE successor IS NULL AND id <> %(me)s"
+                    " AND heartbeat_at < now() - make_interval(secs => %(l)s) RETURNING id",
+                    {"me": self.instance_id, "l": self.lease_s},
+                ).fetchall()
+            taken = [int(r[0]) for r in rows]
+            if not taken:
+                return []
+            owned = con.execute(
+                """
+                WITH RECURSIVE owned(id) AS (
+                    SELECT id FROM instances WHERE id = ANY(%s)
+                    UNION SELECT i.id FROM instances i JOIN owned o ON i.successor = o.id
+                )
+                SELECT id FROM owned ORDER BY id
+                """,
+                [taken],
+            ).fetchall()
+        log.warning("took over instance(s) %s", taken)
+        return [int(r[0]) for r in owned]
+
+    # -- writes -------------------------------------------------------------------------------
+
+    def insert_payments(self, rows: Sequence[JournalRow]) -> dict[int, tuple[int, bool]]:
+        """Record accepted payments in one statement and one commit. Returns, for each row
+        another instance recorded first (same chain, token, payer, nonce), that record's id
+        and whether it is the identical payment; the other rows are committed."""
+        if not rows:
+            return {}
+        payments = [r[1] for r in rows]
+        with self._tx() as con:
+            row = con.execute(
+                """
+                WITH alive AS (
+                    SELECT id FROM instances WHERE id = %(me)s AND successor IS NULL FOR SHARE
+                ), incoming AS (
+                    SELECT * FROM unnest(
+                        %(id)s::bigint[], %(at)s::bigint[], %(chain)s::bigint[], %(net)s::text[],
+                        %(ver)s::smallint[], %(token)s::text[], %(payer)s::text[],
+                        %(payee)s::text[], %(value)s::numeric[], %(va)s::numeric[],
+                        %(vb)s::numeric[], %(nonce)s::bytea[], %(sig)s::bytea[]
+                    ) AS u(id, at, chain, net, ver, token, payer, payee, value, va, vb, nonce, sig)
+                ), ins AS (
+                    INSERT INTO payments (id, instance_id, accepted_at_ms, chain_id, network,
+                        x402_version, token, payer, payee, value, valid_after, valid_before,
+                        nonce, signature)
+                    SELECT i.id, a.id, i.at, i.chain, i.net, i.ver, i.token, i.payer, i.payee,
+                           i.value, i.va, i.vb, i.nonce, i.sig
+                    FROM incoming i CROSS JOIN alive a
+                    ON CONFLICT ON CONSTRAINT payments_replay_key DO NOTHING
+                    RETURNING id
+                )
+                SELECT (SELECT count(*) FROM alive), (SELECT array_agg(id) FROM ins)
+                """,
+                {
+                    "me": self.instance_id,
+                    "id": [r[0] for r in rows],
+                    "at": [r[2] for r in rows],
+                    "chain": [p.chain_id for p in payments],
+                    "net": [p.network for p in payments],
+                    "ver": [p.x402_version for p in payments],
+                    "token": [hex_addr(p.token) for p in payments],
+                    "payer": [hex_addr(p.payer) for p in payments],
+                    "payee": [hex_addr(p.payee) for p in payments],
+                    "value": [str(p.value) for p in payments],
+                    "va": [str(p.valid_after) for p in payments],
+                    "vb": [str(p.valid_before) for p in payments],
+                    "nonce": [p.nonce for p in payments],
+                    "sig": [p.signature for p in payments],
+                },
+            ).fetchone()
+            assert row is not None
+            if not row[0]:
+                raise Superseded(f"instance {self.instance_id} was taken over: not recorded")
+            inserted = set(row[1] or [])
+            clashes = [(r[0], r[1]) for r in rows if r[0] not in inserted]
+            if not clashes:
+                return {}
+            return self._rival_records(con, clashes)
+
+    def _rival_records(
+        self, con: psycopg.Connection[Any], clashes: list[tuple[int, Payment]]
+    ) -> dict[int, tuple[int, bool]]:
+        found = con.execute(
+            """
+            SELECT p.id, p.chain_id, p.token, p.payer, p.nonce, p.payee, p.value::text,
+                   p.valid_after::text, p.valid_before::text, p.signature
+            FROM payments p JOIN unnest(%s::bigint[], %s::text[], %s::text[], %s::bytea[])
+                AS k(chain_id, token, payer, nonce)
+                ON p.chain_id = k.chain_id AND p.token = k.token AND p.payer = k.payer
+                   AND p.nonce = k.nonce
+            """,
+            [
+                [p.chain_id for _, p in clashes],
+                [hex_addr(p.token) for _, p in clashes],
+                [hex_addr(p.payer) for _, p in clashes],
+                [p.nonce for _, p in clashes],
+            ],
+        ).fetchall()
+        by_key = {(int(f[1]), f[2], f[3], bytes(f[4])): f for f in found}
+        out: dict[int, tuple[int, bool]] = {}
+        for rid, p in clashes:
+            f = by_key.get((p.chain_id, hex_addr(p.token), hex_addr(p.payer), p.nonce))
+            if f is None:  # cannot be: the conflict was on this key
+                raise RuntimeError(f"payment {rid}: replay key conflict but no record found")
+            same = (
+                f[5] == hex_addr(p.payee)
+                and int(f[6]) == p.value
+                and int(f[7]) == p.valid_after
+                and int(f[8]) == p.valid_before
+                and bytes(f[9]) == p.signature
+            )
+            out[rid] = (int(f[0]), same)
+        return out
+
+    def append_events(self, events: Sequence[PaymentEvent], at_ms: int) -> None:
+        if events:
+            self._retrying(lambda con: _write_events(con, events, at_ms))
+
+    def record_batch_sent(
+        self,
+        batch: BatchRecord,
+        events: Sequence[PaymentEvent],
+        at_ms: int,
+        lease_epoch: int | None = None,
+    ) -> None:
+        """Write-ahead, fenced: the signed transaction and its items' ``submitted`` events,
+        only while this instance holds the signer's lease at ``lease_epoch``."""
+
+        def work(con: psycopg.Connection[Any]) -> None:
+            if lease_epoch is not None:
+                held = con.execute(
+                    "SELECT 1 FROM signer_leases WHERE chain_id = %s AND signer = %s"
+                    " AND instance_id = %s AND epoch = %s FOR SHARE",
+                    [batch.chain_id, batch.signer.lower(), self.instance_id, lease_epoch],
+                ).fetchone()
+                if held is None:
+                    raise LeaseLost(
+                        f"signer {batch.signer} on chain {batch.chain_id} is no longer leased"
+                        f" to instance {self.instance_id} (epoch {lease_epoch})"
+                    )
+            con.execute(
+                "INSERT INTO batches (id, instance_id, chain_id, created_at_ms, mode, signer,"
+                " account_nonce, item_count, gas_limit, max_fee_per_gas, tx_hash, raw_tx,"
+                " payment_ids) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+                " ON CONFLICT (id) DO NOTHING",
+                [
+                    batch.id,
+                    self.instance_id,
+                    batch.chain_id,
+                    at_ms,
+                    batch.mode,
+                    batch.signer,
+                    batch.account_nonce,
+                    len(batch.payment_ids),
+                    batch.gas_limit,
+                    batch.max_fee_per_gas,
+                    batch.tx_hash,
+                    batch.raw_tx,
+                    batch.payment_ids,
+                ],
+            )
+            _write_batch_event(con, BatchEvent(batch.id, "sent", tx_hash=batch.tx_hash), at_ms)
+            _write_events(con, events, at_ms)
+
+        self._retrying(work, retry=lease_epoch is None)
+
+    def record_batch_final(
+        self, event: BatchEvent, events: Sequence[PaymentEvent], at_ms: int
+    ) -> None:
+        def work(con: psycopg.Connection[Any]) -> None:
+            _write_batch_event(con, event, at_ms)
+            _write_events(con, events, at_ms)
+
+        self._retrying(work)
+
+    def reserve_payment_ids(self, count: int, at_ms: int = 0) -> tuple[int, int]:
+        """A block of ``count`` payment ids no other instance gets: (first, last)."""
+        with self._tx() as con:
+            return _take_block(con, "payment", count)
+
+    def reserve_batch_ids(self, count: int) -> tuple[int, int]:
+        with self._tx() as con:
+            return _take_block(con, "batch", count)
+
+    def record_replacement(self, batch_id: int, tx_hash: str, raw_tx: bytes, at_ms: int) -> None:
+        self._retrying(
+            lambda con: con.execute(
+                "INSERT INTO batch_transactions (batch_id, at_ms, tx_hash, raw_tx)"
+                " VALUES (%s, %s, %s, %s)",
+                [batch_id, at_ms, tx_hash, raw_tx],
+            ),
+            retry=False,
+        )
+
+    def record_sales(self, sales: Sequence[Sale], at_ms: int) -> set[int]:
+        """Record sales; returns the payment ids another instance sold first (those rows are
+        not written: one payment, one purchase across instances)."""
+        if not sales:
+            return set()
+        with self._tx() as con:
+            rows = con.execute(
+                """
+                INSERT INTO sales (payment_id, at_ms, mode, identifier, instance_id)
+                SELECT u.pid, %s, u.mode, u.ident, %s
+                FROM unnest(%s::bigint[], %s::text[], %s::text[]) AS u(pid, mode, ident)
+                ON CONFLICT (payment_id) DO NOTHING
+                RETURNING payment_id
+                """,
+                [
+                    at_ms,
+                    self.instance_id,
+                    [s.payment_id for s in sales],
+                    [s.mode for s in sales],
+                    [s.identifier for s in sales],
+                ],
+            ).fetchall()
+        written = {int(r[0]) for r in rows}
+        return {s.payment_id for s in sales} - written
+
+    # -- reads --------------------------------------------------------------------------------
+
+    def live_sales(self, valid_before_min: int, owners: Sequence[int] | None = None) -> list[Sale]:
+        with self._read() as con:
+            rows = con.execute(
+                "SELECT s.payment_id, s.mode, s.identifier FROM sales s"
+                " JOIN payments p ON p.id = s.payment_id WHERE p.valid_before >= %s"
+                " AND p.instance_id = ANY(%s) ORDER BY s.payment_id",
+                [valid_before_min, list(owners or [self.instance_id])],
+            ).fetchall()
+        return [Sale(int(r[0]), str(r[1]), r[2]) for r in rows]
+
+    def sale(self, payment_id: int) -> Sale | None:
+        with self._read() as con:
+            row = con.execute(
+                "SELECT payment_id, mode, identifier FROM sales WHERE payment_id = %s",
+                [payment_id],
+            ).fetchone()
+        return None if row is None else Sale(int(row[0]), str(row[1]), row[2])
+
+    def recover(self, owners: Sequence[int] | None = None) -> Recovered:
+        """The open work of ``owners`` (default: this instance): payments to queue again,
+        batches to reconcile. Ids come from blocks, so the next-id fields are unused (0)."""
+        ids = list(owners or [self.instance_id])
+        with self._read() as con:
+            rows = con.execute(
+                """
+                WITH mine AS (SELECT * FROM payments WHERE instance_id = ANY(%(o)s)),
+                last AS (
+                    SELECT DISTINCT ON (e.payment_id) e.payment_id, e.state, e.batch_id
+                    FROM payment_events e JOIN mine m ON m.id = e.payment_id
+                    ORDER BY e.payment_id, e.seq DESC
+                )
+                SELECT p.id, p.accepted_at_ms, p.chain_id, p.network, p.x402_version,
+                       p.token, p.payer, p.payee, p.value::text, p.valid_after::text,
+                       p.valid_before::text, p.nonce, p.signature,
+                       coalesce(last.state, 'accepted'), last.batch_id
+                FROM mine p LEFT JOIN last ON p.id = last.payment_id
+                WHERE last.state IS NULL OR last.state NOT IN ('settled', 'failed')
+                ORDER BY p.id
+                """,
+                {"o": ids},
+            ).fetchall()
+            batch_rows = con.execute(
+                """
+                WITH last AS (
+                    SELECT DISTINCT ON (e.batch_id) e.batch_id, e.state
+                    FROM batch_events e JOIN batches b ON b.id = e.batch_id
+                    WHERE b.instance_id = ANY(%(o)s)
+                    ORDER BY e.batch_id, e.seq DESC
+                )
+                SELECT b.id, b.chain_id, b.mode, b.signer, b.account_nonce, b.gas_limit,
+                       b.max_fee_per_gas::text, b.tx_hash, b.raw_tx, b.payment_ids
+                FROM batches b JOIN last ON b.id = last.batch_id
+                WHERE last.state = 'sent' ORDER BY b.id
+                """,
+                {"o": ids},
+            ).fetchall()
+            batches = [
+                BatchRecord(
+                    id=int(r[0]),
+                    chain_id=int(r[1]),
+                    mode=str(r[2]),
+                    signer=str(r[3]),
+                    account_nonce=int(r[4]),
+                    gas_limit=int(r[5]),
+                    max_fee_per_gas=int(r[6]),
+                    tx_hash=str(r[7]),
+                    raw_tx=bytes(r[8]),
+                    payment_ids=[int(x) for x in r[9]],
+                )
+                for r in batch_rows
+            ]
+            replacements: dict[int, list[tuple[str, bytes]]] = {}
+            if batches:
+                for batch_id, tx_hash, raw in con.execute(
+                    "SELECT batch_id, tx_hash, raw_tx FROM batch_transactions"
+                    " WHERE batch_id = ANY(%s) ORDER BY batch_id, at_ms, tx_hash",
+                    [[b.id for b in batches]],
+                ).fetchall():
+                    replacements.setdefault(int(batch_id), []).append((str(tx_hash), bytes(raw)))
+        shared: dict[Any, Any] = {}
+        payments = [
+            OpenPayment(
+                id=int(r[0]),
+                accepted_at_ms=int(r[1]),
+                payment=_payment_from_row(r[2:13], shared),
+                state=shared.setdefault(r[13], r[13]),
+                batch_id=None if r[14] is None else int(r[14]),
+            )
+            for r in rows
+        ]
+        return Recovered(payments, batches, 0, 0, replacements)
+
+    def live_final_payments(
+        self, valid_before_min: int, owners: Sequence[int] | None = None
+    ) -> list[tuple[int, Payment]]:
+        with self._read() as con:
+            rows = con.execute(
+                "SELECT id, chain_id, network, x402_version, token, payer, payee, value::text,"
+                " valid_after::text, valid_before::text, nonce, signature FROM payments"
+                " WHERE valid_before >= %s AND instance_id = ANY(%s) AND id IN (SELECT"
+                " payment_id FROM payment_events WHERE state IN ('settled', 'failed'))"
+                " ORDER BY id",
+                [valid_before_min, list(owners or [self.instance_id])],
+            ).fetchall()
+        shared: dict[Any, Any] = {}
+        return [(int(r[0]), _payment_from_row(r[1:12], shared)) for r in rows]
+
+    def outcome(self, payment_id: int) -> Outcome | None:
+        with self._read() as con:
+            row = con.execute(
+                """
+                SELECT p.id, coalesce(e.state, 'accepted'), p.chain_id, p.payer, p.payee,
+                       p.value::text, e.tx_hash, e.block_number, e.gas_used, e.reason, e.message
+                FROM payments p LEFT JOIN LATERAL (
+                    SELECT * FROM payment_events WHERE payment_id = p.id
+                    ORDER BY seq DESC LIMIT 1
+                ) e ON true
+                WHERE p.id = %s
+                """,
+                [payment_id],
+            ).fetchone()
+        if row is None:
+            return None
+        return Outcome(
+            id=int(row[0]),
+            state=str(row[1]),
+            chain_id=int(row[2]),
+            payer=str(row[3]),
+            payee=str(row[4]),
+            value=int(row[5]),
+            tx_hash=row[6],
+            block_number=row[7],
+            gas_used=row[8],
+            reason=row[9],
+            message=row[10],
+        )
+
+    def history(self, payment_id: int) -> list[dict[str, Any]]:
+        with self._read() as con:
+            cur = con.execute(
+                "SELECT at_ms, state, batch_id, tx_hash, block_number, gas_used,"
+                " fee_wei::text AS fee_wei, reason, message"
+                " FROM payment_events WHERE payment_id = %s ORDER BY seq",
+                [payment_id],
+            )
+            names = [d.name for d in cur.description or []]
+            return [dict(zip(names, r, strict=True)) for r in cur.fetchall()]
+
+    def query(self, sql: str, params: Sequence[Any] | None = None) -> list[tuple[Any, ...]]:
+        return self.query_with_columns(sql, params)[1]
+
+    def query_with_columns(
+        self, sql: str, params: Sequence[Any] | None = None
+    ) -> tuple[list[str], list[tuple[Any, ...]]]:
+        """Read-only SQL (a read-only transaction: a report cannot change the ledger)."""
+        with self._pool.connection() as con:
+            con.read_only = True
+            try:
+                cur = con.execute(_qmark_to_format(sql) if params else sql, params or None)
+                names = [d.name for d in cur.description or []]
+                return names, cur.fetchall()
+            finally:
+                con.rollback()
+                con.read_only = False
+
+    def stage(self, rows: Sequence[JournalRow]) -> int:
+        raise AssertionError("no journal: payments are committed by insert_payments")
+
+    def staged_count(self) -> int:
+        return 0
+
+    def flush_staged(self) -> int:
+        return 0
+
+    def close(self) -> None:
+        """Release this instance's leases (a clean stop) and close the pool."""
+        try:
+            self.release()
+        except (psycopg.Error, Superseded) as exc:  # away or superseded: leases just expire
+            log.warning("could not release instance %d cleanly: %s", self.instance_id, exc)
+        self._pool.close()
+
+    # -- internals ----------------------------------------------------------------------------
+
+    @contextmanager
+    def _tx(self) -> Iterator[psycopg.Connection[Any]]:
+        """One transaction on a pooled connection, committed on success."""
+        with self._pool.connection() as con, con.transaction():
+            yield con
+
+    @contextmanager
+    def _read(self) -> Iterator[psycopg.Connection[Any]]:
+        with self._pool.connection() as con:
+            try:
+                yield con
+            finally:
+                con.rollback()
+
+    def _check_alive(self, con: psycopg.Connection[Any]) -> None:
+        row = con.execute(
+            "SELECT 1 FROM instances WHERE id = %s AND successor IS NULL FOR SHARE",
+            [self.instance_id],
+        ).fetchone()
+        if row is None:
+            raise Superseded(f"instance {self.instance_id} was taken over: nothing recorded")
+
+    def _retrying(
+        self, work: Callable[[psycopg.Connection[Any]], object], retry: bool = True
+    ) -> None:
+        """Run ``work`` in a fenced transaction; while the database is unreachable, retry
+        (``retry``) for up to :data:`RETRY_FOR_S` – events are facts about the chain that must
+        be recorded, and the engine waits rather than crash on a database restart."""
+        deadline = time.monotonic() + RETRY_FOR_S
+        delay = 0.1
+        while True:
+            try:
+                with self._tx() as con:
+                    self._check_alive(con)
+                    work(con)
+                return
+            except psycopg.OperationalError:
+                if not retry or time.monotonic() > deadline:
+                    raise
+                log.warning("ledger database unreachable; retrying in %.1f s", delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+
+def _take_block(con: psycopg.Connection[Any], name: str, count: int) -> tuple[int, int]:
+    row = con.execute(
+        "UPDATE counters SET value = value + %s WHERE name = %s RETURNING value", [count, name]
+    ).fetchone()
+    assert row is not None
+    last = int(row[0])
+    return last - count + 1, last
+
+
+def _write_events(con: psycopg.Connection[Any], events: Sequence[PaymentEvent], at_ms: int) -> None:
+    if not events:
+        return
+    con.execute(
+        """
+        INSERT INTO payment_events (payment_id, at_ms, state, batch_id, tx_hash, block_number,
+            gas_used, fee_wei, reason, message)
+        SELECT u.pid, %s, u.state, u.batch, u.tx, u.block, u.gas, u.fee, u.reason, u.message
+        FROM unnest(%s::bigint[], %s::text[], %s::bigint[], %s::text[], %s::bigint[],
+                    %s::bigint[], %s::numeric[], %s::text[], %s::text[])
+            WITH ORDINALITY AS u(pid, state, batch, tx, block, gas, fee, reason, message, n)
+        ORDER BY u.n
+        """,
+        [
+            at_ms,
+            [e.payment_id for e in events],
+            [e.state for e in events],
+            [e.batch_id for e in events],
+            [e.tx_hash for e in events],
+            [e.block_number for e in events],
+            [e.gas_used for e in events],
+            [None if e.fee_wei is None else str(e.fee_wei) for e in events],
+            [e.reason for e in events],
+            [e.message for e in events],
+        ],
+    )
+
+
+def _write_batch_event(con: psycopg.Connection[Any], event: BatchEvent, at_ms: int) -> None:
+    con.execute(
+        "INSERT INTO batch_events (batch_id, at_ms, state, tx_hash, block_number, gas_used,"
+        " effective_gas_price, message) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
+        [
+            event.batch_id,
+            at_ms,
+            event.state,
+            event.tx_hash,
+            event.block_number,
+            event.gas_used,
+            event.effective_gas_price,
+            event.message,
+        ],
+    )
+
+
+def _payment_from_row(r: Sequence[Any], shared: dict[Any, Any]) -> Payment:
+    """(chain_id, network, x402_version, token, payer, payee, value, valid_after, valid_before,
+    nonce, signature) with ``0x`` text addresses → Payment (raw bytes inside)."""
+
+    def addr(text: str) -> bytes:
+        raw: bytes | None = shared.get(text)
+        if raw is None:
+            raw = shared[text] = bytes.fromhex(text[2:])
+        return raw
+
+    return Payment(
+        chain_id=int(r[0]),
+        network=shared.setdefault(r[1], r[1]),
+        x402_version=int(r[2]),
+        token=addr(r[3]),
+        payer=addr(r[4]),
+        payee=addr(r[5]),
+        value=int(r[6]),
+        valid_after=int(r[7]),
+        valid_before=int(r[8]),
+        nonce=bytes(r[9]),
+        signature=bytes(r[10]),
+    )
+
+
+def _qmark_to_format(sql: str) -> str:
+    """Reports are written with DuckDB's ``?`` placeholders; psycopg takes ``%s``."""
+    return sql.replace("%", "%%").replace("?", "%s")

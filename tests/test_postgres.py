@@ -1,0 +1,200 @@
+"""The PostgreSQL ledger: the same guarantees as DuckDB, shared by several engine instances
+(a real PostgreSQL server and a real anvil)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import psycopg
+import pytest
+import trio
+
+from engine.chain.rpc import Rpc
+from engine.config import EngineConfig, LedgerConfig, PolicyConfig
+from engine.dev.devchain import Anvil, DevChain, engine_config, setup_devchain
+from engine.dev.loadgen import payment_v2
+from engine.engine import Engine
+from engine.model import Accepted, Rejected
+from engine.rules import reasons
+from engine.store import pg_schema
+from engine.store.postgres import PgLedger, SchemaMismatch, migrate
+
+from .chain import balances, count_authorization_used
+
+pytestmark = pytest.mark.chain
+VALUE = 1000
+
+
+def _pg_config(
+    dev: DevChain,
+    dsn: str,
+    name: str,
+    *,
+    lease_s: float = 10.0,
+    policy: PolicyConfig | None = None,
+    **chain: Any,
+) -> tuple[EngineConfig, dict[str, str]]:
+    config, env = engine_config(dev, ":unused:", policy=policy, **chain)
+    ledger = LedgerConfig(backend="postgres", instance_name=name, lease_s=lease_s)
+    env["X402_LEDGER_DSN"] = dsn
+    return msgspec.structs.replace(config, ledger=ledger), env
+
+
+def test_migrations_are_versioned_idempotent_and_checked_at_start(postgres: Any) -> None:
+    name = f"m{int(time.time() * 1000) % 10**9}"
+    with psycopg.connect(postgres.dsn, autocommit=True) as con:
+        con.execute(f"CREATE DATABASE {name}")
+    dsn = postgres.dsn.rsplit("/", 1)[0] + "/" + name
+    with pytest.raises(SchemaMismatch, match="ledger migrate"):
+        PgLedger(dsn)  # an empty database: refused, with the command that fixes it
+    assert migrate(dsn) == [v for v, _, _ in pg_schema.MIGRATIONS]
+    assert migrate(dsn) == []  # already current
+    ledger = PgLedger(dsn, name="a")
+    try:
+        assert ledger.instance_id >= 1
+    finally:
+        ledger.close()
+    with psycopg.connect(dsn, autocommit=True) as con:
+        con.execute("UPDATE schema_migrations SET version = version + 100")
+    with pytest.raises(SchemaMismatch, match="newer"):
+        PgLedger(dsn)
+
+
+async def test_one_instance_settles_on_postgres_like_on_duckdb(
+    anvil: Anvil, pg_dsn: str, tmp_path: Path
+) -> None:
+    dev = await setup_devchain(anvil.url, payers=20)
+    config, env = _pg_config(dev, pg_dsn, "solo")
+    keys = dev.payer_key_bytes()
+    payee = bytes.fromhex(dev.payee[2:])
+    now = int(time.time())
+    work = [payment_v2(dev.domain, keys[i % len(keys)], payee, VALUE, now) for i in range(60)]
+    rpc = Rpc(anvil.url)
+    before = (await balances(rpc, dev.token, [dev.payee]))[0]
+    async with Engine.open(config, environ=env) as engine:
+        results = await engine.submit_many(work)
+        assert all(isinstance(r, Accepted) and not r.duplicate for r in results)
+        again = await engine.submit(*work[0])  # the replay is the same record
+        first = results[0]
+        assert isinstance(again, Accepted) and isinstance(first, Accepted)
+        assert again.duplicate and again.id == first.id
+        await engine.drain(timeout_s=60)
+        assert engine.statistics().settled == 60
+        rows = await engine.query(
+            "SELECT count(*), count(DISTINCT p.id) FROM payments p"
+            " JOIN payment_events e ON e.payment_id = p.id WHERE e.state = 'settled'"
+        )
+        assert rows == [(60, 60)]
+    assert (await balances(rpc, dev.token, [dev.payee]))[0] - before == 60 * VALUE
+    # the ids handed out survive: a second start continues above them, with nothing open
+    async with Engine.open(config, environ=env) as engine:
+        fresh = await engine.submit(*payment_v2(dev.domain, keys[0], payee, VALUE, now))
+        assert isinstance(fresh, Accepted)
+        assert fresh.id > max(r.id for r in results if isinstance(r, Accepted))
+        await engine.drain(timeout_s=60)
+    await rpc.aclose()
+
+
+async def test_two_instances_accept_the_same_payment_once_and_sell_it_once(
+    anvil: Anvil, pg_dsn: str
+) -> None:
+    dev = await setup_devchain(anvil.url, payers=4, signers=2)
+    # the identical payment reaches both instances at once; each holds one of the two signers
+    config_a, env = _pg_config(dev, pg_dsn, "a", signers_per_instance=1)
+    config_b, _ = _pg_config(dev, pg_dsn, "b", signers_per_instance=1)
+    keys = dev.payer_key_bytes()
+    payee = bytes.fromhex(dev.payee[2:])
+    now = int(time.time())
+    same = [payment_v2(dev.domain, keys[i % 4], payee, VALUE, now) for i in range(40)]
+    rpc = Rpc(anvil.url)
+    before = (await balances(rpc, dev.token, [dev.payee]))[0]
+    async with Engine.open(config_a, environ=env) as a, Engine.open(config_b, environ=env) as b:
+        answers: dict[str, list[Accepted | Rejected]] = {}
+
+        async def send(name: str, engine: Engine) -> None:
+            answers[name] = await engine.submit_many(same)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(send, "a", a)
+            nursery.start_soon(send, "b", b)
+        for left, right in zip(answers["a"], answers["b"], strict=True):
+            assert isinstance(left, Accepted) and isinstance(right, Accepted), (left, right)
+            assert left.id == right.id  # one record
+            assert left.duplicate != right.duplicate  # exactly one of them recorded it
+        # a different authorization with a nonce only the other instance recorded: the
+        # database's unique key refuses it (b's own index has never seen the nonce)
+        solo = payment_v2(dev.domain, keys[0], payee, VALUE, now)
+        assert isinstance(await a.submit(*solo), Accepted)
+        nonce = bytes.fromhex(solo[0].payload.authorization.nonce[2:])
+        rival = payment_v2(dev.domain, keys[0], payee, VALUE + 1, now, nonce=nonce)
+        refused = await b.submit(*rival)
+        assert isinstance(refused, Rejected) and refused.reason == reasons.NONCE_USED
+        # ... and the identical one is that record
+        echo = await b.submit(*solo)
+        assert isinstance(echo, Accepted) and echo.duplicate
+        # one payment, one purchase across instances: of two settles, one success
+        settles = await _settle_both(a, b, same[1])
+        assert sorted(s.success for s in settles) == [False, True], settles
+        loser = next(s for s in settles if not s.success)
+        assert loser.reason == reasons.DUPLICATE_SETTLEMENT
+        await a.drain(timeout_s=60)
+        await b.drain(timeout_s=60)
+        settled = await a.query(
+            "SELECT count(DISTINCT payment_id) FROM payment_events WHERE state = 'settled'"
+        )
+        assert settled == [(41,)]
+    for payload, _ in same:
+        auth = payload.payload.authorization
+        payer, nonce = bytes.fromhex(auth.from_[2:]), bytes.fromhex(auth.nonce[2:])
+        assert await count_authorization_used(rpc, dev.token, payer, nonce) == 1
+    assert (await balances(rpc, dev.token, [dev.payee]))[0] - before == 41 * VALUE
+    await rpc.aclose()
+
+
+async def _settle_both(a: Engine, b: Engine, work: tuple[Any, Any]) -> list[Any]:
+    out: list[Any] = []
+
+    async def one(engine: Engine) -> None:
+        out.append(await engine.settle(*work))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(one, a)
+        nursery.start_soon(one, b)
+    return out
+
+
+async def test_a_silent_instance_is_taken_over_and_its_payments_settled(
+    anvil: Anvil, pg_dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dev = await setup_devchain(anvil.url, payers=10, signers=2)
+    # a: batches only after a long wait, so its payments are still unbatched when it dies
+    slow = PolicyConfig(max_batch_size=400, max_wait_ms=600_000)
+    config_a, env = _pg_config(dev, pg_dsn, "a", lease_s=1.0, policy=slow, signers_per_instance=1)
+    config_b, _ = _pg_config(dev, pg_dsn, "b", lease_s=1.0, signers_per_instance=1)
+    keys = dev.payer_key_bytes()
+    payee = bytes.fromhex(dev.payee[2:])
+    now = int(time.time())
+    work = [payment_v2(dev.domain, keys[i % 10], payee, VALUE, now) for i in range(30)]
+    rpc = Rpc(anvil.url)
+    before = (await balances(rpc, dev.token, [dev.payee]))[0]
+    async with Engine.open(config_b, environ=env) as b:
+        with trio.CancelScope() as crash:
+            async with Engine.open(config_a, environ=env) as a:
+                accepted = await a.submit_many(work)
+                assert all(isinstance(r, Accepted) for r in accepted)
+                # a "crash": no clean release, no more heartbeats
+                monkeypatch.setattr(PgLedger, "release", lambda self: None)
+                crash.cancel()
+        started = time.monotonic()
+        for result in accepted:
+            assert isinstance(result, Accepted)
+            outcome = await b.wait(result.id, timeout_s=60)
+            assert outcome.state == "settled", outcome
+        took = time.monotonic() - started
+        assert b._membership is not None and b._membership.takeovers == 1
+    assert took < 1.0 + 10.0, took  # the lease, then a poll and a batch
+    assert (await balances(rpc, dev.token, [dev.payee]))[0] - before == 30 * VALUE
+    await rpc.aclose()
