@@ -9,6 +9,7 @@ import signal
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import trio
@@ -202,20 +203,37 @@ def _sweep(args: argparse.Namespace) -> int:
     return trio.run(main)
 
 
+def _report_source(args: argparse.Namespace) -> tuple[Any, str]:
+    """What to report from: PostgreSQL straight (read-only, while instances serve), or the
+    DuckDB file (when no engine holds it)."""
+    from .cluster import dsn_from
+    from .config import load_config
+    from .store.ledger import Ledger
+
+    if args.config:
+        config = load_config(args.config)
+        if config.ledger.backend == "postgres":
+            from .store.postgres import PgReader
+
+            environ = {**os.environ, **read_env_file(args.env_file)}
+            return PgReader(dsn_from(config, environ)), f"PostgreSQL ({config.ledger.dsn_env})"
+        path = config.ledger.path
+    else:
+        path = args.ledger
+    if not Path(path).exists():
+        raise SystemExit(f"no ledger at {path}")
+    return Ledger(path), path  # replays the journal: acknowledged payments are all there
+
+
 def _report(args: argparse.Namespace) -> int:
     from rich.table import Table
 
-    from .config import load_config
-    from .store.ledger import Ledger
     from .store.report import build_report, chart, export
 
-    path = args.ledger or load_config(args.config).ledger.path
-    if not Path(path).exists():
-        raise SystemExit(f"no ledger at {path}")
-    ledger = Ledger(path)  # replays the journal: acknowledged payments are all there
+    source, where = _report_source(args)
     try:
-        columns, rows = build_report(ledger, args.by)
-        table = Table(title=f"x402 ledger {path}, by {args.by}")
+        columns, rows = build_report(source, args.by)
+        table = Table(title=f"x402 ledger {where}, by {args.by}")
         for name in columns:
             table.add_column(name, justify="left" if name == args.by else "right")
         for row in rows:
@@ -223,13 +241,31 @@ def _report(args: argparse.Namespace) -> int:
         Console().print(table)
         for target, fmt in ((args.csv, "csv"), (args.parquet, "parquet")):
             if target:
-                export(ledger, args.by, Path(target), fmt)  # type: ignore[arg-type]
+                export(source, args.by, Path(target), fmt)  # type: ignore[arg-type]
                 Console().print(f"wrote {target}")
         if args.chart:
-            chart(ledger, Path(args.chart), args.decimals)
+            chart(source, Path(args.chart), args.decimals)
             Console().print(f"wrote {args.chart}")
     finally:
-        ledger.close()
+        source.close()
+    return 0
+
+
+def _ledger_migrate(args: argparse.Namespace) -> int:
+    """Apply the PostgreSQL schema migrations the database lacks."""
+    from .cluster import dsn_from
+    from .config import ConfigError, load_config
+    from .store import pg_schema
+    from .store.postgres import migrate
+
+    config = load_config(args.config)
+    if config.ledger.backend != "postgres":
+        raise ConfigError('ledger migrate is for [ledger] backend = "postgres"')
+    applied = migrate(dsn_from(config, {**os.environ, **read_env_file(args.env_file)}))
+    if applied:
+        print(f"applied migration(s) {', '.join(map(str, applied))}; schema at {pg_schema.CURRENT}")
+    else:
+        print(f"schema already at {pg_schema.CURRENT}")
     return 0
 
 
@@ -355,8 +391,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     report = sub.add_parser("report", help="counts, amounts, gas and fees from the ledger")
     source = report.add_mutually_exclusive_group(required=True)
-    source.add_argument("--config", help="engine TOML: report on its [ledger] path")
-    source.add_argument("--ledger", help="a ledger file (not open in a running engine)")
+    source.add_argument("--config", help="engine TOML: report on its [ledger]")
+    source.add_argument("--ledger", help="a DuckDB ledger file (not open in a running engine)")
+    report.add_argument("--env-file", default=None, help="KEY=VALUE file, e.g. the ledger DSN")
     report.add_argument("--by", choices=["day", "payee", "payer", "status"], default="day")
     report.add_argument("--csv", default=None, help="also write the report as CSV here")
     report.add_argument("--parquet", default=None, help="also write the report as Parquet here")
@@ -371,6 +408,12 @@ def build_parser() -> argparse.ArgumentParser:
     salvage_source.add_argument("--config", help="engine TOML: its [ledger] path")
     salvage_source.add_argument("--ledger", help="a ledger file (the engine stopped)")
     salvage.set_defaults(func=_salvage_journal)
+
+    ledger = sub.add_parser("ledger", help="ledger administration (PostgreSQL schema, copy)")
+    ledger_sub = ledger.add_subparsers(dest="ledger_command", required=True)
+    migrate = ledger_sub.add_parser("migrate", help="apply PostgreSQL schema migrations")
+    _engine_arguments(migrate)
+    migrate.set_defaults(func=_ledger_migrate)
 
     bench = sub.add_parser("bench", help="run the benchmark scenarios (see benchmarks/)")
     bench.add_argument("--quick", action="store_true", help="small sizes, about a minute")
@@ -415,9 +458,12 @@ def main(argv: list[str] | None = None) -> int:
         filename=args.log_file,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    import psycopg
+
     from .config import ConfigError
     from .store.journal import JournalCorrupt
     from .store.ledger import LedgerBusy
+    from .store.postgres import LeaseLost, SchemaMismatch, Superseded
 
     try:
         code: int = args.func(args)
@@ -426,8 +472,11 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(leaf, ConfigError):  # the operator's input: one line, usage exit code
             print(f"x402-engine {args.command}: {leaf}", file=sys.stderr)
             return 2
-        if isinstance(leaf, JournalCorrupt | LedgerBusy):
+        if isinstance(leaf, JournalCorrupt | LedgerBusy | SchemaMismatch | Superseded | LeaseLost):
             print(f"x402-engine {args.command}: {leaf}", file=sys.stderr)
+            return 1
+        if isinstance(leaf, psycopg.OperationalError):
+            print(f"x402-engine {args.command}: the ledger database: {leaf}", file=sys.stderr)
             return 1
         raise
     return code

@@ -24,7 +24,7 @@ import msgspec
 
 from ..config import ServiceConfig
 from ..engine import Engine
-from ..model import hex_addr
+from ..model import EngineError, hex_addr
 from ..rules import reasons
 from ..stages.verify import probe_payer
 from .metrics import Families, Histogram, Metric, registry, render
@@ -160,7 +160,19 @@ class Facilitator:
             return 200, _encoder.encode(
                 SettleResponse(False, "", network, reasons.INVALID_VERSION, problem, payer)
             )
-        answer = await self.engine.settle(parsed.payment_payload, parsed.payment_requirements)
+        try:
+            answer = await self.engine.settle(parsed.payment_payload, parsed.payment_requirements)
+        except EngineError as exc:  # the ledger could not record it: not accepted, say so
+            return 503, _encoder.encode(
+                SettleResponse(
+                    False,
+                    "",
+                    network,
+                    reasons.UNEXPECTED_SETTLE,
+                    f"{exc}; the payment was not accepted, retry",
+                    probe_payer(parsed.payment_payload),
+                )
+            )
         extra: dict[str, Any] | None = None
         if answer.settlement_id is not None:
             extra = {"settlementId": answer.settlement_id}

@@ -303,9 +303,12 @@ class Ingest:
         async with self._id_lock:
             if self._next_id <= self._id_ceiling:
                 return  # another caller reserved meanwhile
-            first, last = await self._ledger.run(
-                self._ledger.sync.reserve_payment_ids, ID_BLOCK, int(self._clock.now() * 1000)
-            )
+            try:
+                first, last = await self._ledger.run(
+                    self._ledger.sync.reserve_payment_ids, ID_BLOCK, int(self._clock.now() * 1000)
+                )
+            except Exception as exc:  # the ledger is away: nothing can be accepted now
+                raise EngineError(f"ledger unavailable: {exc}") from exc
             if first != self._next_id:  # a shared ledger: another instance took the ids between
                 assert first > self._next_id, (first, self._next_id)
                 self._next_id = first

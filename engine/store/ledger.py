@@ -18,7 +18,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import duckdb
 import pyarrow as pa
@@ -159,6 +159,7 @@ class Ledger:
     payments are durable without a DuckDB commit each (ignored for ``:memory:``)."""
 
     concurrency = 1  # one DuckDB connection: calls run one at a time
+    dialect: Literal["duckdb"] = "duckdb"
     instance_id = 0  # one process: no instances
 
     def __init__(
@@ -556,12 +557,6 @@ class Ledger:
         self.flush_staged()
         cur = self._con.execute(sql, params or [])
         return [d[0] for d in cur.description or []], cur.fetchall()
-
-    def copy_to(self, sql: str, path: str | Path, options: str) -> None:
-        """DuckDB's COPY of a query's result to a file (CSV, Parquet)."""
-        self.flush_staged()
-        target = str(path).replace("'", "''")
-        self._con.execute(f"COPY ({sql}) TO '{target}' ({options})")
 
     # -- internals --------------------------------------------------------------------------
 

@@ -35,7 +35,7 @@ import socket
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import psycopg
 import psycopg_pool
@@ -119,6 +119,7 @@ class PgLedger:
     replayed = 0
     salvaged: SalvageReport | None = None
     concurrency = 4  # calls in flight at once (each on its own pooled connection)
+    dialect: Literal["postgres"] = "postgres"
 
     def __init__(self, dsn: str, *, name: str = "", lease_s: float = 10.0) -> None:
         self.lease_s = lease_s
@@ -685,6 +686,32 @@ class PgLedger:
                 log.warning("ledger database unreachable; retrying in %.1f s", delay)
                 time.sleep(delay)
                 delay = min(delay * 2, 5.0)
+
+
+class PgReader:
+    """Read-only access for reports and ad hoc SQL while instances serve (no registration, a
+    read-only transaction per query: nothing it runs can change the ledger)."""
+
+    dialect: Literal["postgres"] = "postgres"
+
+    def __init__(self, dsn: str) -> None:
+        self._con = psycopg.connect(dsn, autocommit=False)
+        self._con.read_only = True
+
+    def query_with_columns(
+        self, sql: str, params: Sequence[Any] | None = None
+    ) -> tuple[list[str], list[tuple[Any, ...]]]:
+        try:
+            cur = self._con.execute(_qmark_to_format(sql) if params else sql, params or None)
+            return [d.name for d in cur.description or []], cur.fetchall()
+        finally:
+            self._con.rollback()
+
+    def query(self, sql: str, params: Sequence[Any] | None = None) -> list[tuple[Any, ...]]:
+        return self.query_with_columns(sql, params)[1]
+
+    def close(self) -> None:
+        self._con.close()
 
 
 def _take_block(con: psycopg.Connection[Any], name: str, count: int) -> tuple[int, int]:

@@ -1,34 +1,53 @@
 """``x402-engine report``: what was accepted, settled and left uncollected, straight from the
-DuckDB ledger, grouped by day, payee, payer or status; CSV and Parquet exports and a PNG of
-accepted versus settled value over time.
+ledger (DuckDB or PostgreSQL, or a running service's), grouped by day, payee, payer or status;
+CSV and Parquet exports and a PNG of accepted versus settled value over time.
 
 Amounts are exact: token base units as DECIMAL(38, 0) (never floats), gas as integers, fees in
 wei. "Uncollected" is the value of payments that ended failed (an expired authorization, a payer
 who spent or cancelled before the sweep). Run it on a ledger no engine has open (DuckDB allows one
-writer per file); opening it replays the journal first, so nothing acknowledged is missing.
+writer per file: while ``serve`` runs, the CLI asks the service instead); opening it replays the
+journal first, so nothing acknowledged is missing. The SQL is written once for both databases:
+only the day key and integer division differ (:data:`DIALECTS`).
 """
 
 from __future__ import annotations
 
+import csv
 from pathlib import Path
-from typing import Any, Literal
-
-from .ledger import Ledger
+from typing import Any, Literal, Protocol
 
 GroupBy = Literal["day", "payee", "payer", "status"]
+Dialect = Literal["duckdb", "postgres"]
 
-_KEYS: dict[str, str] = {
-    "day": "strftime(to_timestamp(accepted_at_ms / 1000), '%Y-%m-%d')",
-    "payee": "payee",
-    "payer": "payer",
-    "status": "state",
+
+class Source(Protocol):
+    """Where a report reads from: a ledger, a read-only PostgreSQL client, a running service."""
+
+    @property
+    def dialect(self) -> Dialect: ...
+
+    def query_with_columns(
+        self, sql: str, params: list[Any] | None = None
+    ) -> tuple[list[str], list[tuple[Any, ...]]]: ...
+
+
+DIALECTS: dict[Dialect, dict[str, str]] = {
+    "duckdb": {
+        "day": "strftime(to_timestamp(accepted_at_ms / 1000), '%Y-%m-%d')",
+        "div": "//",
+    },
+    "postgres": {
+        "day": "to_char(to_timestamp(accepted_at_ms / 1000.0) AT TIME ZONE 'UTC', 'YYYY-MM-DD')",
+        "div": "/",  # both sides are integers (BIGINT, NUMERIC(38,0) truncated below)
+    },
 }
 
 _CURRENT = """
-WITH last AS (
-    SELECT payment_id, state, reason, gas_used, fee_wei, at_ms FROM payment_events
-    QUALIFY row_number() OVER (PARTITION BY payment_id ORDER BY seq DESC) = 1
-)
+WITH ranked AS (
+    SELECT payment_id, state, reason, gas_used, fee_wei, at_ms,
+           row_number() OVER (PARTITION BY payment_id ORDER BY seq DESC) AS rn
+    FROM payment_events
+), last AS (SELECT * FROM ranked WHERE rn = 1)
 SELECT p.id, p.accepted_at_ms, p.chain_id, p.token, p.payer, p.payee, p.value,
        coalesce(last.state, 'accepted') AS state, last.reason, last.gas_used, last.fee_wei,
        last.at_ms AS final_at_ms
@@ -36,9 +55,11 @@ FROM payments p LEFT JOIN last ON last.payment_id = p.id
 """
 
 
-def report_sql(group_by: GroupBy) -> str:
+def report_sql(group_by: GroupBy, dialect: Dialect = "duckdb") -> str:
     """One row per group: counts, exact amounts, gas and fee per settled payment."""
-    key = _KEYS[group_by]
+    key = {"payee": "payee", "payer": "payer", "status": "state"}.get(group_by)
+    key = key or DIALECTS[dialect]["day"]
+    div = DIALECTS[dialect]["div"]
     return f"""
     WITH cur AS ({_CURRENT})
     SELECT {key} AS {group_by},
@@ -54,31 +75,62 @@ def report_sql(group_by: GroupBy) -> str:
            coalesce(sum(value) FILTER (WHERE state NOT IN ('settled', 'failed')), 0)
                ::DECIMAL(38, 0) AS pending_value,
            coalesce(sum(gas_used) FILTER (WHERE state = 'settled'), 0)::BIGINT AS gas_used,
-           (coalesce(sum(gas_used) FILTER (WHERE state = 'settled'), 0)
-               // greatest(count(*) FILTER (WHERE state = 'settled'), 1))::BIGINT
+           (coalesce(sum(gas_used) FILTER (WHERE state = 'settled'), 0)::BIGINT
+               {div} greatest(count(*) FILTER (WHERE state = 'settled'), 1))::BIGINT
                AS gas_per_settled_payment,
            coalesce(sum(fee_wei) FILTER (WHERE state = 'settled'), 0)::DECIMAL(38, 0) AS fee_wei,
-           (coalesce(sum(fee_wei) FILTER (WHERE state = 'settled'), 0)
-               // greatest(count(*) FILTER (WHERE state = 'settled'), 1))::DECIMAL(38, 0)
+           trunc(coalesce(sum(fee_wei) FILTER (WHERE state = 'settled'), 0)::DECIMAL(38, 0)
+               / greatest(count(*) FILTER (WHERE state = 'settled'), 1))::DECIMAL(38, 0)
                AS fee_wei_per_settled_payment
     FROM cur GROUP BY 1 ORDER BY 1
     """
 
 
-def build_report(ledger: Ledger, group_by: GroupBy) -> tuple[list[str], list[tuple[Any, ...]]]:
-    columns, rows = ledger.query_with_columns(report_sql(group_by))
-    return columns, rows
+def build_report(source: Source, group_by: GroupBy) -> tuple[list[str], list[tuple[Any, ...]]]:
+    columns, rows = source.query_with_columns(report_sql(group_by, source.dialect))
+    return columns, [tuple(_exact(v) for v in row) for row in rows]
 
 
-def export(ledger: Ledger, group_by: GroupBy, path: Path, fmt: Literal["csv", "parquet"]) -> None:
-    """Write the report with DuckDB's own COPY (exact decimals in both formats)."""
-    options = "FORMAT CSV, HEADER" if fmt == "csv" else "FORMAT PARQUET"
-    ledger.copy_to(report_sql(group_by), path, options)
+def _exact(value: Any) -> Any:
+    """Whole decimals as int (both databases return Decimal for DECIMAL(38, 0))."""
+    if hasattr(value, "as_integer_ratio") and not isinstance(value, int | float):
+        numerator, denominator = value.as_integer_ratio()
+        if denominator == 1:
+            return int(numerator)
+    return value
 
 
-def value_over_time(ledger: Ledger) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+def export(source: Source, group_by: GroupBy, path: Path, fmt: Literal["csv", "parquet"]) -> None:
+    """Write the report as CSV or Parquet, amounts exact (Parquet: DECIMAL(38, 0))."""
+    columns, rows = build_report(source, group_by)
+    if fmt == "csv":
+        with open(path, "w", newline="") as out:
+            writer = csv.writer(out)
+            writer.writerow(columns)
+            writer.writerows(rows)
+        return
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    arrays: list[Any] = []
+    for i, name in enumerate(columns):
+        values = [row[i] for row in rows]
+        if name == group_by:
+            arrays.append(pa.array([str(v) for v in values], pa.string()))
+        else:
+            arrays.append(pa.array([_decimal(v) for v in values], pa.decimal128(38, 0)))
+    pq.write_table(pa.Table.from_arrays(arrays, names=columns), path)
+
+
+def _decimal(value: Any) -> Any:
+    import decimal
+
+    return decimal.Decimal(int(value))
+
+
+def value_over_time(source: Source) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
     """(ms, value) of every acceptance and of every settlement, in time order."""
-    _, rows = ledger.query_with_columns(
+    _, rows = source.query_with_columns(
         f"WITH cur AS ({_CURRENT}) SELECT accepted_at_ms, value::VARCHAR, state, final_at_ms"
         " FROM cur"
     )
@@ -87,7 +139,7 @@ def value_over_time(ledger: Ledger) -> tuple[list[tuple[int, int]], list[tuple[i
     return accepted, settled
 
 
-def chart(ledger: Ledger, path: Path, decimals: int = 6) -> None:
+def chart(source: Source, path: Path, decimals: int = 6) -> None:
     """PNG: cumulative accepted and settled value over time (whole tokens), hours from midnight
     UTC of the first acceptance."""
     import time
@@ -97,7 +149,7 @@ def chart(ledger: Ledger, path: Path, decimals: int = 6) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    accepted, settled = value_over_time(ledger)
+    accepted, settled = value_over_time(source)
     origin_ms = (accepted[0][0] // 86_400_000) * 86_400_000 if accepted else 0
     fig, ax = plt.subplots(figsize=(9, 4.5))
     for series, label in ((accepted, "accepted"), (settled, "settled")):
