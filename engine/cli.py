@@ -157,14 +157,107 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    """Open the engine on its ledger, settle everything waiting now, show progress, report."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
-
+    """Settle everything waiting now: through the running service (DuckDB ledger held by
+    ``serve``), through every live instance (PostgreSQL), or by opening the engine itself."""
     from .config import load_config
-    from .engine import Engine
+    from .store.ledger import LedgerBusy
 
     config = load_config(args.config)
     environ = {**os.environ, **read_env_file(args.env_file)}
+    if config.ledger.backend == "postgres":
+        return _sweep_cluster(args, config, environ)
+    try:
+        return _sweep_local(args, config, environ)
+    except BaseException as exc:
+        if not isinstance(_single(exc), LedgerBusy):
+            raise
+    return _sweep_service(args, config, environ)  # serve holds the ledger: ask it
+
+
+def _service_client(config: Any, environ: dict[str, str], url: str | None) -> Any:
+    """An HTTP client for the running service's /admin endpoints (its bearer token, if any)."""
+    import httpx
+
+    from .service.app import effective_bind
+
+    base = url or "http://" + effective_bind(config.service, None, environ)
+    headers = {}
+    if config.service.bearer_token_env and environ.get(config.service.bearer_token_env):
+        headers["authorization"] = "Bearer " + environ[config.service.bearer_token_env]
+    return httpx.Client(base_url=base, headers=headers, timeout=60)
+
+
+def _sweep_service(args: argparse.Namespace, config: Any, environ: dict[str, str]) -> int:
+    console = Console()
+    with _service_client(config, environ, args.url) as client:
+        answer = client.post("/admin/sweep", json={"payee": args.payee})
+        answer.raise_for_status()
+        console.print(f"{answer.json()['waiting']:,} payments waiting; settling (via the service)")
+        with _deadline(args.timeout):
+            while True:
+                progress = client.get("/admin/progress").json()
+                queued = sum(
+                    n
+                    for key, n in progress["queued"].items()
+                    if args.payee is None or key.split(":", 1)[1] in ("*", args.payee.lower())
+                )
+                if queued == 0 and progress["inflightBatches"] == 0:
+                    break
+                time.sleep(0.5)
+    console.print(
+        f"done: {progress['settled']:,} settled since the service started; failed:"
+        f" {progress['failed'] or 'none'}"
+    )
+    return 0
+
+
+def _sweep_cluster(args: argparse.Namespace, config: Any, environ: dict[str, str]) -> int:
+    """PostgreSQL: a sweep command every live instance runs on its next heartbeat; then wait
+    until nothing of the payee (or anyone) is open, cluster-wide."""
+    from .cluster import dsn_from
+    from .store.postgres import command_progress, issue_command
+
+    console = Console()
+    dsn = dsn_from(config, environ)
+    payee = args.payee.lower() if args.payee else None
+    command = issue_command(dsn, "sweep", payee)
+    with _deadline(args.timeout):
+        while True:
+            progress = command_progress(dsn, command, config.ledger.lease_s, payee)
+            if progress.acked >= progress.live and progress.open == 0:
+                break
+            time.sleep(0.5)
+    console.print(
+        f"swept by {progress.acked} live instance(s): {progress.waiting:,} payments were waiting;"
+        " none open now"
+    )
+    return 0
+
+
+class _deadline:
+    """``with _deadline(seconds):`` raise TimeoutError (one line from main) when exceeded, for
+    the blocking polling loops above."""
+
+    def __init__(self, seconds: float) -> None:
+        self._seconds = seconds
+
+    def __enter__(self) -> None:
+        signal.signal(signal.SIGALRM, self._expired)
+        signal.setitimer(signal.ITIMER_REAL, self._seconds)
+
+    def __exit__(self, *_: object) -> None:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+
+    def _expired(self, *_: object) -> None:
+        raise TimeoutError(f"not finished within {self._seconds:g} s (--timeout)")
+
+
+def _sweep_local(args: argparse.Namespace, config: Any, environ: dict[str, str]) -> int:
+    """Open the engine on its ledger, settle everything waiting now, show progress, report."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    from .engine import Engine
+
     console = Console()
 
     async def main() -> int:
@@ -204,25 +297,57 @@ def _sweep(args: argparse.Namespace) -> int:
 
 
 def _report_source(args: argparse.Namespace) -> tuple[Any, str]:
-    """What to report from: PostgreSQL straight (read-only, while instances serve), or the
-    DuckDB file (when no engine holds it)."""
+    """What to report from: PostgreSQL straight (read-only, while instances serve), the DuckDB
+    file when no engine holds it, else the running service that does."""
     from .cluster import dsn_from
     from .config import load_config
-    from .store.ledger import Ledger
+    from .store.ledger import Ledger, LedgerBusy
 
-    if args.config:
-        config = load_config(args.config)
-        if config.ledger.backend == "postgres":
-            from .store.postgres import PgReader
+    config = load_config(args.config) if args.config else None
+    environ = {**os.environ, **read_env_file(args.env_file)}
+    if config is not None and config.ledger.backend == "postgres":
+        from .store.postgres import PgReader
 
-            environ = {**os.environ, **read_env_file(args.env_file)}
-            return PgReader(dsn_from(config, environ)), f"PostgreSQL ({config.ledger.dsn_env})"
-        path = config.ledger.path
-    else:
-        path = args.ledger
+        return PgReader(dsn_from(config, environ)), f"PostgreSQL ({config.ledger.dsn_env})"
+    path = config.ledger.path if config is not None else args.ledger
     if not Path(path).exists():
         raise SystemExit(f"no ledger at {path}")
-    return Ledger(path), path  # replays the journal: acknowledged payments are all there
+    try:
+        return Ledger(path), path  # replays the journal: acknowledged payments are all there
+    except LedgerBusy:
+        if config is None:
+            raise
+    client = _service_client(config, environ, args.url)
+    return ServiceSource(client), f"{path} (through the service at {client.base_url})"
+
+
+class ServiceSource:
+    """Report SQL through a running service's ``/admin/query`` (it holds the DuckDB file)."""
+
+    dialect = "duckdb"
+
+    def __init__(self, client: Any) -> None:
+        self._client = client
+
+    def query_with_columns(
+        self, sql: str, params: list[Any] | None = None
+    ) -> tuple[list[str], list[tuple[Any, ...]]]:
+        answer = self._client.post("/admin/query", json={"sql": sql, "params": params or []})
+        if answer.status_code != 200:
+            raise SystemExit(f"the service refused the query ({answer.status_code}): {answer.text}")
+        doc = answer.json()
+        rows = [tuple(_number(v) for v in row) for row in doc["rows"]]
+        return doc["columns"], rows
+
+    def close(self) -> None:
+        self._client.close()
+
+
+def _number(value: Any) -> Any:
+    """Exact amounts come as digit strings (JSON numbers stop at 2^53)."""
+    if isinstance(value, str) and value.lstrip("-").isdigit():
+        return int(value)
+    return value
 
 
 def _report(args: argparse.Namespace) -> int:
@@ -387,6 +512,9 @@ def build_parser() -> argparse.ArgumentParser:
     _engine_arguments(sweep)
     sweep.add_argument("--payee", default=None, help="only this payee's payments")
     sweep.add_argument("--timeout", type=float, default=3600.0, help="seconds")
+    sweep.add_argument(
+        "--url", default=None, help="the serving engine (default: [service] host and port)"
+    )
     sweep.set_defaults(func=_sweep)
 
     report = sub.add_parser("report", help="counts, amounts, gas and fees from the ledger")
@@ -394,6 +522,9 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--config", help="engine TOML: report on its [ledger]")
     source.add_argument("--ledger", help="a DuckDB ledger file (not open in a running engine)")
     report.add_argument("--env-file", default=None, help="KEY=VALUE file, e.g. the ledger DSN")
+    report.add_argument(
+        "--url", default=None, help="the serving engine (default: [service] host and port)"
+    )
     report.add_argument("--by", choices=["day", "payee", "payer", "status"], default="day")
     report.add_argument("--csv", default=None, help="also write the report as CSV here")
     report.add_argument("--parquet", default=None, help="also write the report as Parquet here")
@@ -458,6 +589,7 @@ def main(argv: list[str] | None = None) -> int:
         filename=args.log_file,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    import httpx
     import psycopg
 
     from .config import ConfigError
@@ -472,11 +604,17 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(leaf, ConfigError):  # the operator's input: one line, usage exit code
             print(f"x402-engine {args.command}: {leaf}", file=sys.stderr)
             return 2
-        if isinstance(leaf, JournalCorrupt | LedgerBusy | SchemaMismatch | Superseded | LeaseLost):
+        if isinstance(
+            leaf,
+            JournalCorrupt | LedgerBusy | SchemaMismatch | Superseded | LeaseLost | TimeoutError,
+        ):
             print(f"x402-engine {args.command}: {leaf}", file=sys.stderr)
             return 1
         if isinstance(leaf, psycopg.OperationalError):
             print(f"x402-engine {args.command}: the ledger database: {leaf}", file=sys.stderr)
+            return 1
+        if isinstance(leaf, httpx.TransportError | httpx.HTTPStatusError):
+            print(f"x402-engine {args.command}: the running service: {leaf}", file=sys.stderr)
             return 1
         raise
     return code

@@ -76,10 +76,13 @@ class Membership:
         ledger: AsyncLedger,
         shared: PgLedger,
         adopt: Callable[[list[int]], Awaitable[None]],
+        sweep: Callable[[str | None], int],
     ) -> None:
         self._ledger = ledger
         self._shared = shared
         self._adopt = adopt
+        self._sweep = sweep  # settle everything waiting (of a payee) now; returns how many
+        self._last_command: int | None = None
         self.takeovers = 0
         self.taken: list[int] = []
 
@@ -91,10 +94,12 @@ class Membership:
         lease_s = self._shared.lease_s
         beat = lease_s / 4
         since_scan = 0.0
+        self._last_command = await self._ledger.run(self._shared.last_command)
         while True:
             await trio.sleep(beat)
             try:
                 await self._ledger.run(self._shared.heartbeat)
+                await self._run_commands()
                 since_scan += beat
                 if since_scan < lease_s / 2:
                     continue
@@ -107,3 +112,13 @@ class Membership:
                 self.takeovers += 1
                 self.taken += owners
                 await self._adopt(owners)
+
+    async def _run_commands(self) -> None:
+        """Operator commands from ``x402-engine sweep`` (every live instance runs each once)."""
+        assert self._last_command is not None
+        commands = await self._ledger.run(self._shared.commands_since, self._last_command)
+        for command_id, kind, payee in commands:
+            waiting = self._sweep(payee) if kind == "sweep" else 0
+            await self._ledger.run(self._shared.ack_command, command_id, waiting)
+            self._last_command = command_id
+            log.info("ran %s (payee %s): %d payments waiting", kind, payee or "all", waiting)

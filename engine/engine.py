@@ -194,7 +194,9 @@ class Engine:
             nursery.start_soon(self._sweep_dedup)
             shared = self._shared()
             if shared is not None:
-                self._membership = cluster.Membership(self._ledger, shared, self._adopt_instances)
+                self._membership = cluster.Membership(
+                    self._ledger, shared, self._adopt_instances, self.settle_now
+                )
                 nursery.start_soon(self._membership.run)
             try:
                 yield self
@@ -516,6 +518,16 @@ class Engine:
     async def query(self, sql: str, params: list[Any] | None = None) -> list[tuple[Any, ...]]:
         """Read-only SQL against the ledger (reports, tests)."""
         return await self._ledger.run(self._ledger.sync.query, sql, params)
+
+    async def query_with_columns(
+        self, sql: str, params: list[Any] | None = None
+    ) -> tuple[list[str], list[tuple[Any, ...]]]:
+        """Read-only SQL with column names (the service's /admin/query)."""
+        return await self._ledger.run(self._ledger.sync.query_with_columns, sql, params)
+
+    def ledger_dialect(self) -> str:
+        """``duckdb`` or ``postgres``: the SQL an ad hoc query is written in."""
+        return "postgres" if self._shared() is not None else "duckdb"
 
 
 __all__ = ["Engine", "RpcUnavailable"]

@@ -173,6 +173,8 @@ class App:
             if route == "verify":
                 return route, await f.verify(body)
             return route, await f.settle(body)
+        if path.startswith("/admin/"):
+            return "admin", await self._admin(scope, receive, path.removeprefix("/admin/"))
         if method != "GET":
             return "other", error(405, "use GET")
         if path == "/supported":
@@ -184,6 +186,23 @@ class App:
         if path == "/metrics":
             return "metrics", f.metrics()
         return "other", error(404, "not found")
+
+    async def _admin(self, scope: Scope, receive: Receive, what: str) -> Response:
+        """Operations while serving (report, sweep, ad hoc SQL), behind the bearer token when
+        one is configured (and the service never listens beyond loopback without one)."""
+        if not self._authorized(scope):
+            return error(401, "missing or wrong bearer token")
+        f = self.facilitator
+        if what == "progress":
+            return f.admin_progress() if scope["method"] == "GET" else error(405, "use GET")
+        if what not in ("query", "sweep"):
+            return error(404, "not found")
+        if scope["method"] != "POST":
+            return error(405, "use POST")
+        body = await self._read_body(receive)
+        if body is None:
+            return error(413, f"request body too large (limit {self.config.body_max_bytes} bytes)")
+        return await f.admin_query(body) if what == "query" else f.admin_sweep(body)
 
 
 def hypercorn_config(

@@ -107,6 +107,28 @@ def _version_problem(request: FacilitatorRequest) -> str | None:
     return None
 
 
+class AdminQuery(msgspec.Struct, forbid_unknown_fields=True):
+    sql: str
+    params: list[Any] = msgspec.field(default_factory=list)
+
+
+class AdminSweep(msgspec.Struct, forbid_unknown_fields=True):
+    payee: str | None = None
+
+
+def _plain(value: Any) -> Any:
+    """A database value as JSON: exact decimals and integers beyond 2^53 as strings."""
+    if isinstance(value, bool) or value is None or isinstance(value, float | str):
+        return value
+    if isinstance(value, int):
+        return value if abs(value) < 2**53 else str(value)
+    if isinstance(value, bytes | bytearray | memoryview):
+        return "0x" + bytes(value).hex()
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return str(value)  # Decimal, dates
+
+
 def _network(raw: msgspec.Raw) -> str:
     try:
         return _probe_decoder.decode(raw).network
@@ -235,6 +257,59 @@ class Facilitator:
 
     def metrics(self) -> Response:
         return 200, render(self._registry)
+
+    # -- operations while serving (the CLI's report and sweep talk to these) ----------------
+
+    async def admin_query(self, body: bytes) -> Response:
+        """Read-only SQL over the ledger: ``{"sql": ..., "params": [...]}`` ->
+        ``{"dialect", "columns", "rows"}`` (decimals and big integers as strings, bytes as
+        ``0x`` hex)."""
+        try:
+            request = msgspec.json.decode(body, type=AdminQuery)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            return error(400, f"bad query request: {exc}")
+        if ";" in request.sql.strip().rstrip(";"):
+            return error(400, "one statement per query")
+        try:
+            columns, rows = await self.engine.query_with_columns(request.sql, request.params)
+        except Exception as exc:  # the operator's SQL: say what the database said
+            return error(400, f"query failed: {exc}")
+        return 200, _encoder.encode(
+            {
+                "dialect": self.engine.ledger_dialect(),
+                "columns": columns,
+                "rows": [[_plain(v) for v in row] for row in rows],
+            }
+        )
+
+    def admin_sweep(self, body: bytes) -> Response:
+        """Settle every waiting payment (of ``payee``) now: ``{"payee": "0x..." | null}``."""
+        try:
+            request = msgspec.json.decode(body or b"{}", type=AdminSweep)
+            waiting = self.engine.settle_now(request.payee)
+        except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as exc:
+            return error(400, f"bad sweep request: {exc}")
+        return 200, _encoder.encode({"waiting": waiting})
+
+    def admin_progress(self) -> Response:
+        """What a sweep waits for: unbatched payments per payee pool, batches in flight."""
+        stats = self.engine.statistics()
+        queued = {
+            f"{chain}:{payee or '*'}": n
+            for (chain, payee), n in self.engine.payee_queue_depths().items()
+        }
+        return 200, _encoder.encode(
+            {
+                "pending": stats.pending,
+                "queued": queued,
+                "inflightBatches": sum(self.engine.inflight_batches().values()),
+                "settled": stats.settled,
+                "failed": dict(stats.failed),
+                "batchesMined": stats.batches_mined,
+                "gasUsed": stats.gas_used,
+                "itemsInMinedBatches": stats.items_in_mined_batches,
+            }
+        )
 
     def _families(self) -> list[Metric]:
         """Every engine metric of one scrape."""

@@ -547,16 +547,20 @@ class Ledger:
 
     def query(self, sql: str, params: Sequence[Any] | None = None) -> list[tuple[Any, ...]]:
         """Read-only SQL for reports and tests."""
-        self.flush_staged()
-        return self._con.execute(sql, params or []).fetchall()
+        return self.query_with_columns(sql, params)[1]
 
     def query_with_columns(
         self, sql: str, params: Sequence[Any] | None = None
     ) -> tuple[list[str], list[tuple[Any, ...]]]:
-        """Read-only SQL with the result's column names (reports)."""
+        """Read-only SQL with the result's column names: run in a transaction that is rolled
+        back, so an ad hoc statement cannot change the ledger."""
         self.flush_staged()
-        cur = self._con.execute(sql, params or [])
-        return [d[0] for d in cur.description or []], cur.fetchall()
+        self._con.begin()
+        try:
+            cur = self._con.execute(sql, params or [])
+            return [d[0] for d in cur.description or []], cur.fetchall()
+        finally:
+            self._con.rollback()
 
     # -- internals --------------------------------------------------------------------------
 

@@ -107,6 +107,19 @@ CREATE TABLE sales (
     identifier TEXT,
     instance_id BIGINT NOT NULL
 );
+CREATE TABLE commands (
+    id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    kind TEXT NOT NULL,
+    payee TEXT,
+    created_at TIMESTAMPTZ NOT NULL DEFAULT now()
+);
+CREATE TABLE command_acks (
+    command_id BIGINT NOT NULL,
+    instance_id BIGINT NOT NULL,
+    at TIMESTAMPTZ NOT NULL DEFAULT now(),
+    waiting BIGINT NOT NULL,
+    PRIMARY KEY (command_id, instance_id)
+);
 CREATE TABLE signer_leases (
     chain_id BIGINT NOT NULL,
     signer TEXT NOT NULL,

@@ -37,6 +37,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, Literal, TypeVar
 
+import msgspec
 import psycopg
 import psycopg_pool
 
@@ -208,6 +209,27 @@ class PgLedger:
                 if row is not None:
                     out[signer] = int(row[0])
         return out
+
+    def commands_since(self, after: int) -> list[tuple[int, str, str | None]]:
+        """Operator commands (``sweep``) issued after command ``after``: (id, kind, payee)."""
+        with self._read() as con:
+            rows = con.execute(
+                "SELECT id, kind, payee FROM commands WHERE id > %s ORDER BY id", [after]
+            ).fetchall()
+        return [(int(r[0]), str(r[1]), r[2]) for r in rows]
+
+    def last_command(self) -> int:
+        with self._read() as con:
+            row = con.execute("SELECT coalesce(max(id), 0) FROM commands").fetchone()
+        return int(row[0]) if row else 0
+
+    def ack_command(self, command_id: int, waiting: int) -> None:
+        with self._tx() as con:
+            con.execute(
+                "INSERT INTO command_acks (command_id, instance_id, waiting) VALUES (%s, %s, %s)"
+                " ON CONFLICT DO NOTHING",
+                [command_id, self.instance_id, waiting],
+            )
 
     def release(self) -> None:
         """A clean stop: leases freed at once, the instance marked stopped. Its open work stays
@@ -712,6 +734,46 @@ class PgReader:
 
     def close(self) -> None:
         self._con.close()
+
+
+def issue_command(dsn: str, kind: str, payee: str | None) -> int:
+    """An operator command every live instance runs on its next heartbeat; returns its id."""
+    with psycopg.connect(dsn) as con:
+        row = con.execute(
+            "INSERT INTO commands (kind, payee) VALUES (%s, %s) RETURNING id", [kind, payee]
+        ).fetchone()
+        assert row is not None
+        return int(row[0])
+
+
+class CommandProgress(msgspec.Struct, frozen=True):
+    live: int  # instances heartbeating within the lease
+    acked: int  # of them, those that ran the command
+    waiting: int  # payments they reported waiting when they ran it
+    open: int  # payments of the payee (or all) not yet final, cluster-wide
+
+
+def command_progress(
+    dsn: str, command_id: int, lease_s: float, payee: str | None
+) -> CommandProgress:
+    with psycopg.connect(dsn) as con:
+        row = con.execute(
+            """
+            SELECT
+              (SELECT count(*) FROM instances WHERE successor IS NULL AND stopped_at IS NULL
+                 AND heartbeat_at > now() - make_interval(secs => %(l)s)),
+              (SELECT count(*) FROM command_acks a JOIN instances i ON i.id = a.instance_id
+                 WHERE a.command_id = %(c)s AND i.successor IS NULL AND i.stopped_at IS NULL),
+              (SELECT coalesce(sum(waiting), 0) FROM command_acks WHERE command_id = %(c)s),
+              (SELECT count(*) FROM payments p
+                 WHERE (%(payee)s::text IS NULL OR p.payee = %(payee)s)
+                 AND NOT EXISTS (SELECT 1 FROM payment_events e WHERE e.payment_id = p.id
+                                 AND e.state IN ('settled', 'failed')))
+            """,
+            {"l": lease_s, "c": command_id, "payee": payee},
+        ).fetchone()
+    assert row is not None
+    return CommandProgress(int(row[0]), int(row[1]), int(row[2]), int(row[3]))
 
 
 def _take_block(con: psycopg.Connection[Any], name: str, count: int) -> tuple[int, int]:
