@@ -376,6 +376,34 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ledger_copy(args: argparse.Namespace) -> int:
+    """Move a DuckDB ledger (journal included) into the configured PostgreSQL ledger."""
+    import socket
+
+    from .cluster import dsn_from
+    from .config import ConfigError, load_config
+    from .store.ledger import Ledger
+    from .store.postgres import copy_from_duckdb
+
+    config = load_config(args.config)
+    if config.ledger.backend != "postgres":
+        raise ConfigError('ledger copy moves into [ledger] backend = "postgres"')
+    if not Path(args.source).exists():
+        raise SystemExit(f"no ledger at {args.source}")
+    source = Ledger(args.source)  # replays its journal: every acknowledged payment
+    try:
+        name = config.ledger.instance_name or socket.gethostname()
+        dsn = dsn_from(config, {**os.environ, **read_env_file(args.env_file)})
+        copied = copy_from_duckdb(dsn, source, name)
+    except RuntimeError as exc:  # refused or a count mismatch: rolled back, nothing copied
+        raise SystemExit(f"x402-engine ledger copy: {exc}") from None
+    finally:
+        source.close()
+    print(", ".join(f"{n:,} {table}" for table, n in copied.items()))
+    print(f"copied; an instance named {name!r} resumes the open work at its start")
+    return 0
+
+
 def _ledger_migrate(args: argparse.Namespace) -> int:
     """Apply the PostgreSQL schema migrations the database lacks."""
     from .cluster import dsn_from
@@ -545,6 +573,12 @@ def build_parser() -> argparse.ArgumentParser:
     migrate = ledger_sub.add_parser("migrate", help="apply PostgreSQL schema migrations")
     _engine_arguments(migrate)
     migrate.set_defaults(func=_ledger_migrate)
+    copy = ledger_sub.add_parser(
+        "copy", help="move a DuckDB ledger (journal included) into the PostgreSQL one"
+    )
+    _engine_arguments(copy)
+    copy.add_argument("--from", dest="source", required=True, help="the DuckDB ledger file")
+    copy.set_defaults(func=_ledger_copy)
 
     bench = sub.add_parser("bench", help="run the benchmark scenarios (see benchmarks/)")
     bench.add_argument("--quick", action="store_true", help="small sizes, about a minute")

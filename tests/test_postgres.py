@@ -198,3 +198,72 @@ async def test_a_silent_instance_is_taken_over_and_its_payments_settled(
     assert took < 1.0 + 10.0, took  # the lease, then a poll and a batch
     assert (await balances(rpc, dev.token, [dev.payee]))[0] - before == 30 * VALUE
     await rpc.aclose()
+
+
+async def test_ledger_copy_moves_a_duckdb_ledger_into_postgres_with_nothing_lost(
+    anvil: Anvil, pg_dsn: str, tmp_path: Path
+) -> None:
+    import subprocess
+    import sys
+
+    from engine.config import dump_config
+
+    dev = await setup_devchain(anvil.url, payers=10)
+    hourly = PolicyConfig(mode="windowed", window_s=3600)
+    duck, env = engine_config(dev, str(tmp_path / "ledger.duckdb"), policy=hourly)
+    keys = dev.payer_key_bytes()
+    payee = bytes.fromhex(dev.payee[2:])
+    now = int(time.time())
+    work = [payment_v2(dev.domain, keys[i % 10], payee, VALUE, now) for i in range(20)]
+    rpc = Rpc(anvil.url)
+    before = (await balances(rpc, dev.token, [dev.payee]))[0]
+    async with Engine.open(duck, environ=env) as engine:
+        settled_first = await engine.submit_many(work[:10])
+        engine.settle_now()
+        for r in settled_first:
+            assert isinstance(r, Accepted)
+            assert (await engine.wait(r.id, timeout_s=60)).state == "settled"
+        waiting = await engine.submit_many(work[10:])  # left for a later window
+        assert all(isinstance(r, Accepted) for r in waiting)
+    pg, pg_env = _pg_config(dev, pg_dsn, "moved", policy=hourly)
+    (tmp_path / "pg.toml").write_bytes(dump_config(pg))
+    (tmp_path / "pg.env").write_text("".join(f"{k}={v}\n" for k, v in pg_env.items()))
+    command = [sys.executable, "-m", "engine.cli", "ledger", "copy", "--config"]
+    done = await trio.to_thread.run_sync(
+        lambda: subprocess.run(
+            [*command, str(tmp_path / "pg.toml"), "--env-file", str(tmp_path / "pg.env")]
+            + ["--from", str(tmp_path / "ledger.duckdb")],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+    )
+    assert done.returncode == 0, done.stderr
+    assert "20 payments" in done.stdout, done.stdout
+    again = await trio.to_thread.run_sync(
+        lambda: subprocess.run(
+            [*command, str(tmp_path / "pg.toml"), "--env-file", str(tmp_path / "pg.env")]
+            + ["--from", str(tmp_path / "ledger.duckdb")],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+    )
+    assert again.returncode != 0 and "already holds payments" in again.stderr
+    async with Engine.open(pg, environ=pg_env) as engine:
+        # the copied history is this instance's: replays are the same records, the waiting
+        # payments settle here, ids continue above the copied ones
+        replay = await engine.submit(*work[0])
+        assert isinstance(replay, Accepted) and replay.duplicate
+        assert replay.id == settled_first[0].id  # type: ignore[union-attr]
+        assert engine.settle_now() == 10
+        for r in waiting:
+            assert isinstance(r, Accepted)
+            assert (await engine.wait(r.id, timeout_s=60)).state == "settled"
+        fresh = await engine.submit(*payment_v2(dev.domain, keys[0], payee, VALUE, now))
+        assert isinstance(fresh, Accepted)
+        assert fresh.id > max(r.id for r in waiting if isinstance(r, Accepted))
+        engine.settle_now()
+        await engine.drain(timeout_s=60)
+    assert (await balances(rpc, dev.token, [dev.payee]))[0] - before == 21 * VALUE
+    await rpc.aclose()

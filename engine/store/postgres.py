@@ -736,6 +736,93 @@ class PgReader:
         self._con.close()
 
 
+# DuckDB table -> (PostgreSQL columns, DuckDB select list); events keep their order.
+_COPIED: list[tuple[str, str, str]] = [
+    (
+        "payments",
+        "id, instance_id, accepted_at_ms, chain_id, network, x402_version, token, payer, payee,"
+        " value, valid_after, valid_before, nonce, signature",
+        "id, $instance, accepted_at_ms, chain_id, network, x402_version, token, payer, payee,"
+        " value::VARCHAR, valid_after::VARCHAR, valid_before::VARCHAR, nonce, signature"
+        " FROM payments ORDER BY id",
+    ),
+    (
+        "payment_events",
+        "payment_id, at_ms, state, batch_id, tx_hash, block_number, gas_used, fee_wei, reason,"
+        " message",
+        "payment_id, at_ms, state, batch_id, tx_hash, block_number, gas_used, fee_wei::VARCHAR,"
+        " reason, message FROM payment_events ORDER BY seq",
+    ),
+    (
+        "batches",
+        "id, instance_id, chain_id, created_at_ms, mode, signer, account_nonce, item_count,"
+        " gas_limit, max_fee_per_gas, tx_hash, raw_tx, payment_ids",
+        "id, $instance, chain_id, created_at_ms, mode, signer, account_nonce, item_count,"
+        " gas_limit, max_fee_per_gas::VARCHAR, tx_hash, raw_tx, payment_ids FROM batches"
+        " ORDER BY id",
+    ),
+    (
+        "batch_events",
+        "batch_id, at_ms, state, tx_hash, block_number, gas_used, effective_gas_price, message",
+        "batch_id, at_ms, state, tx_hash, block_number, gas_used,"
+        " effective_gas_price::VARCHAR, message FROM batch_events ORDER BY seq",
+    ),
+    (
+        "batch_transactions",
+        "batch_id, at_ms, tx_hash, raw_tx",
+        "batch_id, at_ms, tx_hash, raw_tx FROM batch_transactions ORDER BY batch_id, at_ms",
+    ),
+    (
+        "sales",
+        "payment_id, at_ms, mode, identifier, instance_id",
+        "payment_id, at_ms, mode, identifier, $instance FROM sales ORDER BY payment_id",
+    ),
+]
+
+
+def copy_from_duckdb(dsn: str, source: Any, name: str) -> dict[str, int]:
+    """Move a DuckDB ledger (``source``: an open :class:`engine.store.ledger.Ledger`, its
+    journal already replayed) into an empty, migrated PostgreSQL ledger, in one transaction.
+
+    The copied work is recorded under a stopped instance called ``name``: an instance started
+    with that name resumes it at once (any other takes it over after the lease). Id counters
+    continue above every copied id (and above the DuckDB ledger's id reservations). Returns the
+    rows copied per table, each checked against the source's count."""
+    copied: dict[str, int] = {}
+    with psycopg.connect(dsn) as con, con.transaction():
+        if schema_version(con) != pg_schema.CURRENT:
+            raise SchemaMismatch("run `x402-engine ledger migrate` on the target first")
+        existing = con.execute("SELECT count(*) FROM payments").fetchone()
+        if existing is None or existing[0]:
+            raise RuntimeError(
+                "the PostgreSQL ledger already holds payments: copy into an empty one"
+            )
+        instance, _ = _take_block(con, "instance", 1)
+        con.execute(
+            "INSERT INTO instances (id, name, host, pid, stopped_at, heartbeat_at)"
+            " VALUES (%s, %s, %s, 0, now(), now() - interval '1 day')",
+            [instance, name, "ledger copy"],
+        )
+        for table, columns, select in _COPIED:
+            rows = source.query(f"SELECT {select.replace('$instance', str(instance))}")
+            with con.cursor() as cur, cur.copy(f"COPY {table} ({columns}) FROM STDIN") as copy:
+                for row in rows:
+                    copy.write_row(row)
+            counted = con.execute(f"SELECT count(*) FROM {table}").fetchone()
+            source_count = source.query(f"SELECT count(*) FROM {table}")[0][0]
+            if counted is None or counted[0] != source_count:
+                raise RuntimeError(f"{table}: copied {counted} rows of {source_count}; rolled back")
+            copied[table] = int(source_count)
+        ceilings = source.query(
+            "SELECT greatest(coalesce((SELECT max(id) FROM payments), 0),"
+            " coalesce((SELECT max(ceiling) FROM id_reservations), 0)),"
+            " coalesce((SELECT max(id) FROM batches), 0)"
+        )[0]
+        con.execute("UPDATE counters SET value = %s WHERE name = 'payment'", [int(ceilings[0])])
+        con.execute("UPDATE counters SET value = %s WHERE name = 'batch'", [int(ceilings[1])])
+    return copied
+
+
 def issue_command(dsn: str, kind: str, payee: str | None) -> int:
     """An operator command every live instance runs on its next heartbeat; returns its id."""
     with psycopg.connect(dsn) as con:
