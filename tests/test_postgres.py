@@ -229,33 +229,24 @@ async def test_ledger_copy_moves_a_duckdb_ledger_into_postgres_with_nothing_lost
     (tmp_path / "pg.toml").write_bytes(dump_config(pg))
     (tmp_path / "pg.env").write_text("".join(f"{k}={v}\n" for k, v in pg_env.items()))
     command = [sys.executable, "-m", "engine.cli", "ledger", "copy", "--config"]
-    done = await trio.to_thread.run_sync(
-        lambda: subprocess.run(
-            [*command, str(tmp_path / "pg.toml"), "--env-file", str(tmp_path / "pg.env")]
-            + ["--from", str(tmp_path / "ledger.duckdb")],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-    )
+    command += [str(tmp_path / "pg.toml"), "--env-file", str(tmp_path / "pg.env")]
+    command += ["--from", str(tmp_path / "ledger.duckdb")]
+
+    def copy() -> subprocess.CompletedProcess[str]:
+        return subprocess.run(command, capture_output=True, text=True, check=False)
+
+    done = await trio.to_thread.run_sync(copy)
     assert done.returncode == 0, done.stderr
     assert "20 payments" in done.stdout, done.stdout
-    again = await trio.to_thread.run_sync(
-        lambda: subprocess.run(
-            [*command, str(tmp_path / "pg.toml"), "--env-file", str(tmp_path / "pg.env")]
-            + ["--from", str(tmp_path / "ledger.duckdb")],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-    )
+    again = await trio.to_thread.run_sync(copy)
     assert again.returncode != 0 and "already holds payments" in again.stderr
     async with Engine.open(pg, environ=pg_env) as engine:
         # the copied history is this instance's: replays are the same records, the waiting
         # payments settle here, ids continue above the copied ones
         replay = await engine.submit(*work[0])
-        assert isinstance(replay, Accepted) and replay.duplicate
-        assert replay.id == settled_first[0].id  # type: ignore[union-attr]
+        first = settled_first[0]
+        assert isinstance(replay, Accepted) and isinstance(first, Accepted)
+        assert replay.duplicate and replay.id == first.id
         assert engine.settle_now() == 10
         for r in waiting:
             assert isinstance(r, Accepted)
