@@ -65,3 +65,30 @@ async def test_partial_batch_flushes_after_max_wait_and_early_deadline_first(
     assert abs(t1 - 10) < 0.01 and first == [3, 1, 2]
     assert abs(t2 - 121) < 0.01 and second == [4]
     del requeue_send
+
+
+async def test_settle_now_covers_payments_accepted_before_it_but_still_in_transit(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A sweep right after an acknowledgement: the payment may still be on its way from the
+    intake stage; it belongs to the sweep all the same (the hour-long wait does not apply)."""
+    clock = TrioWallClock(START)
+    out_send, out_recv = trio.open_memory_channel[Batch](10)
+    new_send, new_recv = trio.open_memory_channel[list[PendingItem]](10)
+    requeue_send, requeue_recv = trio.open_memory_channel[list[PendingItem]](10)
+    stage = BatchStage(1, ImmediatePolicy(max_wait_s=3600), LIMITS, clock, out_send)
+    far = int(START) + 7200
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(stage.run, new_recv, requeue_recv)
+        await trio.sleep(5)
+        assert stage.settle_now() == 0  # nothing arrived yet ...
+        await new_send.send([_item(1, far)])  # ... but this one was accepted at START
+        batch = await out_recv.receive()
+        assert clock.now() - START < 6 and [i.id for i in batch.items] == [1]
+        later = PendingItem(2, _item(2, far).payment, clock.now() + 1)  # after the sweep
+        await new_send.send([later])
+        with trio.move_on_after(600):
+            await out_recv.receive()
+            raise AssertionError("a payment accepted after the sweep waits for its policy")
+        nursery.cancel_scope.cancel()
+    del requeue_send

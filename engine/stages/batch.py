@@ -56,6 +56,9 @@ class BatchStage:
         # pool -> payers whose ready items are to be settled now, whatever the schedule
         self._expedite: dict[tuple[bytes, bytes | None], set[bytes]] = {}
         self._drain: set[tuple[bytes, bytes | None]] = set()  # pools to empty now (settle_now)
+        # settle_now also covers payments accepted before it but still on their way here
+        self._swept_until = -math.inf
+        self._payee_swept_until: dict[bytes, float] = {}
         self._own = frozenset(self._payee_policies)
         self.batches_planned = 0
         self.blocked_since: float | None = None  # a planned batch waits for the submit stage
@@ -79,6 +82,11 @@ class BatchStage:
     def settle_now(self, payee: bytes | None = None) -> int:
         """Send every waiting payment (of ``payee``, or all) now, whatever the schedules, as
         back-to-back full batches; returns how many were waiting."""
+        now = self._clock.now()
+        if payee is None:
+            self._swept_until = now
+        else:
+            self._payee_swept_until[payee] = now
         waiting = 0
         for key, pool in self._pools.items():
             if payee is None or key[1] == payee or (key[1] is None and payee not in self._own):
@@ -118,6 +126,9 @@ class BatchStage:
             if pool is None:
                 pool = self._pools[key] = PendingPool(needs_payer_max(self._policy_for(key)))
             pool.add(item, now)
+            cutoff = max(self._swept_until, self._payee_swept_until.get(payee, -math.inf))
+            if item.arrived_at <= cutoff:  # accepted before a settle_now: part of that sweep
+                self._drain.add(key)
         self._changed.set()
 
     async def _take(
