@@ -172,7 +172,9 @@ class Engine:
             self._tracker,
             {cid: c.new_send for cid, c in self._chains.items()},
             self.config.ledger.group_max,
+            credit_limits=self._ingest.credit_limits,
         )
+        self._ingest.shared_credit = self._shared() is not None
         self._ingest.intake = intake
         async with trio.open_nursery() as nursery:
             if self.config.ingest.verify_workers:

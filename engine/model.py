@@ -231,6 +231,16 @@ class OpenPayment(msgspec.Struct, frozen=True):
     batch_id: int | None
 
 
+class Clash(msgspec.Struct, frozen=True):
+    """A payment the shared ledger did not record as this instance's: another instance holds
+    its replay key (``owner``, and whether it is the identical payment), or the payer's
+    cluster-wide unsettled credit would exceed its limit (``refusal``)."""
+
+    owner: int | None = None
+    identical: bool = False
+    refusal: str | None = None
+
+
 class Recovered(msgspec.Struct, frozen=True):
     open_payments: list[OpenPayment]
     open_batches: list[BatchRecord]

@@ -258,3 +258,47 @@ async def test_ledger_copy_moves_a_duckdb_ledger_into_postgres_with_nothing_lost
         await engine.drain(timeout_s=60)
     assert (await balances(rpc, dev.token, [dev.payee]))[0] - before == 21 * VALUE
     await rpc.aclose()
+
+
+async def test_a_payer_cannot_spread_credit_over_instances_beyond_their_balance(
+    anvil: Anvil, pg_dsn: str
+) -> None:
+    from engine.config import CreditConfig
+
+    # one payer holding 5 payments' worth; payments wait for an hourly window (credit control
+    # applies), sent alternately to two instances: each alone would lend up to the balance
+    dev = await setup_devchain(anvil.url, payers=1, payer_balance=5 * VALUE, signers=2)
+    hourly = PolicyConfig(mode="windowed", window_s=3600)
+    configs = []
+    for name in ("a", "b"):
+        config, env = _pg_config(dev, pg_dsn, name, policy=hourly, signers_per_instance=1)
+        credit = CreditConfig(refresh_s=0.5, balance_max_age_s=0.2)
+        configs.append(msgspec.structs.replace(config, credit=credit))
+    key = dev.payer_key_bytes()[0]
+    payee = bytes.fromhex(dev.payee[2:])
+    now = int(time.time())
+    work = [payment_v2(dev.domain, key, payee, VALUE, now) for _ in range(10)]
+    async with (
+        Engine.open(configs[0], environ=env) as a,
+        Engine.open(configs[1], environ=env) as b,
+    ):
+        results: list[tuple[Engine, Accepted | Rejected]] = []
+        for i, w in enumerate(work):
+            engine = a if i % 2 == 0 else b
+            results.append((engine, await engine.submit(*w)))
+        accepted = [(e, r) for e, r in results if isinstance(r, Accepted)]
+        refused = [r for _, r in results if isinstance(r, Rejected)]
+        assert len(accepted) == 5, results
+        assert {r.reason for r in refused} == {reasons.INSUFFICIENT_FUNDS}
+        assert any("across all instances" in r.message for r in refused), refused
+        # settled, nothing is owed any more ...
+        a.settle_now()
+        b.settle_now()
+        for engine, r in accepted:
+            assert (await engine.wait(r.id, 60)).state == "settled"
+        with psycopg.connect(pg_dsn) as con:
+            assert con.execute("SELECT count(*) FROM credit_open").fetchone() == (0,)
+        # ... and the balance is spent (read again: older than 0.2 s): the next one is refused
+        await trio.sleep(0.3)
+        more = await b.submit(*payment_v2(dev.domain, key, payee, VALUE, now))
+        assert isinstance(more, Rejected) and more.reason == reasons.INSUFFICIENT_FUNDS, more

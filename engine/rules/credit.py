@@ -72,6 +72,13 @@ class CreditBook:
             return f"unsettled {owed} + {value} exceeds the per-payer cap {self.payer_cap}"
         return None
 
+    def limit(self, key: Key) -> int | None:
+        """The most this payer may owe unsettled: its balance, capped (None: not read)."""
+        found = self._balances.get(key)
+        if found is None:
+            return None
+        return min(found[0], self.payer_cap) if self.payer_cap else found[0]
+
     def reserve(self, key: Key, value: int) -> None:
         self._owed[key] = self._owed.get(key, 0) + value
 

@@ -17,7 +17,7 @@ import trio
 from ..chain.rpc import RpcError, RpcUnavailable
 from ..clock import Clock
 from ..config import EngineConfig
-from ..model import Accepted, EngineError, Payment, PendingItem, Rejected, hex_addr
+from ..model import Accepted, Clash, EngineError, Payment, PendingItem, Rejected, hex_addr
 from ..outcomes import Tracker
 from ..rules import reasons
 from ..store.ledger import AsyncLedger
@@ -65,6 +65,9 @@ class Ingest:
         self._id_ceiling = 0  # highest id reserved in the ledger
         self._id_lock = trio.Lock()
         self._intake_pending: dict[int, Group] = {}  # record id -> group not yet durable
+        # shared ledger: payers' credit is checked across instances at the durable write
+        self.shared_credit = False
+        self.credit_limits: dict[int, int] = {}  # record id -> limit, for the intake stage
 
     def start_ids_at(self, next_id: int) -> None:
         """Recovery: hand out ids from ``next_id`` (above every id ever reserved)."""
@@ -173,9 +176,14 @@ class Ingest:
                     self._intake_pending[rid] = group
                     waits.append((i, group, rid, payment, True))
                     if on_credit[i]:
-                        runtime = self._chains[payment.chain_id]
-                        runtime.credit.book.reserve((payment.token, payment.payer), payment.value)
+                        book = self._chains[payment.chain_id].credit.book
+                        key = (payment.token, payment.payer)
+                        book.reserve(key, payment.value)
                         reserved.add(rid)
+                        if self.shared_credit:  # the shared ledger checks across instances
+                            limit = book.limit(key)
+                            assert limit is not None  # _check_credit passed: it was read
+                            self.credit_limits[rid] = limit
             waited: set[int] = set()
             for _, group, _, _, _ in waits:
                 if id(group) not in waited:
@@ -190,10 +198,17 @@ class Ingest:
         assert len(answers) == len(results)
         return answers
 
-    def _answer_rival(self, payment: Payment, owner: int, identical: bool) -> Accepted | Rejected:
-        """A payment whose replay key another instance recorded first (shared ledger): the
-        identical payment is that record (remembered here too); any other is refused."""
-        if not identical:
+    def _answer_clash(self, payment: Payment, clash: Clash) -> Accepted | Rejected:
+        """A payment the shared ledger did not record as ours: over the payer's credit across
+        instances, or its replay key is another instance's record: the identical payment is
+        that record (remembered here too); any other is refused."""
+        if clash.refusal is not None:
+            self._chains[payment.chain_id].credit.book.refused += 1
+            self._tracker.rejected[reasons.INSUFFICIENT_FUNDS] += 1
+            return Rejected(reasons.INSUFFICIENT_FUNDS, clash.refusal, hex_addr(payment.payer))
+        owner = clash.owner
+        assert owner is not None
+        if not clash.identical:
             self._tracker.rejected[reasons.NONCE_USED] += 1
             return Rejected(
                 reasons.NONCE_USED,
@@ -227,6 +242,7 @@ class Ingest:
         error: BaseException | None = None
         for i, group, rid, payment, new in waits:
             rival = group.rivals.get(rid)
+            self.credit_limits.pop(rid, None)  # taken by the intake stage, unless it failed
             if group.error is not None or rival is not None:
                 if new:
                     self._dedup.release(payment, rid)
@@ -236,8 +252,8 @@ class Ingest:
                 if group.error is not None:
                     error = group.error
                     continue
-            if rival is not None:  # another instance recorded this replay key first
-                results[i] = self._answer_rival(payment, *rival)
+            if rival is not None:  # not recorded as ours (shared ledger)
+                results[i] = self._answer_clash(payment, rival)
                 continue
             if not new:
                 self._tracker.duplicates += 1

@@ -18,7 +18,7 @@ import trio
 import trio.lowlevel
 
 from ..clock import Wakeup
-from ..model import Payment, PendingItem
+from ..model import Clash, Payment, PendingItem
 from ..outcomes import Tracker
 from ..store.ledger import AsyncLedger
 
@@ -37,8 +37,8 @@ class Group:
         self.items: list[PendingItem] = []
         self.finished = False
         self.error: BaseException | None = None
-        # shared ledger: items another instance recorded first -> (its record id, identical?)
-        self.rivals: dict[int, tuple[int, bool]] = {}
+        # shared ledger: items not recorded as ours (another instance's key, over credit)
+        self.rivals: dict[int, Clash] = {}
         self._waiters: list[trio.lowlevel.Task] = []
 
     async def wait_durable(self) -> None:
@@ -68,11 +68,15 @@ class IntakeStage:
         batch_sends: dict[int, trio.MemorySendChannel[list[PendingItem]]],
         group_max: int,
         groups_max: int = 4,
+        credit_limits: dict[int, int] | None = None,
     ) -> None:
         assert group_max >= 1 and groups_max >= 2
         self._ledger = ledger
         self._tracker = tracker
         self._batch_sends = batch_sends
+        # shared ledger: record id -> the payer's credit limit, for the ledger to enforce
+        # across instances (filled by the ingest stage, taken here)
+        self._credit_limits = credit_limits if credit_limits is not None else {}
         self._group_max = group_max
         self._groups_max = groups_max
         self._groups: deque[Group] = deque()
@@ -132,8 +136,10 @@ class IntakeStage:
         rows: list[tuple[int, Payment, int]] = [
             (i.id, i.payment, int(i.arrived_at * 1000)) for i in group.items
         ]
+        limits = self._credit_limits
+        credit = {i.id: limits.pop(i.id) for i in group.items if i.id in limits}
         try:
-            group.rivals = await self._ledger.record_accepted(rows)
+            group.rivals = await self._ledger.record_accepted(rows, credit)
         except Exception as exc:  # disk full, I/O error: every submitter in the group is told
             group.finish(exc)
             return

@@ -9,10 +9,10 @@ Every method is synchronous and called from a worker thread through
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
-from ..model import BatchEvent, BatchRecord, Outcome, Payment, PaymentEvent, Recovered, Sale
+from ..model import BatchEvent, BatchRecord, Clash, Outcome, Payment, PaymentEvent, Recovered, Sale
 from .journal import Journal, JournalRow, SalvageReport
 
 
@@ -29,7 +29,9 @@ class LedgerBackend(Protocol):
     def stage(self, rows: Sequence[JournalRow]) -> int: ...
     def staged_count(self) -> int: ...
     def flush_staged(self) -> int: ...
-    def insert_payments(self, rows: Sequence[JournalRow]) -> dict[int, tuple[int, bool]]: ...
+    def insert_payments(
+        self, rows: Sequence[JournalRow], credit: Mapping[int, int] | None = None
+    ) -> dict[int, Clash]: ...
     def append_events(self, events: Sequence[PaymentEvent], at_ms: int) -> None: ...
     def record_batch_sent(
         self,

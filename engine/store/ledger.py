@@ -16,7 +16,7 @@ the connection is never used by two threads at once and the trio thread never bl
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -27,6 +27,7 @@ import trio
 from ..model import (
     BatchEvent,
     BatchRecord,
+    Clash,
     OpenPayment,
     Outcome,
     Payment,
@@ -240,10 +241,13 @@ class Ledger:
             self.journal.release_through(max(r[0] for r in rows))
         return len(rows)
 
-    def insert_payments(self, rows: Sequence[JournalRow]) -> dict[int, tuple[int, bool]]:
+    def insert_payments(
+        self, rows: Sequence[JournalRow], credit: Mapping[int, int] | None = None
+    ) -> dict[int, Clash]:
         """Record accepted payments ``(id, payment, accepted_at_ms)`` in DuckDB in one commit
         (bypasses the journal: the engine goes through :meth:`AsyncLedger.record_accepted`).
-        Returns no rivals: one process owns this ledger, its dedup index is the whole truth."""
+        Returns no clashes: one process owns this ledger, its dedup index and credit book are
+        the whole truth (``credit`` is for the shared backend)."""
         if not rows:
             return {}
         table = pa.Table.from_pydict(
@@ -678,13 +682,16 @@ class AsyncLedger:
         self._journal_limiter = trio.CapacityLimiter(1)
         self._flush_wanted = trio.Event()
 
-    async def record_accepted(self, rows: Sequence[JournalRow]) -> dict[int, tuple[int, bool]]:
+    async def record_accepted(
+        self, rows: Sequence[JournalRow], credit: Mapping[int, int] | None = None
+    ) -> dict[int, Clash]:
         """Make accepted payments durable: journal append + fdatasync (or, with no journal, a
-        database commit). Returns once they would survive a crash, with the rows another
-        instance recorded first (shared backend): row id -> (its record id, identical?)."""
+        database commit). Returns once they would survive a crash, with the rows the shared
+        backend did not record as ours (another instance's replay key, or over the payer's
+        cluster-wide credit ``credit[row id]``)."""
         journal = self.sync.journal
         if journal is None:
-            return await self.run(self.sync.insert_payments, rows)
+            return await self.run(self.sync.insert_payments, rows, credit)
         frame = encode_frame(rows)
         max_id = max(r[0] for r in rows)
         if self.threads:

@@ -107,6 +107,20 @@ CREATE TABLE sales (
     identifier TEXT,
     instance_id BIGINT NOT NULL
 );
+CREATE TABLE payer_locks (
+    chain_id BIGINT NOT NULL,
+    token TEXT NOT NULL,
+    payer TEXT NOT NULL,
+    PRIMARY KEY (chain_id, token, payer)
+);
+CREATE TABLE credit_open (
+    payment_id BIGINT PRIMARY KEY,
+    chain_id BIGINT NOT NULL,
+    token TEXT NOT NULL,
+    payer TEXT NOT NULL,
+    value NUMERIC(78, 0) NOT NULL
+);
+CREATE INDEX credit_open_by_payer ON credit_open (chain_id, token, payer);
 CREATE TABLE commands (
     id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     kind TEXT NOT NULL,

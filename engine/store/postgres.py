@@ -33,7 +33,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, Literal, TypeVar
 
@@ -44,6 +44,7 @@ import psycopg_pool
 from ..model import (
     BatchEvent,
     BatchRecord,
+    Clash,
     OpenPayment,
     Outcome,
     Payment,
@@ -283,66 +284,140 @@ class PgLedger:
 
     # -- writes -------------------------------------------------------------------------------
 
-    def insert_payments(self, rows: Sequence[JournalRow]) -> dict[int, tuple[int, bool]]:
-        """Record accepted payments in one statement and one commit. Returns, for each row
-        another instance recorded first (same chain, token, payer, nonce), that record's id
-        and whether it is the identical payment; the other rows are committed."""
+    def insert_payments(
+        self, rows: Sequence[JournalRow], credit: Mapping[int, int] | None = None
+    ) -> dict[int, Clash]:
+        """Record accepted payments in one transaction (one multi-row INSERT; with credit rows,
+        a few statements more). Returns the rows not recorded as ours: another instance holds
+        the replay key (its record id, identical or not), or, for rows in ``credit`` (row id ->
+        the payer's limit), the payer's unsettled value across all instances would exceed it."""
         if not rows:
             return {}
-        payments = [r[1] for r in rows]
         with self._tx() as con:
-            row = con.execute(
-                """
-                WITH alive AS (
-                    SELECT id FROM instances WHERE id = %(me)s AND successor IS NULL FOR SHARE
-                ), incoming AS (
-                    SELECT * FROM unnest(
-                        %(id)s::bigint[], %(at)s::bigint[], %(chain)s::bigint[], %(net)s::text[],
-                        %(ver)s::smallint[], %(token)s::text[], %(payer)s::text[],
-                        %(payee)s::text[], %(value)s::numeric[], %(va)s::numeric[],
-                        %(vb)s::numeric[], %(nonce)s::bytea[], %(sig)s::bytea[]
-                    ) AS u(id, at, chain, net, ver, token, payer, payee, value, va, vb, nonce, sig)
-                ), ins AS (
-                    INSERT INTO payments (id, instance_id, accepted_at_ms, chain_id, network,
-                        x402_version, token, payer, payee, value, valid_after, valid_before,
-                        nonce, signature)
-                    SELECT i.id, a.id, i.at, i.chain, i.net, i.ver, i.token, i.payer, i.payee,
-                           i.value, i.va, i.vb, i.nonce, i.sig
-                    FROM incoming i CROSS JOIN alive a
-                    ON CONFLICT ON CONSTRAINT payments_replay_key DO NOTHING
-                    RETURNING id
+            out = self._credit_gate(con, rows, credit) if credit else {}
+            keep = [r for r in rows if r[0] not in out]
+            inserted = self._insert_rows(con, keep)
+            clashes = [(r[0], r[1]) for r in keep if r[0] not in inserted]
+            if clashes:
+                out.update(self._rival_records(con, clashes))
+            counted = [r for r in keep if credit and r[0] in credit and r[0] in inserted]
+            if counted:
+                con.execute(
+                    "INSERT INTO credit_open (payment_id, chain_id, token, payer, value)"
+                    " SELECT * FROM unnest(%s::bigint[], %s::bigint[], %s::text[], %s::text[],"
+                    " %s::numeric[])",
+                    [
+                        [r[0] for r in counted],
+                        [r[1].chain_id for r in counted],
+                        [hex_addr(r[1].token) for r in counted],
+                        [hex_addr(r[1].payer) for r in counted],
+                        [str(r[1].value) for r in counted],
+                    ],
                 )
-                SELECT (SELECT count(*) FROM alive), (SELECT array_agg(id) FROM ins)
-                """,
-                {
-                    "me": self.instance_id,
-                    "id": [r[0] for r in rows],
-                    "at": [r[2] for r in rows],
-                    "chain": [p.chain_id for p in payments],
-                    "net": [p.network for p in payments],
-                    "ver": [p.x402_version for p in payments],
-                    "token": [hex_addr(p.token) for p in payments],
-                    "payer": [hex_addr(p.payer) for p in payments],
-                    "payee": [hex_addr(p.payee) for p in payments],
-                    "value": [str(p.value) for p in payments],
-                    "va": [str(p.valid_after) for p in payments],
-                    "vb": [str(p.valid_before) for p in payments],
-                    "nonce": [p.nonce for p in payments],
-                    "sig": [p.signature for p in payments],
-                },
-            ).fetchone()
-            assert row is not None
-            if not row[0]:
-                raise Superseded(f"instance {self.instance_id} was taken over: not recorded")
-            inserted = set(row[1] or [])
-            clashes = [(r[0], r[1]) for r in rows if r[0] not in inserted]
-            if not clashes:
-                return {}
-            return self._rival_records(con, clashes)
+            return out
+
+    def _credit_gate(
+        self, con: psycopg.Connection[Any], rows: Sequence[JournalRow], credit: Mapping[int, int]
+    ) -> dict[int, Clash]:
+        """Lock the payers of credit rows (sorted: no deadlock between instances), read what
+        they owe unsettled across the cluster, and refuse the rows that would exceed."""
+        keys = sorted(
+            {
+                (p.chain_id, hex_addr(p.token), hex_addr(p.payer))
+                for rid, p, _ in rows
+                if rid in credit
+            }
+        )
+        columns = [[k[0] for k in keys], [k[1] for k in keys], [k[2] for k in keys]]
+        con.execute(
+            "INSERT INTO payer_locks (chain_id, token, payer) SELECT * FROM unnest(%s::bigint[],"
+            " %s::text[], %s::text[]) ON CONFLICT DO NOTHING",
+            columns,
+        )
+        con.execute(
+            "SELECT 1 FROM payer_locks WHERE (chain_id, token, payer) IN (SELECT * FROM"
+            " unnest(%s::bigint[], %s::text[], %s::text[])) ORDER BY chain_id, token, payer"
+            " FOR UPDATE",
+            columns,
+        )
+        owed: dict[tuple[int, str, str], int] = {
+            (int(r[0]), str(r[1]), str(r[2])): int(r[3])
+            for r in con.execute(
+                "SELECT chain_id, token, payer, sum(value)::text FROM credit_open"
+                " WHERE (chain_id, token, payer) IN (SELECT * FROM unnest(%s::bigint[],"
+                " %s::text[], %s::text[])) GROUP BY 1, 2, 3",
+                columns,
+            ).fetchall()
+        }
+        refused: dict[int, Clash] = {}
+        for rid, p, _ in rows:
+            if rid not in credit:
+                continue
+            key = (p.chain_id, hex_addr(p.token), hex_addr(p.payer))
+            already = owed.get(key, 0)
+            if already + p.value > credit[rid]:
+                refused[rid] = Clash(
+                    refusal=f"unsettled {already} + {p.value} across all instances exceeds"
+                    f" the payer's limit {credit[rid]} (balance or cap)"
+                )
+            else:
+                owed[key] = already + p.value
+        return refused
+
+    def _insert_rows(self, con: psycopg.Connection[Any], rows: Sequence[JournalRow]) -> set[int]:
+        """One multi-row INSERT, fenced; returns the ids inserted (the rest clashed)."""
+        if not rows:
+            self._check_alive(con)
+            return set()
+        payments = [r[1] for r in rows]
+        row = con.execute(
+            """
+            WITH alive AS (
+                SELECT id FROM instances WHERE id = %(me)s AND successor IS NULL FOR SHARE
+            ), incoming AS (
+                SELECT * FROM unnest(
+                    %(id)s::bigint[], %(at)s::bigint[], %(chain)s::bigint[], %(net)s::text[],
+                    %(ver)s::smallint[], %(token)s::text[], %(payer)s::text[],
+                    %(payee)s::text[], %(value)s::numeric[], %(va)s::numeric[],
+                    %(vb)s::numeric[], %(nonce)s::bytea[], %(sig)s::bytea[]
+                ) AS u(id, at, chain, net, ver, token, payer, payee, value, va, vb, nonce, sig)
+            ), ins AS (
+                INSERT INTO payments (id, instance_id, accepted_at_ms, chain_id, network,
+                    x402_version, token, payer, payee, value, valid_after, valid_before,
+                    nonce, signature)
+                SELECT i.id, a.id, i.at, i.chain, i.net, i.ver, i.token, i.payer, i.payee,
+                       i.value, i.va, i.vb, i.nonce, i.sig
+                FROM incoming i CROSS JOIN alive a
+                ON CONFLICT ON CONSTRAINT payments_replay_key DO NOTHING
+                RETURNING id
+            )
+            SELECT (SELECT count(*) FROM alive), (SELECT array_agg(id) FROM ins)
+            """,
+            {
+                "me": self.instance_id,
+                "id": [r[0] for r in rows],
+                "at": [r[2] for r in rows],
+                "chain": [p.chain_id for p in payments],
+                "net": [p.network for p in payments],
+                "ver": [p.x402_version for p in payments],
+                "token": [hex_addr(p.token) for p in payments],
+                "payer": [hex_addr(p.payer) for p in payments],
+                "payee": [hex_addr(p.payee) for p in payments],
+                "value": [str(p.value) for p in payments],
+                "va": [str(p.valid_after) for p in payments],
+                "vb": [str(p.valid_before) for p in payments],
+                "nonce": [p.nonce for p in payments],
+                "sig": [p.signature for p in payments],
+            },
+        ).fetchone()
+        assert row is not None
+        if not row[0]:
+            raise Superseded(f"instance {self.instance_id} was taken over: not recorded")
+        return set(row[1] or [])
 
     def _rival_records(
         self, con: psycopg.Connection[Any], clashes: list[tuple[int, Payment]]
-    ) -> dict[int, tuple[int, bool]]:
+    ) -> dict[int, Clash]:
         found = con.execute(
             """
             SELECT p.id, p.chain_id, p.token, p.payer, p.nonce, p.payee, p.value::text,
@@ -360,7 +435,7 @@ class PgLedger:
             ],
         ).fetchall()
         by_key = {(int(f[1]), f[2], f[3], bytes(f[4])): f for f in found}
-        out: dict[int, tuple[int, bool]] = {}
+        out: dict[int, Clash] = {}
         for rid, p in clashes:
             f = by_key.get((p.chain_id, hex_addr(p.token), hex_addr(p.payer), p.nonce))
             if f is None:  # cannot be: the conflict was on this key
@@ -372,7 +447,7 @@ class PgLedger:
                 and int(f[8]) == p.valid_before
                 and bytes(f[9]) == p.signature
             )
-            out[rid] = (int(f[0]), same)
+            out[rid] = Clash(owner=int(f[0]), identical=same)
         return out
 
     def append_events(self, events: Sequence[PaymentEvent], at_ms: int) -> None:
@@ -875,6 +950,9 @@ def _take_block(con: psycopg.Connection[Any], name: str, count: int) -> tuple[in
 def _write_events(con: psycopg.Connection[Any], events: Sequence[PaymentEvent], at_ms: int) -> None:
     if not events:
         return
+    final = [e.payment_id for e in events if e.state in ("settled", "failed")]
+    if final:  # what the payer owed for these is owed no more (idempotent: a delete)
+        con.execute("DELETE FROM credit_open WHERE payment_id = ANY(%s)", [final])
     con.execute(
         """
         INSERT INTO payment_events (payment_id, at_ms, state, batch_id, tx_hash, block_number,
