@@ -25,13 +25,14 @@ from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from engine.dev.devchain import Anvil, setup_devchain
 
 from . import report
+from .cluster_bench import measure_cluster
 from .crawler_day import Day, measure_crawler_day
 from .ingest import bare_recovery_rates, measure_engine_ingest
 from .scale import measure_scale
 from .settlement import measure_settlement
 from .workload import BENCH_SEED, cached_workload
 
-SCENARIOS = ("ingest", "settlement", "scale", "crawler-day")
+SCENARIOS = ("ingest", "settlement", "scale", "crawler-day", "cluster")
 
 
 class Profile(msgspec.Struct, frozen=True):
@@ -45,13 +46,16 @@ class Profile(msgspec.Struct, frozen=True):
     block_time_s: float
     scale_entries: int
     crawler_day: Day
+    cluster_payments: int
 
 
-QUICK = Profile("quick", 40_000, 200, 1.0, 50, 400, 400, 1.0, 50_000, Day(20, 500, 5))
+QUICK = Profile("quick", 40_000, 200, 1.0, 50, 400, 400, 1.0, 50_000, Day(20, 500, 5), 1500)
 # The crawler day at a tenth of its nominal size (100 x 10,000 to 20 sites): at a million
 # payments anvil itself ran out of this machine's 24 GB mid-sweep. --crawler-day 100x10000x20
 # asks for the nominal size on a larger machine.
-FULL = Profile("full", 200_000, 2000, 3.0, 300, 5000, 5000, 1.0, 1_000_000, Day(100, 1000, 20))
+FULL = Profile(
+    "full", 200_000, 2000, 3.0, 300, 5000, 5000, 1.0, 1_000_000, Day(100, 1000, 20), 8000
+)
 
 
 def run(scenarios: list[str], profile: Profile, out: Path, console: Console) -> dict[str, Any]:
@@ -106,6 +110,12 @@ def run(scenarios: list[str], profile: Profile, out: Path, console: Console) -> 
             progress.update(task, description="scale: done", total=1, completed=1)
         if "crawler-day" in scenarios:
             results["crawler_day"] = measure_crawler_day(profile.crawler_day, progress)
+        if "cluster" in scenarios:
+            task = progress.add_task("cluster: DuckDB, PostgreSQL x1, x2, takeover", total=None)
+            results["cluster"] = trio.run(
+                measure_cluster, profile.cluster_payments, profile.block_time_s
+            )
+            progress.update(task, description="cluster: done", total=1, completed=1)
     files = report.write(results, out)
     console.print(Markdown((out / "summary.md").read_text()))
     console.print(f"wrote {', '.join(str(out / f) for f in files)}")

@@ -54,6 +54,7 @@ async def cluster(
     """``count`` serve processes (instances ``i1``..), each on a port of its own, leasing
     ``signers_per_instance`` of the devchain's signers; yields them once all answer."""
     instances: list[Instance] = []
+    workdir.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 - a directory, at start
     try:
         for i in range(1, count + 1):
             instances.append(
@@ -172,3 +173,30 @@ def settle_body(payload: object, requirements: object) -> bytes:
     return msgspec.json.encode(
         {"x402Version": 2, "paymentPayload": payload, "paymentRequirements": requirements}
     )
+
+
+TICK_S = 0.001  # the open-loop generator releases what is due once per millisecond
+
+
+async def post_open_loop(
+    instances: Sequence[Instance], path: str, bodies: Sequence[bytes], rate_per_s: float
+) -> list[float]:
+    """Offer requests at a fixed rate whatever the answers (round-robin over the instances);
+    latency counts from when each was due, so queueing shows."""
+    latencies: list[float] = []
+    targets = itertools.cycle(instances)
+    start = trio.current_time()
+
+    async def one(body: bytes, due: float, instance: Instance) -> None:
+        await post("127.0.0.1", instance.port, path, body, timeout_s=120)
+        latencies.append(trio.current_time() - due)
+
+    async with trio.open_nursery() as nursery:
+        i = 0
+        while i < len(bodies):
+            now = trio.current_time()
+            while i < len(bodies) and start + i / rate_per_s <= now:
+                nursery.start_soon(one, bodies[i], start + i / rate_per_s, next(targets))
+                i += 1
+            await trio.sleep_until(now + TICK_S)
+    return latencies

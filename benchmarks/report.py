@@ -20,6 +20,9 @@ TARGETS = {
     "compact_vs_single_gas_saving_min": 1 / 3,
     "settled_per_s_vs_single": 25.0,
     "dedup_bytes_per_entry_max": 300.0,
+    "pg_vs_duckdb_ingest_min": 0.5,
+    "pg_p99_ack_ms_at_half_max": 20.0,
+    "takeover_over_lease_s_max": 5.0,
 }
 
 
@@ -126,6 +129,66 @@ def plots(results: dict[str, Any], out: Path) -> list[str]:
 def _row(name: str, measured: str, target: str, ok: bool | None) -> str:
     verdict = "n/a" if ok is None else ("met" if ok else "missed")
     return f"| {name} | {measured} | {target} | {verdict} |"
+
+
+def _cluster_lines(cluster: dict[str, Any] | None) -> list[str]:
+    if not cluster:
+        return []
+    cases = cluster["cases"]
+    pg1 = cases[1]
+    duck_l, pg_l = cluster["ledgers"]
+    takeover = cluster["takeover"]
+    lines = [
+        "",
+        "| what | measured | target | |",
+        "|---|---|---|---|",
+        _row(
+            "PostgreSQL ingest / DuckDB + journal, in-process (the ledgers alone)",
+            f"{pg_l['max_rate_per_s']:,.0f}/s / {duck_l['max_rate_per_s']:,.0f}/s"
+            f" = {cluster['pg_vs_duckdb_ledger']:.0%}",
+            ">= 50%",
+            cluster["pg_vs_duckdb_ledger"] >= TARGETS["pg_vs_duckdb_ingest_min"],
+        ),
+        _row(
+            "PostgreSQL p99 acknowledgement at half its max rate, in-process",
+            f"{pg_l['half_rate_latency']['p99_ms']:.1f} ms"
+            f" (DuckDB + journal {duck_l['half_rate_latency']['p99_ms']:.1f} ms)",
+            "< 20 ms",
+            pg_l["half_rate_latency"]["p99_ms"] < TARGETS["pg_p99_ack_ms_at_half_max"],
+        ),
+        _row(
+            "PostgreSQL /settle rate (1 instance) / DuckDB + journal, through serve",
+            f"{pg1['max_rate_per_s']:,.0f}/s / {cases[0]['max_rate_per_s']:,.0f}/s"
+            f" = {cluster['pg_vs_duckdb_ingest']:.0%}",
+            ">= 50%",
+            cluster["pg_vs_duckdb_ingest"] >= TARGETS["pg_vs_duckdb_ingest_min"],
+        ),
+        _row(
+            "PostgreSQL p99 /settle at half its max rate, through serve",
+            f"{pg1['half_rate_latency']['p99_ms']:.1f} ms"
+            f" (DuckDB + journal {cases[0]['half_rate_latency']['p99_ms']:.1f} ms)",
+            "< 20 ms",
+            pg1["half_rate_latency"]["p99_ms"] < TARGETS["pg_p99_ack_ms_at_half_max"],
+        ),
+        _row(
+            "takeover of a SIGKILLed instance (successor recorded)",
+            f"{takeover['taken_over_s']:.1f} s (lease {cluster['lease_s']:g} s); its work final"
+            f" at {takeover['all_final_s']:.1f} s",
+            "< lease + 5 s",
+            takeover["taken_over_s"] < cluster["lease_s"] + TARGETS["takeover_over_lease_s_max"],
+        ),
+        "",
+        "| cluster case | acks/s (closed loop) | p50 | p99 | at half rate: p50 | p99 | settled/s |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for c in cases:
+        closed, half = c["closed_loop_latency"], c["half_rate_latency"]
+        lines.append(
+            f"| {c['name']} | {c['max_rate_per_s']:,.0f} | {closed['p50_ms']:.1f} ms |"
+            f" {closed['p99_ms']:.1f} ms | {half['p50_ms']:.1f} ms | {half['p99_ms']:.1f} ms |"
+            f" {c['settled_per_s']:,.0f} |"
+        )
+    return lines
 
 
 def summary(results: dict[str, Any]) -> str:
@@ -249,6 +312,7 @@ def summary(results: dict[str, Any]) -> str:
                 f" {r['tx_bytes_per_payment']:,.0f} | {r['latency']['p50_ms']:,.0f} ms |"
                 f" {r['latency']['p99_ms']:,.0f} ms |"
             )
+    lines += _cluster_lines(results.get("cluster"))
     crawler = results.get("crawler_day")
     if crawler:
         lines += [

@@ -585,7 +585,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--scenario",
         action="append",
-        choices=["ingest", "settlement", "scale", "crawler-day"],
+        choices=["ingest", "settlement", "scale", "crawler-day", "cluster"],
         help="repeatable; default: all",
     )
     bench.add_argument("--out", default="bench-results", help="output directory")
