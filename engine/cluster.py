@@ -98,13 +98,13 @@ class Membership:
         while True:
             await trio.sleep(beat)
             try:
-                await self._ledger.run(self._shared.heartbeat)
+                await self._ledger.run_beside(self._shared.heartbeat)
                 await self._run_commands()
                 since_scan += beat
                 if since_scan < lease_s / 2:
                     continue
                 since_scan = 0.0
-                owners = await self._ledger.run(self._shared.take_over)
+                owners = await self._ledger.run_beside(self._shared.take_over)
             except psycopg.OperationalError as exc:  # the database is away: keep trying
                 log.warning("ledger database unreachable for the heartbeat: %s", exc)
                 continue
@@ -116,7 +116,7 @@ class Membership:
     async def _run_commands(self) -> None:
         """Operator commands from ``x402-engine sweep`` (every live instance runs each once)."""
         assert self._last_command is not None
-        commands = await self._ledger.run(self._shared.commands_since, self._last_command)
+        commands = await self._ledger.run_beside(self._shared.commands_since, self._last_command)
         for command_id, kind, payee in commands:
             waiting = self._sweep(payee) if kind == "sweep" else 0
             await self._ledger.run(self._shared.ack_command, command_id, waiting)

@@ -680,6 +680,7 @@ class AsyncLedger:
         self.threads = threads
         self._limiter = trio.CapacityLimiter(ledger.concurrency)
         self._journal_limiter = trio.CapacityLimiter(1)
+        self._beside_limiter = trio.CapacityLimiter(1)
         self._flush_wanted = trio.Event()
 
     async def record_accepted(
@@ -715,6 +716,13 @@ class AsyncLedger:
             self._flush_wanted = trio.Event()
             if self.sync.staged_count():
                 await self.run(self.sync.flush_staged)
+
+    async def run_beside(self, fn: Callable[..., T], *args: Any) -> T:
+        """Like :meth:`run`, on a thread of its own: work that must not queue behind the
+        intake's writes (a shared ledger's heartbeats, which keep the instance alive)."""
+        if not self.threads:
+            return await self.run(fn, *args)
+        return await trio.to_thread.run_sync(fn, *args, limiter=self._beside_limiter)
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         if not self.threads:
