@@ -85,11 +85,15 @@ class Membership:
         self._last_command: int | None = None
         self.takeovers = 0
         self.taken: list[int] = []
+        # set once the pipeline runs: heartbeats start at once (a long recovery must not look
+        # like death), commands and takeovers only then
+        self.ready = trio.Event()
 
     async def run(self) -> None:
         """Until cancelled; raises :class:`engine.store.postgres.Superseded` if another
         instance took this one over (it must stop: its work is that instance's now)."""
         import psycopg
+        from psycopg_pool import PoolTimeout
 
         lease_s = self._shared.lease_s
         beat = lease_s / 4
@@ -99,13 +103,16 @@ class Membership:
             await trio.sleep(beat)
             try:
                 await self._ledger.run_beside(self._shared.heartbeat)
+                if not self.ready.is_set():
+                    continue
                 await self._run_commands()
                 since_scan += beat
                 if since_scan < lease_s / 2:
                     continue
                 since_scan = 0.0
                 owners = await self._ledger.run_beside(self._shared.take_over)
-            except psycopg.OperationalError as exc:  # the database is away: keep trying
+            except (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout) as exc:
+                # the database is away (a restart, a failover): keep trying
                 log.warning("ledger database unreachable for the heartbeat: %s", exc)
                 continue
             if owners:

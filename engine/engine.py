@@ -147,6 +147,30 @@ class Engine:
         environ: Mapping[str, str] | None,
         chain_client: Callable[[ChainConfig], ChainClient] | None,
     ) -> AsyncIterator[Engine]:
+        """The pipeline, and on a shared ledger the instance's membership (heartbeats from the
+        first moment: recovering a large backlog must not look like death)."""
+        shared = self._shared()
+        async with trio.open_nursery() as life:
+            if shared is not None:
+                self._membership = cluster.Membership(
+                    self._ledger, shared, self._adopt_instances, self.settle_now
+                )
+                life.start_soon(self._membership.run)
+            try:
+                async with self._pipeline(rpcs, environ, chain_client) as running:
+                    if self._membership is not None:
+                        self._membership.ready.set()
+                    yield running
+            finally:
+                life.cancel_scope.cancel()
+
+    @asynccontextmanager
+    async def _pipeline(
+        self,
+        rpcs: list[ChainClient],
+        environ: Mapping[str, str] | None,
+        chain_client: Callable[[ChainConfig], ChainClient] | None,
+    ) -> AsyncIterator[Engine]:
         owners = await self._own_past()
         recovered = await self._ledger.run(self._ledger.sync.recover, owners)
         await self._restore_dedup(recovered, owners)
@@ -194,12 +218,6 @@ class Engine:
             for runtime in self._chains.values():
                 nursery.start_soon(runtime.run)
             nursery.start_soon(self._sweep_dedup)
-            shared = self._shared()
-            if shared is not None:
-                self._membership = cluster.Membership(
-                    self._ledger, shared, self._adopt_instances, self.settle_now
-                )
-                nursery.start_soon(self._membership.run)
             try:
                 yield self
             finally:

@@ -6,6 +6,8 @@ and a PostgreSQL restart loses nothing acknowledged."""
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -66,9 +68,27 @@ async def _check_once_each(rpc: Rpc, dev: DevChain, work: list[tuple[Any, Any]])
     return paid
 
 
+@contextmanager
+def _logs_on_failure(workdir: Path) -> Iterator[None]:
+    """A failure carries the instances' log tails (they run in processes of their own)."""
+    try:
+        yield
+    except (AssertionError, trio.TooSlowError) as exc:
+        tails = "".join(
+            f"\n--- {log.name}\n{log.read_text(errors='replace')[-3000:]}"
+            for log in sorted(workdir.glob("*.log"))
+        )
+        raise AssertionError(f"{exc!r}{tails}") from exc
+
+
 async def test_three_instances_settle_everything_once_and_survive_a_sigkill(
     anvil: Anvil, pg_dsn: str, tmp_path: Path
 ) -> None:
+    with _logs_on_failure(tmp_path):
+        await _three_instances_and_a_sigkill(anvil, pg_dsn, tmp_path)
+
+
+async def _three_instances_and_a_sigkill(anvil: Anvil, pg_dsn: str, tmp_path: Path) -> None:
     dev = await setup_devchain(anvil.url, payers=60, signers=3)
     rpc = Rpc(anvil.url)
     before = (await balances(rpc, dev.token, [dev.payee]))[0]
@@ -110,12 +130,18 @@ async def test_three_instances_settle_everything_once_and_survive_a_sigkill(
     with psycopg.connect(pg_dsn) as con:
         taken = con.execute("SELECT successor FROM instances WHERE name = 'i2'").fetchall()
     assert taken and taken[0][0] is not None  # a survivor took the killed instance over
-    print(f"acknowledged {len(acknowledged)}, recorded {len(states)}, takeover {takeover_s:.1f} s")
     assert takeover_s < 2.0 + 30, takeover_s
     await rpc.aclose()
 
 
 async def test_a_postgres_restart_mid_load_loses_nothing_acknowledged(
+    anvil: Anvil, postgres: PostgresServer, pg_dsn: str, tmp_path: Path
+) -> None:
+    with _logs_on_failure(tmp_path):
+        await _postgres_restart(anvil, postgres, pg_dsn, tmp_path)
+
+
+async def _postgres_restart(
     anvil: Anvil, postgres: PostgresServer, pg_dsn: str, tmp_path: Path
 ) -> None:
     dev = await setup_devchain(anvil.url, payers=40, signers=2)

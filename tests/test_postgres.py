@@ -302,3 +302,28 @@ async def test_a_payer_cannot_spread_credit_over_instances_beyond_their_balance(
         await trio.sleep(0.3)
         more = await b.submit(*payment_v2(dev.domain, key, payee, VALUE, now))
         assert isinstance(more, Rejected) and more.reason == reasons.INSUFFICIENT_FUNDS, more
+
+
+async def test_a_payment_identifier_is_bound_across_instances(anvil: Anvil, pg_dsn: str) -> None:
+    dev = await setup_devchain(anvil.url, payers=2, signers=2)
+    config_a, env = _pg_config(dev, pg_dsn, "a", signers_per_instance=1)
+    config_b, _ = _pg_config(dev, pg_dsn, "b", signers_per_instance=1)
+    keys = dev.payer_key_bytes()
+    payee = bytes.fromhex(dev.payee[2:])
+    now = int(time.time())
+    ext = {"payment-identifier": {"info": {"id": "order-7f3a9c2e-0001"}}}
+    paid, paid_req = payment_v2(dev.domain, keys[0], payee, VALUE, now)
+    other, other_req = payment_v2(dev.domain, keys[1], payee, VALUE, now)
+    paid = msgspec.structs.replace(paid, extensions=ext)
+    other = msgspec.structs.replace(other, extensions=ext)
+    async with Engine.open(config_a, environ=env) as a, Engine.open(config_b, environ=env) as b:
+        first = await a.settle(paid, paid_req)
+        assert first.success, first
+        # the same id with another payment, at the other instance: refused, not accepted
+        clash = await b.settle(other, other_req)
+        assert not clash.success and clash.reason == reasons.PAYMENT_ID_CONFLICT, clash
+        assert await b.query("SELECT count(*) FROM payments") == [(1,)]
+        # the same purchase retried at the other instance: the stored answer
+        retry = await b.settle(paid, paid_req)
+        assert retry.success and retry.settlement_id == first.settlement_id, retry
+        assert retry.transaction == first.transaction

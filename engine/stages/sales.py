@@ -80,6 +80,15 @@ class SaleWriter:
             raise group.error
         return sale.payment_id not in group.sold_elsewhere
 
+    async def bind_identifier(self, identifier: str, key: bytes, valid_before: int) -> bytes:
+        """The replay key ``identifier`` is bound to across instances: a shared ledger asks the
+        database; a single-process ledger has nothing to ask (no checkpoint either)."""
+        if not self._ledger.sync.instance_id:
+            return key
+        return await self._ledger.run(
+            self._ledger.sync.bind_identifier, identifier, key, valid_before
+        )
+
     async def recorded(self, payment_id: int) -> Sale | None:
         """The payment's recorded sale, by whichever instance made it."""
         return await self._ledger.run(self._ledger.sync.sale, payment_id)
@@ -166,16 +175,25 @@ class SalesDesk:
         claim, _ = self._dedup.lookup(payment)
         bound_here = False
         if identifier is not None:
+            conflict = SettleAnswer(
+                False,
+                reason=reasons.PAYMENT_ID_CONFLICT,
+                message="this payment-identifier was sent with another payment",
+                payer=payer,
+            )
             bound = self._identifiers.bound(identifier)
             if bound is None:
-                bound_here = self._identifiers.bind(identifier, payment.key, payment.valid_before)
-            elif bound != payment.key or claim is Claim.CONFLICT:
-                return SettleAnswer(
-                    False,
-                    reason=reasons.PAYMENT_ID_CONFLICT,
-                    message="this payment-identifier was sent with another payment",
-                    payer=payer,
+                # a shared ledger binds it across instances first (one database round trip)
+                everywhere = await self._writer.bind_identifier(
+                    identifier, payment.key, payment.valid_before
                 )
+                if everywhere != payment.key:
+                    return conflict
+                bound_here = self._identifiers.bind(identifier, payment.key, payment.valid_before)
+                if not bound_here and self._identifiers.bound(identifier) != payment.key:
+                    return conflict  # bound here meanwhile, to another payment
+            elif bound != payment.key or claim is Claim.CONFLICT:
+                return conflict
         try:
             if claim is Claim.NEW and mode == "deferred" and self._config.ingest.state_checks:
                 # deferred answers success before anything is sent: ask the chain first

@@ -121,6 +121,11 @@ CREATE TABLE credit_open (
     value NUMERIC(78, 0) NOT NULL
 );
 CREATE INDEX credit_open_by_payer ON credit_open (chain_id, token, payer);
+CREATE TABLE identifiers (
+    identifier TEXT PRIMARY KEY,
+    replay_key BYTEA NOT NULL,
+    valid_before NUMERIC(20, 0) NOT NULL
+);
 CREATE TABLE commands (
     id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     kind TEXT NOT NULL,

@@ -450,6 +450,26 @@ class PgLedger:
             out[rid] = Clash(owner=int(f[0]), identical=same)
         return out
 
+    def bind_identifier(self, identifier: str, key: bytes, valid_before: int) -> bytes:
+        """Bind a payment-identifier to the payment with replay key ``key`` unless an instance
+        bound it before; returns the key it is bound to (``key``, or the earlier one)."""
+        with self._tx() as con:
+            row = con.execute(
+                """
+                WITH ins AS (
+                    INSERT INTO identifiers (identifier, replay_key, valid_before)
+                    VALUES (%(i)s, %(k)s, %(v)s) ON CONFLICT (identifier) DO NOTHING
+                    RETURNING replay_key
+                )
+                SELECT replay_key FROM ins
+                UNION ALL SELECT replay_key FROM identifiers WHERE identifier = %(i)s
+                LIMIT 1
+                """,
+                {"i": identifier, "k": key, "v": str(valid_before)},
+            ).fetchone()
+        assert row is not None
+        return bytes(row[0])
+
     def append_events(self, events: Sequence[PaymentEvent], at_ms: int) -> None:
         if events:
             self._retrying(lambda con: _write_events(con, events, at_ms))
@@ -777,7 +797,7 @@ class PgLedger:
                     self._check_alive(con)
                     work(con)
                 return
-            except psycopg.OperationalError:
+            except (psycopg.OperationalError, psycopg.InterfaceError, psycopg_pool.PoolTimeout):
                 if not retry or time.monotonic() > deadline:
                     raise
                 log.warning("ledger database unreachable; retrying in %.1f s", delay)
