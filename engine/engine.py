@@ -73,6 +73,8 @@ class Engine:
         self._recorder = Recorder(ledger, self._tracker, clock)
         self._chains: dict[int, ChainPipeline] = {}
         self._membership: cluster.Membership | None = None  # shared ledger only
+        # shared ledger: configured accounts another instance leases (taken over if it dies)
+        self._spare_signers: dict[int, list[Signer]] = {}
         self._ingest = Ingest(
             config, clock, ledger, self._tracker, self._dedup, self._identifiers, self._chains
         )
@@ -285,6 +287,7 @@ class Engine:
             shared.lease_signers, chain.chain_id, [s.address for s in signers], most
         )
         leased = [s for s in signers if s.address in epochs]
+        self._spare_signers[chain.chain_id] = [s for s in signers if s.address not in epochs]
         if not leased:
             raise EngineError(
                 f"chain {chain.chain_id}: every configured signer account is leased by another"
@@ -308,6 +311,7 @@ class Engine:
             batches = await recovery.rebroadcast_open_batches(
                 runtime.config, runtime.rpc, recovered, self.clock
             )
+            await self._take_signers(runtime, owners)
             for batch in batches:
                 await runtime.slots.acquire()  # released when the batch is final
                 runtime.confirm.adopt(batch)
@@ -331,6 +335,31 @@ class Engine:
             len(recovered.open_payments),
             owners,
         )
+
+    async def _take_signers(self, runtime: ChainPipeline, owners: list[int]) -> None:
+        """Lease the accounts the taken-over instances held (their leases lapsed with their
+        heartbeats), if this instance has their keys: it can then fee-bump their batches, and
+        sends with them too. Nonces are read after the rebroadcast of their batches."""
+        shared = self._shared()
+        spare = self._spare_signers.get(runtime.config.chain_id, [])
+        if shared is None or not spare:
+            return
+        chain_id = runtime.config.chain_id
+        theirs = set(await self._ledger.run(shared.leases_of, chain_id, owners))
+        wanted = [s for s in spare if s.address in theirs]
+        if not wanted:
+            return
+        epochs = await self._ledger.run(
+            shared.lease_signers, chain_id, [s.address for s in wanted], len(wanted)
+        )
+        for signer in wanted:
+            if signer.address not in epochs:
+                continue
+            signer.lease_epoch = epochs[signer.address]
+            signer.next_nonce = await runtime.rpc.nonce(signer.address, "pending")
+            runtime.signers.add(signer)
+            spare.remove(signer)
+            log.warning("chain %d: took over signer %s", chain_id, signer.address)
 
     def _requeue_unbatched(self, recovered: Recovered) -> None:
         watched = {i for c in self._chains.values() for i in c.confirm.watched_item_ids()}

@@ -134,6 +134,11 @@ class SignerPool:
         self._next += 1
         return signer
 
+    def add(self, signer: Signer) -> None:
+        """A signer taken over from another instance (shared ledger), nonce already read."""
+        assert signer.next_nonce is not None and self.by_address(signer.address) is None
+        self.signers.append(signer)
+
     def by_address(self, address: str) -> Signer | None:
         for s in self.signers:
             if s.address == address.lower():

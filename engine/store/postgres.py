@@ -232,6 +232,15 @@ class PgLedger:
                 [command_id, self.instance_id, waiting],
             )
 
+    def leases_of(self, chain_id: int, owners: Sequence[int]) -> list[str]:
+        """The signer accounts ``owners`` (taken-over instances) leased on a chain."""
+        with self._read() as con:
+            rows = con.execute(
+                "SELECT signer FROM signer_leases WHERE chain_id = %s AND instance_id = ANY(%s)",
+                [chain_id, list(owners)],
+            ).fetchall()
+        return [str(r[0]) for r in rows]
+
     def release(self) -> None:
         """A clean stop: leases freed at once, the instance marked stopped. Its open work stays
         recorded under it; the next instance with its name (or any survivor, after the lease)
