@@ -38,6 +38,7 @@ from ..model import (
 )
 from .backend import LedgerBackend
 from .journal import Journal, JournalRow, SalvageReport, encode_frame
+from .rows import batch_from_row, open_payment_from_row, outcome_from_row, payment_from_row
 
 T = TypeVar("T")
 
@@ -441,16 +442,7 @@ class Ledger:
             """
         ).fetchall()
         shared: dict[Any, Any] = {}
-        return [
-            OpenPayment(
-                id=int(r[0]),
-                accepted_at_ms=int(r[1]),
-                payment=_payment_from_row(r[2:13], shared),
-                state=shared.setdefault(r[13], r[13]),
-                batch_id=None if r[14] is None else int(r[14]),
-            )
-            for r in rows
-        ]
+        return [open_payment_from_row(r, shared) for r in rows]
 
     def _open_batches(self) -> list[BatchRecord]:
         batch_rows = self._con.execute(
@@ -466,21 +458,7 @@ class Ledger:
             ORDER BY b.id
             """
         ).fetchall()
-        return [
-            BatchRecord(
-                id=int(r[0]),
-                chain_id=int(r[1]),
-                mode=str(r[2]),
-                signer=str(r[3]),
-                account_nonce=int(r[4]),
-                gas_limit=int(r[5]),
-                max_fee_per_gas=int(r[6]),
-                tx_hash=str(r[7]),
-                raw_tx=bytes(r[8]),
-                payment_ids=[int(x) for x in r[9]],
-            )
-            for r in batch_rows
-        ]
+        return [batch_from_row(r) for r in batch_rows]
 
     def _transactions_of(self, batches: list[BatchRecord]) -> dict[int, list[tuple[str, bytes]]]:
         """Every transaction signed for these batches (the first and its fee-bump replacements),
@@ -509,7 +487,7 @@ class Ledger:
             [valid_before_min],
         ).fetchall()
         shared: dict[Any, Any] = {}
-        return [(int(r[0]), _payment_from_row(r[1:12], shared)) for r in rows]
+        return [(int(r[0]), payment_from_row(r[1:12], shared)) for r in rows]
 
     def outcome(self, payment_id: int) -> Outcome | None:
         self.flush_staged()
@@ -527,19 +505,7 @@ class Ledger:
         ).fetchone()
         if row is None:
             return None
-        return Outcome(
-            id=int(row[0]),
-            state=str(row[1]),
-            chain_id=int(row[2]),
-            payer=str(row[3]),
-            payee=str(row[4]),
-            value=int(row[5]),
-            tx_hash=row[6],
-            block_number=row[7],
-            gas_used=row[8],
-            reason=row[9],
-            message=row[10],
-        )
+        return outcome_from_row(row)
 
     def history(self, payment_id: int) -> list[dict[str, Any]]:
         """Every recorded event of one payment, oldest first."""
@@ -647,26 +613,6 @@ class Ledger:
                 event.message,
             ],
         )
-
-
-def _payment_from_row(r: Sequence[Any], shared: dict[Any, Any]) -> Payment:
-    """(chain_id, network, x402_version, token, payer, payee, value, valid_after, valid_before,
-    nonce, signature) → Payment; addresses as raw bytes (``unhex`` in the query). Values that
-    repeat across rows (network, token, payee, payer) are shared through ``shared``: a million
-    recovered payments then hold a few hundred copies of them, not a million."""
-    return Payment(
-        chain_id=int(r[0]),
-        network=shared.setdefault(r[1], r[1]),
-        x402_version=int(r[2]),
-        token=shared.setdefault(r[3], r[3]),
-        payer=shared.setdefault(r[4], r[4]),
-        payee=shared.setdefault(r[5], r[5]),
-        value=int(r[6]),
-        valid_after=int(r[7]),
-        valid_before=int(r[8]),
-        nonce=bytes(r[9]),
-        signature=bytes(r[10]),
-    )
 
 
 class AsyncLedger:

@@ -45,7 +45,6 @@ from ..model import (
     BatchEvent,
     BatchRecord,
     Clash,
-    OpenPayment,
     Outcome,
     Payment,
     PaymentEvent,
@@ -55,6 +54,7 @@ from ..model import (
 )
 from . import pg_schema
 from .journal import Journal, JournalRow, SalvageReport
+from .rows import batch_from_row, open_payment_from_row, outcome_from_row, payment_from_row
 
 log = logging.getLogger("x402_engine.postgres")
 T = TypeVar("T")
@@ -642,21 +642,7 @@ class PgLedger:
                 """,
                 {"o": ids},
             ).fetchall()
-            batches = [
-                BatchRecord(
-                    id=int(r[0]),
-                    chain_id=int(r[1]),
-                    mode=str(r[2]),
-                    signer=str(r[3]),
-                    account_nonce=int(r[4]),
-                    gas_limit=int(r[5]),
-                    max_fee_per_gas=int(r[6]),
-                    tx_hash=str(r[7]),
-                    raw_tx=bytes(r[8]),
-                    payment_ids=[int(x) for x in r[9]],
-                )
-                for r in batch_rows
-            ]
+            batches = [batch_from_row(r) for r in batch_rows]
             replacements: dict[int, list[tuple[str, bytes]]] = {}
             if batches:
                 for batch_id, tx_hash, raw in con.execute(
@@ -666,16 +652,7 @@ class PgLedger:
                 ).fetchall():
                     replacements.setdefault(int(batch_id), []).append((str(tx_hash), bytes(raw)))
         shared: dict[Any, Any] = {}
-        payments = [
-            OpenPayment(
-                id=int(r[0]),
-                accepted_at_ms=int(r[1]),
-                payment=_payment_from_row(r[2:13], shared),
-                state=shared.setdefault(r[13], r[13]),
-                batch_id=None if r[14] is None else int(r[14]),
-            )
-            for r in rows
-        ]
+        payments = [open_payment_from_row(r, shared) for r in rows]
         return Recovered(payments, batches, 0, 0, replacements)
 
     def live_final_payments(
@@ -691,7 +668,7 @@ class PgLedger:
                 [valid_before_min, list(owners or [self.instance_id])],
             ).fetchall()
         shared: dict[Any, Any] = {}
-        return [(int(r[0]), _payment_from_row(r[1:12], shared)) for r in rows]
+        return [(int(r[0]), payment_from_row(r[1:12], shared)) for r in rows]
 
     def outcome(self, payment_id: int) -> Outcome | None:
         with self._read() as con:
@@ -709,19 +686,7 @@ class PgLedger:
             ).fetchone()
         if row is None:
             return None
-        return Outcome(
-            id=int(row[0]),
-            state=str(row[1]),
-            chain_id=int(row[2]),
-            payer=str(row[3]),
-            payee=str(row[4]),
-            value=int(row[5]),
-            tx_hash=row[6],
-            block_number=row[7],
-            gas_used=row[8],
-            reason=row[9],
-            message=row[10],
-        )
+        return outcome_from_row(row)
 
     def history(self, payment_id: int) -> list[dict[str, Any]]:
         with self._read() as con:
@@ -1021,31 +986,6 @@ def _write_batch_event(con: psycopg.Connection[Any], event: BatchEvent, at_ms: i
             event.effective_gas_price,
             event.message,
         ],
-    )
-
-
-def _payment_from_row(r: Sequence[Any], shared: dict[Any, Any]) -> Payment:
-    """(chain_id, network, x402_version, token, payer, payee, value, valid_after, valid_before,
-    nonce, signature) with ``0x`` text addresses → Payment (raw bytes inside)."""
-
-    def addr(text: str) -> bytes:
-        raw: bytes | None = shared.get(text)
-        if raw is None:
-            raw = shared[text] = bytes.fromhex(text[2:])
-        return raw
-
-    return Payment(
-        chain_id=int(r[0]),
-        network=shared.setdefault(r[1], r[1]),
-        x402_version=int(r[2]),
-        token=addr(r[3]),
-        payer=addr(r[4]),
-        payee=addr(r[5]),
-        value=int(r[6]),
-        valid_after=int(r[7]),
-        valid_before=int(r[8]),
-        nonce=bytes(r[9]),
-        signature=bytes(r[10]),
     )
 
 
