@@ -137,3 +137,61 @@ def test_hand_encoded_aggregate3_matches_eth_abi_both_ways() -> None:
     for broken in [good[:-40], good[:64], (2**200).to_bytes(32, "big") + good[32:], b""]:
         with pytest.raises(ValueError):
             codec.decode_aggregate3_result(broken)
+
+
+def test_a_used_authorization_without_its_transfer_event_is_a_failure() -> None:
+    """As the reference facilitator checks: AuthorizationUsed proves the nonce was spent, the
+    token's Transfer(payer, payee, value) that the payment is (a fee-on-transfer or otherwise
+    non-standard token moves something else)."""
+    import os
+
+    from engine.chain import codec
+    from engine.model import Payment
+    from engine.rules import reasons
+
+    token, batcher, payee = os.urandom(20), os.urandom(20), os.urandom(20)
+
+    def item(value: int) -> Payment:
+        return Payment(
+            chain_id=1,
+            token=token,
+            payer=os.urandom(20),
+            payee=payee,
+            value=value,
+            valid_after=0,
+            valid_before=2**40,
+            nonce=os.urandom(32),
+            signature=b"\x00" * 65,
+            network="base",
+            x402_version=2,
+        )
+
+    def topic(raw: bytes) -> str:
+        return "0x" + raw.rjust(32, b"\x00").hex()
+
+    def used(p: Payment) -> codec.Log:
+        topics = ["0x" + codec.AUTHORIZATION_USED.hex(), topic(p.payer), "0x" + p.nonce.hex()]
+        return codec.Log("0x" + token.hex(), topics, "0x")
+
+    def moved(p: Payment, value: int) -> codec.Log:
+        topics = ["0x" + codec.TRANSFER.hex(), topic(p.payer), topic(p.payee)]
+        return codec.Log("0x" + token.hex(), topics, "0x" + value.to_bytes(32, "big").hex())
+
+    exact, short, twice = item(1000), item(1000), item(500)
+    logs = [used(exact), moved(exact, 1000), used(short), moved(short, 990), used(twice)]
+    logs.append(moved(twice, 500))
+    receipt = codec.Receipt("0x" + "ab" * 32, "0x1", "0x" + "cd" * 32, "0x1", "0x5208", logs=logs)
+    outcomes = codec.item_outcomes(receipt, batcher, token, [exact, short, twice])
+    assert [o.status for o in outcomes] == [
+        codec.ItemStatus.SETTLED,
+        codec.ItemStatus.FAILED,
+        codec.ItemStatus.SETTLED,
+    ]
+    assert outcomes[1].reason == reasons.TRANSFER_EVENT_MISMATCH
+    # one Transfer log vouches for one item: two identical payments need two
+    same = [exact, exact]
+    receipt.logs = [used(exact), moved(exact, 1000)]
+    assert [o.status for o in codec.item_outcomes(receipt, batcher, token, same)] == [
+        codec.ItemStatus.SETTLED,
+        codec.ItemStatus.FAILED,
+    ]

@@ -257,13 +257,17 @@ def item_outcomes(
     receipt: Receipt, batcher: bytes, token: bytes, items: Sequence[Payment]
 ) -> list[ItemOutcome]:
     """Each item's outcome from a mined batch's logs: the token's AuthorizationUsed event is
-    the proof of settlement; the batcher's ItemFailed / CallFailed event carries the reason."""
+    the proof of settlement, and a token Transfer(payer, payee, value) must go with it (as the
+    reference facilitator checks; each Transfer log vouches for one item); the batcher's
+    ItemFailed / CallFailed event carries the reason of a failure."""
     token_hex = "0x" + token.hex()
     batcher_hex = "0x" + batcher.hex()
     used: set[tuple[str, str]] = set()
     failed: dict[int, bytes] = {}
     used_topic = "0x" + AUTHORIZATION_USED.hex()
+    transfer_topic = "0x" + TRANSFER.hex()
     failed_topics = {"0x" + ITEM_FAILED.hex(), "0x" + CALL_FAILED.hex()}
+    transfers: dict[tuple[str, str, int], int] = {}  # (from, to, value) -> logs not yet matched
     for log in receipt.logs:
         if not log.topics:
             continue
@@ -271,19 +275,40 @@ def item_outcomes(
         t0 = log.topics[0].lower()
         if address == token_hex and t0 == used_topic and len(log.topics) == 3:
             used.add((log.topics[1].lower()[-40:], log.topics[2].lower()))
+        elif address == token_hex and t0 == transfer_topic and len(log.topics) == 3:
+            moved = (log.topics[1].lower()[-40:], log.topics[2].lower()[-40:], _word(log.data))
+            transfers[moved] = transfers.get(moved, 0) + 1
         elif address == batcher_hex and t0 in failed_topics:
             index, data = abi_decode(["uint256", "bytes"], bytes.fromhex(log.data[2:]))
             failed[int(index)] = bytes(data)
     out: list[ItemOutcome] = []
     for i, p in enumerate(items):
         if (p.payer.hex(), "0x" + p.nonce.hex()) in used:
-            out.append(ItemOutcome(ItemStatus.SETTLED))
+            moved = (p.payer.hex(), p.payee.hex(), p.value)
+            if transfers.get(moved, 0) > 0:
+                transfers[moved] -= 1
+                out.append(ItemOutcome(ItemStatus.SETTLED))
+            else:
+                out.append(
+                    ItemOutcome(
+                        ItemStatus.FAILED,
+                        reasons.TRANSFER_EVENT_MISMATCH,
+                        f"the authorization was used but no Transfer of {p.value} from the payer"
+                        " to the payee is in the receipt",
+                    )
+                )
         elif i in failed:
             reason, message = failure_reason(failed[i])
             out.append(ItemOutcome(ItemStatus.FAILED, reason, message))
         else:
             out.append(ItemOutcome(ItemStatus.UNKNOWN))
     return out
+
+
+def _word(data: str) -> int:
+    """The first 32-byte word of a log's hex data (-1 if there is none)."""
+    text = data[2:66] if data.startswith(("0x", "0X")) else data[:64]
+    return int(text, 16) if len(text) == 64 else -1
 
 
 def transfer_in_receipt(

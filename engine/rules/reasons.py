@@ -21,6 +21,9 @@ INVALID_TRANSACTION_STATE: Final = "invalid_transaction_state"
 UNEXPECTED_VERIFY: Final = "unexpected_verify_error"
 UNEXPECTED_SETTLE: Final = "unexpected_settle_error"
 SETTLEMENT_PENDING: Final = "settlement_pending"
+# The reference exact-EVM facilitator's code: the authorization was used, but the receipt holds
+# no token Transfer(from, to, value) matching it (a fee-on-transfer or non-standard token).
+TRANSFER_EVENT_MISMATCH: Final = "invalid_exact_evm_transfer_event_mismatch"
 # A /settle of a payment that an earlier /settle already answered with success (one payment,
 # one purchase): the x402 spec's code for a settlement already seen (exact SVM and XRPL).
 DUPLICATE_SETTLEMENT: Final = "duplicate_settlement"
