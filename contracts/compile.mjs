@@ -21,6 +21,9 @@ const COMPILER_VERSION = "0.8.37";
 const SOURCES = {
   "src/TestToken.sol": ["TestToken"],
   "src/X402Batcher.sol": ["X402Batcher"],
+  "src/TestWallet.sol": ["TestWallet"],
+  "src/WalletFactory.sol": ["WalletFactory"],
+  "src/SignatureChecks.sol": ["SignatureChecks"],
 };
 
 const SETTINGS = {

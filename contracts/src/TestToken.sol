@@ -159,6 +159,8 @@ contract TestToken {
         _authorizedTransfer(TRANSFER_WITH_AUTHORIZATION_TYPEHASH, from, to, value, validAfter, validBefore, nonce, v, r, s);
     }
 
+    /// @notice The bytes-signature form (USDC v2.2): a payer with code (a smart wallet) is
+    ///         asked through EIP-1271 `isValidSignature`, any other takes a 65-byte r || s || v.
     function transferWithAuthorization(
         address from,
         address to,
@@ -168,6 +170,14 @@ contract TestToken {
         bytes32 nonce,
         bytes memory signature
     ) external {
+        if (from.code.length > 0) {
+            _requireValidAuthorization(from, nonce, validAfter, validBefore);
+            bytes32 structHash = _structHash(TRANSFER_WITH_AUTHORIZATION_TYPEHASH, from, to, value, validAfter, validBefore, nonce);
+            _requireValidContractSignature(from, _digest(structHash), signature);
+            _useAuthorization(from, nonce);
+            _transfer(from, to, value);
+            return;
+        }
         (uint8 v, bytes32 r, bytes32 s) = _splitSignature(signature);
         _authorizedTransfer(TRANSFER_WITH_AUTHORIZATION_TYPEHASH, from, to, value, validAfter, validBefore, nonce, v, r, s);
     }
@@ -315,10 +325,8 @@ contract TestToken {
         }
     }
 
-    /// @dev Reverts unless (v, r, s) is a valid, non-malleable signature by `signer`
-    ///      over the EIP-712 digest of `structHash` in this token's domain.
-    function _requireValidSignature(address signer, bytes32 structHash, uint8 v, bytes32 r, bytes32 s) private view {
-        bytes32 digest;
+    /// @dev The EIP-712 digest of `structHash` in this token's domain.
+    function _digest(bytes32 structHash) private view returns (bytes32 digest) {
         bytes32 domainSeparator = DOMAIN_SEPARATOR;
         assembly ("memory-safe") {
             let p := mload(0x40)
@@ -327,6 +335,23 @@ contract TestToken {
             mstore(add(p, 0x22), structHash)
             digest := keccak256(p, 0x42)
         }
+    }
+
+    /// @dev Reverts unless the contract `signer` says `signature` is its own over `digest`
+    ///      (EIP-1271: `isValidSignature` returns 0x1626ba7e). No ECDSA fallback.
+    function _requireValidContractSignature(address signer, bytes32 digest, bytes memory signature) private view {
+        (bool ok, bytes memory ret) =
+            signer.staticcall(abi.encodeWithSelector(0x1626ba7e, digest, signature));
+        require(
+            ok && ret.length >= 32 && abi.decode(ret, (bytes4)) == bytes4(0x1626ba7e),
+            "FiatTokenV2: invalid signature"
+        );
+    }
+
+    /// @dev Reverts unless (v, r, s) is a valid, non-malleable signature by `signer`
+    ///      over the EIP-712 digest of `structHash` in this token's domain.
+    function _requireValidSignature(address signer, bytes32 structHash, uint8 v, bytes32 r, bytes32 s) private view {
+        bytes32 digest = _digest(structHash);
         require(uint256(s) <= HALF_CURVE_ORDER, "ECRecover: invalid signature 's' value");
         require(v == 27 || v == 28, "ECRecover: invalid signature 'v' value");
         address recovered = ecrecover(digest, v, r, s);

@@ -1,0 +1,124 @@
+"""The test contracts for smart-wallet payers (issue 13, first step), on a real anvil: the
+token's bytes-signature ``transferWithAuthorization`` asks a payer with code through EIP-1271
+(no ECDSA fallback), a CREATE2 factory deploys counterfactual wallets, and the deployless
+``SignatureChecks`` answers many signatures (EOA, EIP-1271, ERC-6492) in one ``eth_call``."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+from eth_abi.abi import decode as abi_decode
+from eth_abi.abi import encode as abi_encode
+
+from engine.chain import codec, crypto
+from engine.chain.rpc import Rpc, RpcError
+from engine.dev import artifacts
+from engine.dev.devchain import Anvil, Deployer, setup_devchain
+from engine.model import hex_addr
+
+pytestmark = pytest.mark.chain
+ERC6492_SUFFIX = bytes.fromhex("64926492" * 8)
+BYTES_FORM = codec.selector(
+    "transferWithAuthorization(address,address,uint256,uint256,uint256,bytes32,bytes)"
+)
+
+
+async def _deploy(deployer: Deployer, name: str, args: bytes = b"") -> str:
+    receipt = await deployer.send(None, artifacts.bytecode(name) + args)
+    return str(receipt["contractAddress"]).lower()
+
+
+async def test_wallet_payers_and_the_batched_signature_check(anvil: Anvil) -> None:
+    dev = await setup_devchain(anvil.url, payers=1)
+    rpc = Rpc(anvil.url)
+    deployer = Deployer(rpc, dev.payer_key_bytes()[0], dev.chain_id)
+    await rpc.call("anvil_setBalance", [deployer.address, hex(10**20)])  # gas for a payer
+    owner_key = os.urandom(32)
+    owner = crypto.private_key_address(owner_key)
+    wallet = await _deploy(deployer, "TestWallet", abi_encode(["address"], [owner]))
+    factory = await _deploy(deployer, "WalletFactory")
+    token = bytes.fromhex(dev.token[2:])
+    payee = bytes.fromhex(dev.payee[2:])
+    mint = codec.selector("transfer(address,uint256)") + abi_encode(
+        ["address", "uint256"], [bytes.fromhex(wallet[2:]), 5000]
+    )
+    await deployer.send(dev.token, mint)  # the first payer funds the wallet
+    now = int(time.time())
+
+    def authorization(payer: bytes, key: bytes, value: int) -> tuple[bytes, bytes, bytes]:
+        nonce = os.urandom(32)
+        digest = crypto.transfer_digest(
+            dev.domain.separator, payer, payee, value, now - 60, now + 3600, nonce
+        )
+        return digest, nonce, crypto.sign_digest(key, digest)
+
+    def transfer(payer: bytes, value: int, nonce: bytes, signature: bytes) -> bytes:
+        return BYTES_FORM + abi_encode(
+            ["address", "address", "uint256", "uint256", "uint256", "bytes32", "bytes"],
+            [payer, payee, value, now - 60, now + 3600, nonce, signature],
+        )
+
+    raw_wallet = bytes.fromhex(wallet[2:])
+    # the wallet's owner signs: EIP-1271 says yes, the token moves the wallet's tokens
+    _, nonce, signature = authorization(raw_wallet, owner_key, 1000)
+    receipt = await deployer.send(dev.token, transfer(raw_wallet, 1000, nonce, signature))
+    logs = [
+        codec.Log(**{k: v for k, v in log.items() if k in ("address", "topics", "data")})
+        for log in receipt["logs"]
+    ]
+    moved = codec.Receipt(
+        receipt["transactionHash"],
+        receipt["blockNumber"],
+        receipt["blockHash"],
+        receipt["status"],
+        receipt["gasUsed"],
+        logs=logs,
+    )
+    assert codec.transfer_in_receipt(moved, token, raw_wallet, payee, 1000)
+    # anyone else's signature for the wallet: refused, with USDC's message (no ECDSA fallback)
+    _, nonce, wrong = authorization(raw_wallet, os.urandom(32), 1000)
+    with pytest.raises(RpcError, match="invalid signature"):
+        await rpc.estimate_gas(token, transfer(raw_wallet, 1000, nonce, wrong), deployer.address)
+
+    # the batched check, deployless: EOA, wallet, counterfactual wallet (ERC-6492)
+    eoa_key = dev.payer_key_bytes()[0]
+    eoa = crypto.private_key_address(eoa_key)
+    salt = os.urandom(32)
+    predict = codec.selector("walletAddress(address,bytes32)") + abi_encode(
+        ["address", "bytes32"], [owner, salt]
+    )
+    (future,) = abi_decode(["address"], await rpc.eth_call(bytes.fromhex(factory[2:]), predict))
+    future_raw = bytes.fromhex(future[2:])
+    assert await rpc.call("eth_getCode", [future, "latest"]) == "0x"
+    create = codec.selector("createWallet(address,bytes32)") + abi_encode(
+        ["address", "bytes32"], [owner, salt]
+    )
+
+    def wrapped(inner: bytes) -> bytes:
+        return (
+            abi_encode(["address", "bytes", "bytes"], [bytes.fromhex(factory[2:]), create, inner])
+            + ERC6492_SUFFIX
+        )
+
+    h = os.urandom(32)
+    items = [
+        (eoa, h, crypto.sign_digest(eoa_key, h)),  # EOA, its own key
+        (eoa, h, crypto.sign_digest(owner_key, h)),  # EOA, another key
+        (raw_wallet, h, crypto.sign_digest(owner_key, h)),  # wallet, its owner
+        (raw_wallet, h, crypto.sign_digest(eoa_key, h)),  # wallet, not its owner
+        (future_raw, h, crypto.sign_digest(owner_key, h)),  # not deployed, not wrapped
+        (future_raw, h, wrapped(crypto.sign_digest(eoa_key, h))),  # 6492, not the owner
+        (future_raw, h, wrapped(crypto.sign_digest(owner_key, h))),  # 6492, the owner
+    ]  # (within the one eth_call, a wallet deployed by an item exists for the later ones)
+    data = artifacts.bytecode("SignatureChecks") + abi_encode(
+        ["address[]", "bytes32[]", "bytes[]"],
+        [[i[0] for i in items], [i[1] for i in items], [i[2] for i in items]],
+    )
+    answer = await rpc.call("eth_call", [{"data": "0x" + data.hex()}, "latest"])
+    (valid,) = abi_decode(["bool[]"], bytes.fromhex(answer[2:]))
+    assert list(valid) == [True, False, True, False, False, False, True]
+    # the check deployed nothing: the counterfactual wallet still has no code
+    assert await rpc.call("eth_getCode", [hex_addr(future_raw), "latest"]) == "0x"
+    await rpc.aclose()
