@@ -122,3 +122,51 @@ async def test_wallet_payers_and_the_batched_signature_check(anvil: Anvil) -> No
     # the check deployed nothing: the counterfactual wallet still has no code
     assert await rpc.call("eth_getCode", [hex_addr(future_raw), "latest"]) == "0x"
     await rpc.aclose()
+
+
+async def test_the_compact_batch_settles_a_wallet_payer_with_a_65_byte_signature(
+    anvil: Anvil,
+) -> None:
+    """USDC v2.2's (v, r, s) form routes by code too: a wallet whose EIP-1271 signature is 65
+    bytes (an owner's ECDSA signature, as the simplest smart accounts use) settles through the
+    batcher's compact path like an EOA."""
+    dev = await setup_devchain(anvil.url, payers=1)
+    rpc = Rpc(anvil.url)
+    deployer = Deployer(rpc, dev.payer_key_bytes()[0], dev.chain_id)
+    await rpc.call("anvil_setBalance", [deployer.address, hex(10**20)])
+    owner_key = os.urandom(32)
+    owner = crypto.private_key_address(owner_key)
+    wallet = bytes.fromhex(
+        (await _deploy(deployer, "TestWallet", abi_encode(["address"], [owner])))[2:]
+    )
+    mint = codec.selector("transfer(address,uint256)") + abi_encode(
+        ["address", "uint256"], [wallet, 5000]
+    )
+    await deployer.send(dev.token, mint)
+    payee = bytes.fromhex(dev.payee[2:])
+    token = bytes.fromhex(dev.token[2:])
+    now = int(time.time())
+    nonce = os.urandom(32)
+    digest = crypto.transfer_digest(
+        dev.domain.separator, wallet, payee, 1000, now - 60, now + 3600, nonce
+    )
+    from engine.model import Payment
+
+    payment = Payment(
+        chain_id=dev.chain_id,
+        token=token,
+        payer=wallet,
+        payee=payee,
+        value=1000,
+        valid_after=now - 60,
+        valid_before=now + 3600,
+        nonce=nonce,
+        signature=crypto.sign_digest(owner_key, digest),
+        network="anvil",
+        x402_version=2,
+    )
+    receipt = await deployer.send(dev.batcher, codec.settle_calldata(token, [payment]))
+    topics = [log["topics"][0] for log in receipt["logs"]]
+    assert "0x" + codec.AUTHORIZATION_USED.hex() in topics, receipt["logs"]
+    assert "0x" + codec.ITEM_FAILED.hex() not in topics
+    await rpc.aclose()

@@ -145,6 +145,8 @@ contract TestToken {
         return _authorizationStates[authorizer][nonce];
     }
 
+    /// @notice The (v, r, s) form. As in USDC v2.2, a payer with code is asked through EIP-1271
+    ///         with the packed r || s || v; any other payer is checked by ECDSA.
     function transferWithAuthorization(
         address from,
         address to,
@@ -156,6 +158,10 @@ contract TestToken {
         bytes32 r,
         bytes32 s
     ) external {
+        if (from.code.length > 0) {
+            _contractAuthorizedTransfer(from, to, value, validAfter, validBefore, nonce, abi.encodePacked(r, s, v));
+            return;
+        }
         _authorizedTransfer(TRANSFER_WITH_AUTHORIZATION_TYPEHASH, from, to, value, validAfter, validBefore, nonce, v, r, s);
     }
 
@@ -171,11 +177,7 @@ contract TestToken {
         bytes memory signature
     ) external {
         if (from.code.length > 0) {
-            _requireValidAuthorization(from, nonce, validAfter, validBefore);
-            bytes32 structHash = _structHash(TRANSFER_WITH_AUTHORIZATION_TYPEHASH, from, to, value, validAfter, validBefore, nonce);
-            _requireValidContractSignature(from, _digest(structHash), signature);
-            _useAuthorization(from, nonce);
-            _transfer(from, to, value);
+            _contractAuthorizedTransfer(from, to, value, validAfter, validBefore, nonce, signature);
             return;
         }
         (uint8 v, bytes32 r, bytes32 s) = _splitSignature(signature);
@@ -241,6 +243,23 @@ contract TestToken {
     ) private {
         _requireValidAuthorization(from, nonce, validAfter, validBefore);
         _requireValidSignature(from, _structHash(typehash, from, to, value, validAfter, validBefore, nonce), v, r, s);
+        _useAuthorization(from, nonce);
+        _transfer(from, to, value);
+    }
+
+    /// @dev A transfer authorized by a contract payer (EIP-1271), checks in USDC's order.
+    function _contractAuthorizedTransfer(
+        address from,
+        address to,
+        uint256 value,
+        uint256 validAfter,
+        uint256 validBefore,
+        bytes32 nonce,
+        bytes memory signature
+    ) private {
+        _requireValidAuthorization(from, nonce, validAfter, validBefore);
+        bytes32 structHash = _structHash(TRANSFER_WITH_AUTHORIZATION_TYPEHASH, from, to, value, validAfter, validBefore, nonce);
+        _requireValidContractSignature(from, _digest(structHash), signature);
         _useAuthorization(from, nonce);
         _transfer(from, to, value);
     }
