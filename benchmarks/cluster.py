@@ -13,6 +13,7 @@ import sys
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Protocol
 
 import httpx
 import msgspec
@@ -24,6 +25,12 @@ from engine.dev.devchain import DevChain, engine_config, free_port
 from .http_load import Answer, post
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+class Endpoint(Protocol):
+    """Where a load goes: an instance of a cluster, or any serve process."""
+
+    port: int
 
 
 class Instance:
@@ -145,7 +152,7 @@ async def _start(
 
 
 async def post_spread(
-    instances: Sequence[Instance],
+    instances: Sequence[Endpoint],
     path: str,
     bodies: Sequence[bytes],
     concurrency: int,
@@ -156,7 +163,7 @@ async def post_spread(
     limiter = trio.Semaphore(concurrency)
     targets = itertools.cycle(instances)
 
-    async def one(i: int, body: bytes, instance: Instance) -> None:
+    async def one(i: int, body: bytes, instance: Endpoint) -> None:
         async with limiter:
             try:
                 answers[i] = await post("127.0.0.1", instance.port, path, body, timeout_s=120)
@@ -179,7 +186,7 @@ TICK_S = 0.001  # the open-loop generator releases what is due once per millisec
 
 
 async def post_open_loop(
-    instances: Sequence[Instance], path: str, bodies: Sequence[bytes], rate_per_s: float
+    instances: Sequence[Endpoint], path: str, bodies: Sequence[bytes], rate_per_s: float
 ) -> list[float]:
     """Offer requests at a fixed rate whatever the answers (round-robin over the instances);
     latency counts from when each was due, so queueing shows."""
@@ -187,7 +194,7 @@ async def post_open_loop(
     targets = itertools.cycle(instances)
     start = trio.current_time()
 
-    async def one(body: bytes, due: float, instance: Instance) -> None:
+    async def one(body: bytes, due: float, instance: Endpoint) -> None:
         await post("127.0.0.1", instance.port, path, body, timeout_s=120)
         latencies.append(trio.current_time() - due)
 

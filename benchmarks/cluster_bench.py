@@ -34,7 +34,7 @@ from engine.engine import Engine
 from engine.gctune import tuned_gc
 from engine.store.postgres import migrate
 
-from .cluster import Instance, cluster, post_open_loop, post_spread
+from .cluster import cluster, post_open_loop, post_spread
 from .http_load import serving
 from .ingest import HoldPolicy, _submit_closed_loop, _submit_open_loop, percentiles
 from .workload import cached_workload
@@ -80,8 +80,8 @@ async def measure_cluster(
     }
 
 
-class _Probe(Instance):
-    """A serve process started by ``serving`` (no handle needed: it is never killed)."""
+class _Probe:
+    """A serve process started by ``serving`` (never killed: no process handle needed)."""
 
     def __init__(self, name: str, url: str, port: int) -> None:
         self.name, self.url, self.port = name, url, port
