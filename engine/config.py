@@ -160,6 +160,9 @@ class IngestConfig(msgspec.Struct, forbid_unknown_fields=True):
     # to the number of cores for high ingest rates; each costs ~1 s at start and ~60 MB.
     verify_workers: Annotated[int, Meta(ge=0, le=64)] = 0
     verify_batch_max: Positive = 512  # payments sent to a worker in one message at most
+    # Smart-wallet payers (EIP-1271) with 65-byte signatures: a signature that does not recover
+    # to authorization.from is asked of the payer on chain (many per eth_call) before a refusal
+    contract_signatures: bool = True
     # /verify (and a deferred /settle) ask the chain: balance, nonce used or cancelled, token
     # code. Concurrent questions share one aggregate3 eth_call; answers are reused this long.
     state_checks: bool = True

@@ -44,6 +44,7 @@ from .stages.ingest import Ingest
 from .stages.intake import IntakeStage
 from .stages.pipeline import ChainPipeline, SettlementStatistics
 from .stages.sales import SalesDesk, SaleStatistics, SaleWriter
+from .stages.signatures import SignatureStatistics
 from .stages.submit import BatchIds
 from .stages.verify import PAYMENT_IDENTIFIER
 from .stages.verify_pool import VerifyPool
@@ -493,6 +494,10 @@ class Engine:
     def state_statistics(self) -> dict[int, ReaderStatistics]:
         """Per chain: the /verify chain-state reader's reads, payments read and cache hits."""
         return {cid: c.state.statistics() for cid, c in self._chains.items()}
+
+    def signature_statistics(self) -> dict[int, SignatureStatistics]:
+        """Per chain: on-chain signature checks (smart-wallet payers) made, and signatures."""
+        return {cid: c.signatures.statistics() for cid, c in self._chains.items()}
 
     def rpc_requests(self) -> dict[int, int]:
         """Per chain: JSON-RPC HTTP requests sent since start."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import time
+from typing import Any
 
 import pytest
 from eth_abi.abi import decode as abi_decode
@@ -169,4 +170,95 @@ async def test_the_compact_batch_settles_a_wallet_payer_with_a_65_byte_signature
     topics = [log["topics"][0] for log in receipt["logs"]]
     assert "0x" + codec.AUTHORIZATION_USED.hex() in topics, receipt["logs"]
     assert "0x" + codec.ITEM_FAILED.hex() not in topics
+    await rpc.aclose()
+
+
+def _wallet_payment(
+    dev: Any, wallet: bytes, signer_key: bytes, value: int, now: int
+) -> tuple[Any, Any]:
+    """An x402 payment from ``wallet`` (a smart wallet) signed by ``signer_key``."""
+    import msgspec
+
+    from engine.dev.loadgen import payment_v2
+
+    payee = bytes.fromhex(dev.payee[2:])
+    payload, req = payment_v2(dev.domain, signer_key, payee, value, now)
+    auth = payload.payload.authorization
+    nonce = bytes.fromhex(auth.nonce[2:])
+    digest = crypto.transfer_digest(
+        dev.domain.separator,
+        wallet,
+        payee,
+        value,
+        int(auth.valid_after),
+        int(auth.valid_before),
+        nonce,
+    )
+    signature = crypto.sign_digest(signer_key, digest)
+    inner = msgspec.structs.replace(
+        payload.payload,
+        signature="0x" + signature.hex(),
+        authorization=msgspec.structs.replace(auth, from_=hex_addr(wallet)),
+    )
+    return msgspec.structs.replace(payload, payload=inner), req
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+async def test_smart_wallet_payers_verify_on_chain_and_settle_in_the_batch(
+    anvil: Anvil, tmp_path: Any, workers: int
+) -> None:
+    """EIP-1271 payers with 65-byte signatures beside EOAs: their signatures are judged on
+    chain (many per call), they settle in the same compact batch, and a wallet whose
+    isValidSignature says no is refused at verify, as is an ordinary account's bad signature."""
+    import msgspec
+
+    from engine.dev.devchain import engine_config
+    from engine.dev.loadgen import payment_v2
+    from engine.engine import Engine
+    from engine.model import Accepted, Rejected
+    from engine.rules import reasons
+
+    from .chain import balances
+
+    dev = await setup_devchain(anvil.url, payers=4)
+    rpc = Rpc(anvil.url)
+    deployer = Deployer(rpc, dev.payer_key_bytes()[0], dev.chain_id)
+    await rpc.call("anvil_setBalance", [deployer.address, hex(10**20)])
+    owners = [os.urandom(32) for _ in range(3)]
+    wallets = []
+    for owner_key in owners:
+        args = abi_encode(["address"], [crypto.private_key_address(owner_key)])
+        wallet = bytes.fromhex((await _deploy(deployer, "TestWallet", args))[2:])
+        fund = codec.selector("transfer(address,uint256)") + abi_encode(
+            ["address", "uint256"], [wallet, 10_000]
+        )
+        await deployer.send(dev.token, fund)
+        wallets.append(wallet)
+    config, env = engine_config(dev, str(tmp_path / "l.duckdb"))
+    ingest = msgspec.structs.replace(config.ingest, verify_workers=workers)
+    config = msgspec.structs.replace(config, ingest=ingest)
+    now = int(time.time())
+    payee = bytes.fromhex(dev.payee[2:])
+    keys = dev.payer_key_bytes()
+    good = [_wallet_payment(dev, w, k, 1000, now) for w, k in zip(wallets, owners, strict=True)]
+    good += [payment_v2(dev.domain, keys[i], payee, 1000, now) for i in range(1, 4)]
+    stranger = _wallet_payment(dev, wallets[0], os.urandom(32), 1000, now)
+    account = crypto.private_key_address(keys[1])  # an ordinary account, signed by another key
+    forged = _wallet_payment(dev, account, owners[0], 1000, now)
+    before = (await balances(rpc, dev.token, [dev.payee]))[0]
+    async with Engine.open(config, environ=env) as engine:
+        _, refused = await engine.verify(*stranger)  # the wallet's isValidSignature says no
+        assert refused is not None and refused.reason == reasons.SIGNATURE, refused
+        _, refused = await engine.verify(*forged)  # an ordinary account's bad signature
+        assert refused is not None and refused.reason == reasons.SIGNATURE, refused
+        results = await engine.submit_many([*good, stranger])
+        assert all(isinstance(r, Accepted) for r in results[:-1]), results
+        assert isinstance(results[-1], Rejected) and results[-1].reason == reasons.SIGNATURE
+        for r in results[:-1]:
+            assert isinstance(r, Accepted)
+            assert (await engine.wait(r.id, timeout_s=60)).state == "settled"
+        assert engine.statistics().batches_mined == 1  # wallets and EOAs in one transaction
+        checks = sum(s.calls for s in engine.signature_statistics().values())
+        assert checks <= 4  # the three wallets of one submit_many shared a call
+    assert (await balances(rpc, dev.token, [dev.payee]))[0] - before == 6 * 1000
     await rpc.aclose()

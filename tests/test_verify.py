@@ -79,9 +79,20 @@ def test_tampered_payload_is_rejected_with_its_reason(
 ) -> None:
     payload, req = payment_v2(domain, payer_key, PAYEE, 1000, now)
     bad = _tamper(to_json(payload), path, value)
-    payment, rejected = _check(offline_config, bad, to_json(req), now)
+    payment, rejected = _check(_ecdsa_only(offline_config), bad, to_json(req), now)
     assert payment is None
     assert rejected is not None and rejected.reason == reason, rejected
+    if reason == reasons.SIGNATURE:
+        # with smart-wallet payers on (the default), a 65-byte signature that does not recover
+        # to authorization.from is left to the chain (EIP-1271): marked, not refused
+        payment, rejected = _check(offline_config, bad, to_json(req), now)
+        assert payment is not None and rejected is not None
+        assert rejected.reason == reasons.CONTRACT_SIGNATURE
+
+
+def _ecdsa_only(config: EngineConfig) -> EngineConfig:
+    ingest = msgspec.structs.replace(config.ingest, contract_signatures=False)
+    return msgspec.structs.replace(config, ingest=ingest)
 
 
 @pytest.mark.parametrize(
@@ -140,7 +151,7 @@ def test_signature_from_another_domain_is_rejected(
     payload, _ = payment_v2(wrong, payer_key, PAYEE, 1000, now)
     _, req = payment_v2(domain, payer_key, PAYEE, 1000, now)
     payload = msgspec.structs.replace(payload, accepted=req)
-    _, rejected = _check(offline_config, payload, req, now)
+    _, rejected = _check(_ecdsa_only(offline_config), payload, req, now)
     assert rejected is not None and rejected.reason == reasons.SIGNATURE
 
 

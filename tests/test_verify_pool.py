@@ -65,7 +65,9 @@ async def test_workers_answer_exactly_as_the_in_process_verifier(
         assert isinstance(answer, tuple)
         if isinstance(answer[1], Rejected):
             reasons_seen.add(answer[1].reason)
-    assert reasons_seen == {reasons.SIGNATURE, reasons.RECIPIENT_MISMATCH, reasons.INVALID_PAYLOAD}
+    # a 65-byte signature that does not recover is left to the chain (EIP-1271), by workers too
+    expected_reasons = {reasons.CONTRACT_SIGNATURE, reasons.RECIPIENT_MISMATCH}
+    assert reasons_seen == expected_reasons | {reasons.INVALID_PAYLOAD}
 
 
 async def test_a_dead_worker_fails_its_callers_instead_of_hanging(

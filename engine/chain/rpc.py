@@ -62,6 +62,7 @@ class ChainClient(Protocol):
         self, to: bytes, data: bytes, sender: str | None = None, gas: int | None = None
     ) -> bytes: ...
     async def estimate_gas(self, to: bytes, data: bytes, sender: str) -> int: ...
+    async def eth_call_code(self, code: bytes) -> bytes: ...
     async def send_raw(self, raw: bytes) -> str: ...
     async def receipts(self, tx_hashes: Sequence[str]) -> list[Receipt | None]: ...
     async def authorization_states(
@@ -201,6 +202,12 @@ class Rpc:
         if gas is not None:
             tx["gas"] = hex(gas)
         result = await self.call("eth_call", [tx, "latest"])
+        return bytes.fromhex(result[2:])
+
+    async def eth_call_code(self, code: bytes) -> bytes:
+        """``eth_call`` with no ``to``: runs ``code`` as creation code and returns what its
+        constructor returns (a deployless call: nothing needs to exist on the chain)."""
+        result = await self.call("eth_call", [{"data": "0x" + code.hex()}, "latest"])
         return bytes.fromhex(result[2:])
 
     async def estimate_gas(self, to: bytes, data: bytes, sender: str) -> int:

@@ -21,6 +21,9 @@ INVALID_TRANSACTION_STATE: Final = "invalid_transaction_state"
 UNEXPECTED_VERIFY: Final = "unexpected_verify_error"
 UNEXPECTED_SETTLE: Final = "unexpected_settle_error"
 SETTLEMENT_PENDING: Final = "settlement_pending"
+# Internal, never answered: a 65-byte signature that does not recover to authorization.from;
+# only the chain can tell whether the payer is a contract that accepts it (EIP-1271).
+CONTRACT_SIGNATURE: Final = "contract_signature_to_check"
 # The reference exact-EVM facilitator's code: the authorization was used, but the receipt holds
 # no token Transfer(from, to, value) matching it (a fee-on-transfer or non-standard token).
 TRANSFER_EVENT_MISMATCH: Final = "invalid_exact_evm_transfer_event_mismatch"

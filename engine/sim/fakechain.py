@@ -195,6 +195,11 @@ class FakeChain:
                 n += 1
         return n
 
+    async def eth_call_code(self, code: bytes) -> bytes:
+        """Deployless calls (smart-wallet signature checks): the simulator's payers are all
+        EOAs with valid signatures, so nothing asks."""
+        raise RpcError(-32601, "the simulator runs no creation code")
+
     async def eth_call(
         self, to: bytes, data: bytes, sender: str | None = None, gas: int | None = None
     ) -> bytes:

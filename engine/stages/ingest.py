@@ -81,6 +81,13 @@ class Ingest:
     def check(self, payload: Any, requirements: Any) -> tuple[Payment | None, Rejected | None]:
         """The stateless checks, and a rival authorization already on record."""
         payment, rejected = self._verifier.check(payload, requirements, self._clock.now())
+        if rejected is not None and rejected.reason == reasons.CONTRACT_SIGNATURE:
+            return None, Rejected(  # stateless: only verify and submit ask the chain
+                reasons.SIGNATURE,
+                "signature does not recover to authorization.from (a smart-wallet payer's"
+                " EIP-1271 signature is checked on chain by verify and submit)",
+                rejected.payer,
+            )
         if payment is not None:
             claim = self._dedup.peek(payment)
             if claim is Claim.CONFLICT:
@@ -121,11 +128,66 @@ class Ingest:
     async def verify_many(
         self, items: Sequence[tuple[Any, Any]]
     ) -> list[tuple[Payment | None, Rejected | None]]:
-        """The stateless checks, in the worker processes when there are any."""
+        """The stateless checks, in the worker processes when there are any; then the chain's
+        word on the signatures only a contract payer may accept (EIP-1271), many per call."""
         if self.pool is not None:
-            return await self.pool.check_many(items)
-        now = self._clock.now()
-        return [self._verifier.check(p, r, now) for p, r in items]
+            verdicts = await self.pool.check_many(items)
+        else:
+            now = self._clock.now()
+            verdicts = [self._verifier.check(p, r, now) for p, r in items]
+        to_check = [
+            i
+            for i, (p, r) in enumerate(verdicts)
+            if p is not None and r is not None and r.reason == reasons.CONTRACT_SIGNATURE
+        ]
+        if to_check:
+            async with trio.open_nursery() as nursery:
+                for i in to_check:
+                    nursery.start_soon(self._judge_signature, verdicts, i)
+        return verdicts
+
+    async def _judge_signature(
+        self, verdicts: list[tuple[Payment | None, Rejected | None]], i: int
+    ) -> None:
+        payment, _ = verdicts[i]
+        assert payment is not None
+        payer = hex_addr(payment.payer)
+        runtime = self._chains.get(payment.chain_id)
+        if runtime is None:  # not running yet (or this chain is not): cannot ask
+            verdicts[i] = (
+                None,
+                Rejected(
+                    reasons.SIGNATURE, "signature does not recover to authorization.from", payer
+                ),
+            )
+            return
+        try:
+            valid = await runtime.signatures.valid(
+                payment.payer, self._verifier.digest(payment), payment.signature
+            )
+        except Exception as exc:  # the node is away or answered nonsense: refuse, say why
+            verdicts[i] = (
+                None,
+                Rejected(
+                    reasons.UNEXPECTED_VERIFY,
+                    f"the signature could not be checked on chain: {exc}",
+                    payer,
+                ),
+            )
+            return
+        verdicts[i] = (
+            (payment, None)
+            if valid
+            else (
+                None,
+                Rejected(
+                    reasons.SIGNATURE,
+                    "signature does not recover to authorization.from, nor does the payer accept"
+                    " it (EIP-1271)",
+                    payer,
+                ),
+            )
+        )
 
     async def admit(
         self, verdicts: Sequence[tuple[Payment | None, Rejected | None]]

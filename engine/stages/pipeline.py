@@ -22,6 +22,7 @@ from .batch import BatchStage
 from .chainstate import ChainStateReader
 from .confirm import ConfirmStage
 from .credit_control import BalanceReader, ChainCredit
+from .signatures import SignatureReader
 from .submit import BatchIds, SubmitStage
 
 
@@ -103,6 +104,11 @@ class ChainPipeline:
             config, rpc, recorder, clock, self.slots, self.requeue_send, signers
         )
         self.credit, self.state = self._readers(engine_config, clock)
+        self.signatures = SignatureReader(
+            rpc,
+            window_s=engine_config.ingest.state_window_ms / 1000,
+            batch_max=engine_config.ingest.state_batch_max,
+        )
 
     def _readers(
         self, engine_config: EngineConfig, clock: Clock
@@ -136,6 +142,7 @@ class ChainPipeline:
             nursery.start_soon(self.confirm.run, self.confirm_recv)
             nursery.start_soon(self.credit.run)
             nursery.start_soon(self.state.run)
+            nursery.start_soon(self.signatures.run)
 
     def statistics(self) -> SettlementStatistics:
         confirm = self.confirm.statistics()

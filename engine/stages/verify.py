@@ -70,6 +70,20 @@ class Verifier:
             for name in chain.network_names:
                 self._networks[name] = spec
 
+    def digest(self, payment: Payment) -> bytes:
+        """The EIP-712 digest the payer signed (the token's domain)."""
+        token = self.token(payment.chain_id, payment.token)
+        assert token is not None, "a verified payment's token is configured"
+        return crypto.transfer_digest(
+            token.domain_separator,
+            payment.payer,
+            payment.payee,
+            payment.value,
+            payment.valid_after,
+            payment.valid_before,
+            payment.nonce,
+        )
+
     def token(self, chain_id: int, address: bytes) -> TokenSpec | None:
         spec = self._networks.get(f"eip155:{chain_id}")
         return None if spec is None else spec.tokens.get(address)
@@ -95,6 +109,13 @@ class Verifier:
         payment = self._authorization(payload, req, terms, now)
         if isinstance(payment, tuple):
             return None, Rejected(*payment, payer_text)
+        if isinstance(payment, _ToCheck):  # both set: the chain decides (see Ingest)
+            return payment.payment, Rejected(
+                reasons.CONTRACT_SIGNATURE,
+                "the signature does not recover to authorization.from; a contract payer may"
+                " accept it (EIP-1271)",
+                payer_text,
+            )
         return payment, None
 
     def _terms(self, payload: PaymentPayload, req: PaymentRequirements) -> _Terms | _Refusal:
@@ -159,7 +180,7 @@ class Verifier:
 
     def _authorization(
         self, payload: PaymentPayload, req: PaymentRequirements, terms: _Terms, now: float
-    ) -> Payment | _Refusal:
+    ) -> Payment | _ToCheck | _Refusal:
         """The signed authorization against the terms: fields, recipient, value, time window,
         and the signature under the token's domain separator."""
         auth = payload.payload.authorization
@@ -192,15 +213,18 @@ class Verifier:
             return reasons.VALID_AFTER, "authorization is not yet valid"
         if valid_before > _UINT48_MAX or valid_after > _UINT48_MAX:
             return reasons.INVALID_PAYLOAD, "validAfter/validBefore beyond 2**48"
-        signature = crypto.normalize_signature(sig_raw)
-        if signature is None:
-            return reasons.SIGNATURE, "signature is not a 65-byte low-s ECDSA signature"
         digest = crypto.transfer_digest(
             terms.token.domain_separator, payer, payee, value, valid_after, valid_before, nonce
         )
-        if crypto.recover_address(digest, signature) != payer:
-            return reasons.SIGNATURE, "signature does not recover to authorization.from"
-        return Payment(
+        signature = crypto.normalize_signature(sig_raw)
+        to_check = False
+        if signature is None or crypto.recover_address(digest, signature) != payer:
+            if not (self._ingest.contract_signatures and len(sig_raw) == 65):
+                if signature is None:
+                    return reasons.SIGNATURE, "signature is not a 65-byte low-s ECDSA signature"
+                return reasons.SIGNATURE, "signature does not recover to authorization.from"
+            signature, to_check = sig_raw, True  # as signed: the wallet gets these bytes
+        payment = Payment(
             chain_id=terms.chain.chain_id,
             token=terms.token.address,
             payer=payer,
@@ -213,6 +237,13 @@ class Verifier:
             network=req.network,
             x402_version=2 if isinstance(payload, PaymentPayloadV2) else 1,
         )
+        return _ToCheck(payment) if to_check else payment
+
+
+class _ToCheck(msgspec.Struct, frozen=True):
+    """A payment whose signature only the chain can judge (EIP-1271)."""
+
+    payment: Payment
 
 
 def decode(

@@ -154,11 +154,12 @@ class VerifyPool:
             if batch.error is not None:
                 raise VerifyWorkerError(str(batch.error)) from batch.error
             found, rejected = batch.results[index]
-            if found is not None:
-                answers.append((payment_from_tuple(found), None))
-            else:
-                assert rejected is not None
-                answers.append((None, Rejected(*rejected)))
+            answers.append(
+                (
+                    None if found is None else payment_from_tuple(found),
+                    None if rejected is None else Rejected(*rejected),
+                )
+            )
         return answers
 
     def _full(self) -> bool:

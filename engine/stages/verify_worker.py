@@ -69,11 +69,13 @@ def check_batch(verifier: Verifier, body: bytes) -> bytes:
     results: list[Result] = []
     for payload, requirements in items:
         payment, rejected = verifier.check(payload, requirements, now)
-        if payment is not None:
-            results.append((payment_to_tuple(payment), None))
-        else:
-            assert rejected is not None
-            results.append((None, (rejected.reason, rejected.message, rejected.payer)))
+        # both may be set: a signature left to the chain (the rejection says so) keeps its payment
+        results.append(
+            (
+                None if payment is None else payment_to_tuple(payment),
+                None if rejected is None else (rejected.reason, rejected.message, rejected.payer),
+            )
+        )
     return request_encoder.encode(results)
 
 
