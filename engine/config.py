@@ -94,6 +94,9 @@ class ChainConfig(msgspec.Struct, forbid_unknown_fields=True):
     max_fee_per_gas_wei: int = 100_000_000_000  # never pay more than this per gas
     priority_fee_wei: int = 1_000_000
     max_inflight_batches: Positive = 4
+    # Counterfactual smart wallets (ERC-6492): factories whose deployment call a payer's
+    # signature may carry; empty (the default) refuses every one (fail closed)
+    eip6492_factories: list[Address] = msgspec.field(default_factory=list)
     # PostgreSQL ledger: signer accounts this instance leases, at most (0: every free one). With
     # N instances sharing K keys, K / N each lets all of them settle.
     signers_per_instance: NonNegative = 0

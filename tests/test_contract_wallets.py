@@ -262,3 +262,87 @@ async def test_smart_wallet_payers_verify_on_chain_and_settle_in_the_batch(
         assert checks <= 4  # the three wallets of one submit_many shared a call
     assert (await balances(rpc, dev.token, [dev.payee]))[0] - before == 6 * 1000
     await rpc.aclose()
+
+
+async def test_counterfactual_wallets_deploy_and_pay_in_the_batch(
+    anvil: Anvil, tmp_path: Any
+) -> None:
+    """ERC-6492: a wallet that does not exist yet pays with a signature wrapping its factory's
+    deployment call. Accepted only from an allowlisted factory; judged on chain in one call
+    that deploys nothing; settled through the batcher's signed items, the factory called once
+    per wallet however many of its payments share the batch, beside EOAs."""
+    import msgspec
+
+    from engine.dev.devchain import engine_config
+    from engine.dev.loadgen import payment_v2
+    from engine.engine import Engine
+    from engine.model import Accepted, Rejected
+    from engine.rules import reasons
+
+    from .chain import balances
+
+    dev = await setup_devchain(anvil.url, payers=3)
+    rpc = Rpc(anvil.url)
+    deployer = Deployer(rpc, dev.payer_key_bytes()[0], dev.chain_id)
+    await rpc.call("anvil_setBalance", [deployer.address, hex(10**20)])
+    factory = bytes.fromhex((await _deploy(deployer, "WalletFactory"))[2:])
+    rogue = bytes.fromhex((await _deploy(deployer, "WalletFactory"))[2:])  # not allowlisted
+    owner_key = os.urandom(32)
+    owner = crypto.private_key_address(owner_key)
+    salt = os.urandom(32)
+    predict = codec.selector("walletAddress(address,bytes32)") + abi_encode(
+        ["address", "bytes32"], [owner, salt]
+    )
+    (future,) = abi_decode(["address"], await rpc.eth_call(factory, predict))
+    wallet = bytes.fromhex(future[2:])
+    fund = codec.selector("transfer(address,uint256)") + abi_encode(
+        ["address", "uint256"], [wallet, 10_000]
+    )
+    await deployer.send(dev.token, fund)  # tokens wait at the address before any code does
+    create = codec.selector("createWallet(address,bytes32)") + abi_encode(
+        ["address", "bytes32"], [owner, salt]
+    )
+
+    def counterfactual(via: bytes) -> tuple[Any, Any]:
+        payload, req = _wallet_payment(dev, wallet, owner_key, 1000, now)
+        inner = bytes.fromhex(payload.payload.signature[2:])
+        wrapped = abi_encode(["address", "bytes", "bytes"], [via, create, inner])
+        wrapped += ERC6492_SUFFIX
+        signed = msgspec.structs.replace(payload.payload, signature="0x" + wrapped.hex())
+        return msgspec.structs.replace(payload, payload=signed), req
+
+    now = int(time.time())
+    config, env = engine_config(dev, str(tmp_path / "l.duckdb"))
+    chain = msgspec.structs.replace(config.chains[0], eip6492_factories=[hex_addr(factory)])
+    config = msgspec.structs.replace(config, chains=[chain])
+    payee = bytes.fromhex(dev.payee[2:])
+    keys = dev.payer_key_bytes()
+    work = [counterfactual(factory), counterfactual(factory)]  # two payments, one deployment
+    work += [payment_v2(dev.domain, keys[i], payee, 1000, now) for i in (1, 2)]
+    before = (await balances(rpc, dev.token, [dev.payee]))[0]
+    async with Engine.open(config, environ=env) as engine:
+        _, refused = await engine.verify(*counterfactual(rogue))
+        assert refused is not None and refused.reason == reasons.FACTORY_NOT_ALLOWED, refused
+        payment, verdict = await engine.verify(*work[0])
+        assert verdict is None and payment is not None, verdict
+        assert await rpc.call("eth_getCode", [future, "latest"]) == "0x"  # verify deployed none
+        results = await engine.submit_many(work)
+        assert all(isinstance(r, Accepted) for r in results), results
+        for r in results:
+            assert isinstance(r, Accepted)
+            assert (await engine.wait(r.id, timeout_s=60)).state == "settled"
+        stats = engine.statistics()
+        assert stats.batches_mined == 1  # the new wallet and the EOAs in one transaction
+        # a wrapping naming another factory stays refused, even now that the wallet exists
+        # (fail closed: the allowlist is checked before the chain is asked)
+        refused_again = await engine.submit(*counterfactual(rogue))
+        assert isinstance(refused_again, Rejected)
+        assert refused_again.reason == reasons.FACTORY_NOT_ALLOWED
+    assert await rpc.call("eth_getCode", [future, "latest"]) != "0x"
+    created = await rpc.call(
+        "eth_getLogs",
+        [{"address": hex_addr(factory), "fromBlock": "0x0", "toBlock": "latest"}],
+    )
+    assert len(created) == 1  # deployed once
+    assert (await balances(rpc, dev.token, [dev.payee]))[0] - before == 4 * 1000
+    await rpc.aclose()

@@ -184,6 +184,81 @@ contract X402Batcher {
         }
     }
 
+    // ------------------------------------------------------------------ signed items
+
+    /// @notice An authorization with a signature of any length (a smart wallet's EIP-1271
+    ///         signature), and for a wallet not deployed yet (ERC-6492) its factory call.
+    struct SignedItem {
+        address from;
+        address to;
+        uint256 value;
+        uint256 validAfter;
+        uint256 validBefore;
+        bytes32 nonce;
+        bytes signature;
+        address factory; // address(0): none
+        bytes factoryCall;
+    }
+
+    /// @notice Like `settle` for signed items: per item, if `factory` is set and `from` has no
+    ///         code yet, calls the factory first (once: a later item of the same wallet finds
+    ///         its code); then the token's bytes-signature transferWithAuthorization. A failed
+    ///         item emits ItemFailed(index, reason) and never reverts the batch.
+    function settleSigned(address token, SignedItem[] calldata items) external {
+        bool hasCode = token.code.length > 0;
+        for (uint256 i; i < items.length; ) {
+            (bool ok, bytes memory reason) = hasCode ? _callSigned(token, items[i]) : (false, bytes(""));
+            if (!ok) emit ItemFailed(i, reason);
+            unchecked {
+                ++i;
+            }
+        }
+    }
+
+    /// @notice Runs exactly the calls `settleSigned` would, then ALWAYS reverts with
+    ///         SimulationResult (as `simulate`). For eth_call only.
+    function simulateSigned(address token, SignedItem[] calldata items) external {
+        uint256 gasStart = gasleft();
+        uint256 n = items.length;
+        bytes[] memory reasons = new bytes[](n);
+        bool[] memory succeeded = new bool[](n);
+        bool hasCode = token.code.length > 0;
+        for (uint256 i; i < n; ) {
+            (bool ok, bytes memory reason) = hasCode ? _callSigned(token, items[i]) : (false, bytes(""));
+            succeeded[i] = ok;
+            reasons[i] = reason;
+            unchecked {
+                ++i;
+            }
+        }
+        revert SimulationResult(succeeded, reasons, gasStart - gasleft());
+    }
+
+    function _callSigned(address token, SignedItem calldata item) private returns (bool ok, bytes memory reason) {
+        if (item.factory != address(0) && item.from.code.length == 0) {
+            // Deployment failures show as the transfer's failure below (no code, no EIP-1271).
+            (bool deployed, ) = item.factory.call(item.factoryCall);
+            deployed;
+        }
+        uint256 g = gasleft();
+        (ok, reason) = token.call(
+            abi.encodeWithSignature(
+                "transferWithAuthorization(address,address,uint256,uint256,uint256,bytes32,bytes)",
+                item.from,
+                item.to,
+                item.value,
+                item.validAfter,
+                item.validBefore,
+                item.nonce,
+                item.signature
+            )
+        );
+        // The callee burnt (almost) all forwarded gas: the transaction is short of gas (as in
+        // `settle`): revert rather than fail items only for lack of gas.
+        if (!ok && gasleft() <= g / 63) revert();
+        if (ok) reason = "";
+    }
+
     function _returnDataSize() private pure returns (uint256 size) {
         assembly ("memory-safe") {
             size := returndatasize()

@@ -31,6 +31,10 @@ def topic(signature: str) -> bytes:
 SETTLE = selector("settle(address,bytes)")
 SIMULATE = selector("simulate(address,bytes)")
 AGGREGATE3 = selector("aggregate3((address,bool,bytes)[])")
+_SIGNED_ITEM = "(address,address,uint256,uint256,uint256,bytes32,bytes,address,bytes)"
+SETTLE_SIGNED = selector(f"settleSigned(address,{_SIGNED_ITEM}[])")
+SIMULATE_SIGNED = selector(f"simulateSigned(address,{_SIGNED_ITEM}[])")
+ERC6492_SUFFIX = bytes.fromhex("64926492" * 8)
 TRANSFER_WITH_AUTHORIZATION = selector(
     "transferWithAuthorization(address,address,uint256,uint256,uint256,bytes32,uint8,bytes32,bytes32)"
 )
@@ -76,7 +80,54 @@ def pack_item(p: Payment) -> bytes:
     )
 
 
+def compact_fits(p: Payment) -> bool:
+    """Whether the 165-byte compact item can carry the payment: a 65-byte signature (an EOA's,
+    or a smart wallet's that is 65 bytes: the token asks the wallet through EIP-1271)."""
+    return len(p.signature) == 65
+
+
+def unwrap_6492(signature: bytes) -> tuple[bytes, bytes, bytes] | None:
+    """An ERC-6492 signature's (factory, factory calldata, inner signature), or None."""
+    if len(signature) < 32 + 96 or signature[-32:] != ERC6492_SUFFIX:
+        return None
+    try:
+        factory, call, inner = abi_decode(["address", "bytes", "bytes"], signature[:-32])
+    except Exception:  # malformed wrapping: not a 6492 signature we can use
+        return None
+    return bytes.fromhex(factory[2:]), bytes(call), bytes(inner)
+
+
+def settle_signed_calldata(
+    token: bytes, items: Sequence[Payment], *, simulate: bool = False
+) -> bytes:
+    """``settleSigned`` (or ``simulateSigned``) for payments with signatures of any length:
+    an ERC-6492 signature becomes its factory call and its inner signature."""
+    rows = []
+    for p in items:
+        wrapped = unwrap_6492(p.signature)
+        factory, call, signature = wrapped if wrapped else (bytes(20), b"", p.signature)
+        rows.append(
+            (
+                p.payer,
+                p.payee,
+                p.value,
+                p.valid_after,
+                p.valid_before,
+                p.nonce,
+                signature,
+                factory,
+                call,
+            )
+        )
+    head = SIMULATE_SIGNED if simulate else SETTLE_SIGNED
+    return head + abi_encode(["address", f"{_SIGNED_ITEM}[]"], [token, rows])
+
+
 def settle_calldata(token: bytes, items: Sequence[Payment], *, simulate: bool = False) -> bytes:
+    """``settle`` (or ``simulate``) with compact items; ``settleSigned`` when a payment's
+    signature does not fit the compact item (both report failures the same way)."""
+    if not all(compact_fits(p) for p in items):
+        return settle_signed_calldata(token, items, simulate=simulate)
     packed = b"".join(pack_item(p) for p in items)
     head = SIMULATE if simulate else SETTLE
     return head + abi_encode(["address", "bytes"], [token, packed])

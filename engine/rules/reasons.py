@@ -27,6 +27,8 @@ CONTRACT_SIGNATURE: Final = "contract_signature_to_check"
 # The reference exact-EVM facilitator's code: the authorization was used, but the receipt holds
 # no token Transfer(from, to, value) matching it (a fee-on-transfer or non-standard token).
 TRANSFER_EVENT_MISMATCH: Final = "invalid_exact_evm_transfer_event_mismatch"
+# The reference facilitator's code: an ERC-6492 signature whose factory is not allowlisted.
+FACTORY_NOT_ALLOWED: Final = "eip6492_factory_not_allowed"
 # A /settle of a payment that an earlier /settle already answered with success (one payment,
 # one purchase): the x402 spec's code for a settlement already seen (exact SVM and XRPL).
 DUPLICATE_SETTLEMENT: Final = "duplicate_settlement"

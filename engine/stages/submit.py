@@ -268,7 +268,7 @@ class SubmitStage:
         self, token: bytes, items: list[PendingItem], sim_gas: int | None = None
     ) -> None:
         signer = self._signers.next()
-        if len(items) == 1 and self.chain.direct_single:
+        if len(items) == 1 and self.chain.direct_single and codec.compact_fits(items[0].payment):
             await self._send_direct(signer, token, items[0])
             return
         data = self._calldata(token, items)

@@ -13,7 +13,7 @@ from typing import Any
 
 import msgspec
 
-from ..chain import crypto
+from ..chain import codec, crypto
 from ..config import ChainConfig, EngineConfig, IngestConfig, TokenConfig
 from ..model import Payment as Payment
 from ..model import (
@@ -31,6 +31,7 @@ _payload_decoder = msgspec.json.Decoder(PaymentPayload)
 _req_v1_decoder = msgspec.json.Decoder(RequirementsV1)
 _req_v2_decoder = msgspec.json.Decoder(RequirementsV2)
 _UINT48_MAX = 2**48 - 1
+SIGNATURE_BYTES_MAX = 8192  # a smart wallet's signature (passkeys, multisig, ERC-6492), at most
 
 
 class TokenSpec(msgspec.Struct, frozen=True):
@@ -44,6 +45,10 @@ class TokenSpec(msgspec.Struct, frozen=True):
 class ChainSpec(msgspec.Struct, frozen=True):
     chain_id: int
     tokens: dict[bytes, TokenSpec]
+    # signatures of any length (the batcher's settleSigned; compact mode), and the ERC-6492
+    # factories allowed
+    signed_items: bool = False
+    factories: frozenset[bytes] = frozenset()
 
 
 class _Terms(msgspec.Struct, frozen=True):
@@ -83,6 +88,23 @@ class Verifier:
             payment.valid_before,
             payment.nonce,
         )
+
+    def _contract_signature(self, signature: bytes, chain: ChainSpec) -> _Refusal | None:
+        """Whether a signature that is not the payer's ECDSA signature may be a smart wallet's,
+        for the chain to judge (None), or why not: any length with the batcher's signed items
+        (compact mode), 65 bytes otherwise; ERC-6492 only from an allowlisted factory."""
+        if not self._ingest.contract_signatures:
+            return reasons.SIGNATURE, "signature does not recover to authorization.from"
+        if len(signature) != 65:
+            if not chain.signed_items or len(signature) > SIGNATURE_BYTES_MAX:
+                return reasons.SIGNATURE, "signature does not recover to authorization.from"
+            wrapped = codec.unwrap_6492(signature)
+            if wrapped is not None and wrapped[0] not in chain.factories:
+                return (
+                    reasons.FACTORY_NOT_ALLOWED,
+                    f"ERC-6492 factory 0x{wrapped[0].hex()} is not allowlisted",
+                )
+        return None
 
     def token(self, chain_id: int, address: bytes) -> TokenSpec | None:
         spec = self._networks.get(f"eip155:{chain_id}")
@@ -219,10 +241,11 @@ class Verifier:
         signature = crypto.normalize_signature(sig_raw)
         to_check = False
         if signature is None or crypto.recover_address(digest, signature) != payer:
-            if not (self._ingest.contract_signatures and len(sig_raw) == 65):
-                if signature is None:
+            refusal = self._contract_signature(sig_raw, terms.chain)
+            if refusal is not None:
+                if signature is None and refusal[0] == reasons.SIGNATURE:
                     return reasons.SIGNATURE, "signature is not a 65-byte low-s ECDSA signature"
-                return reasons.SIGNATURE, "signature does not recover to authorization.from"
+                return refusal
             signature, to_check = sig_raw, True  # as signed: the wallet gets these bytes
         payment = Payment(
             chain_id=terms.chain.chain_id,
@@ -327,7 +350,8 @@ def _chain_spec(chain: ChainConfig) -> ChainSpec:
     tokens: dict[bytes, TokenSpec] = {}
     for token in chain.tokens:
         tokens[_token_address(token)] = _token_spec(chain.chain_id, token)
-    return ChainSpec(chain.chain_id, tokens)
+    factories = frozenset(bytes.fromhex(f[2:].lower()) for f in chain.eip6492_factories)
+    return ChainSpec(chain.chain_id, tokens, chain.mode == "compact", factories)
 
 
 def _token_address(token: TokenConfig) -> bytes:
