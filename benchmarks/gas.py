@@ -1,4 +1,6 @@
-"""Gas per payment: one transaction per payment vs aggregate3 vs the compact entry point.
+"""Gas per payment: one transaction per payment vs aggregate3 vs the compact entry point, for
+EOA payers and for smart-wallet payers (EIP-1271, and ERC-6492 counterfactual wallets whose
+first payment deploys them).
 
     python -m benchmarks.gas [--sizes 1,10,100] [--json bench-results/gas.json]
 
@@ -12,17 +14,28 @@ enforces the cap (--enable-tx-gas-limit).
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from pathlib import Path
 
 import msgspec
 import trio
+from eth_abi.abi import decode as abi_decode
+from eth_abi.abi import encode as abi_encode
 
-from engine.chain import codec
+from engine.chain import codec, crypto
 from engine.chain.rpc import Rpc
-from engine.dev.devchain import Anvil, Deployer, engine_config, setup_devchain
+from engine.dev import artifacts
+from engine.dev.devchain import (
+    Anvil,
+    Deployer,
+    DevChain,
+    engine_config,
+    mint_batch,
+    setup_devchain,
+)
 from engine.dev.loadgen import payment_v2
-from engine.model import Payment
+from engine.model import Payment, hex_addr
 from engine.stages.verify import Verifier
 
 TX_GAS_CAP = 16_777_216
@@ -81,6 +94,111 @@ async def _measure(mode: str, n: int, gas_limit: int | None = None) -> Row:
     return Row(mode, n, total, total / n, calldata / n, settled)
 
 
+def _wallet_payment(dev: DevChain, wallet: bytes, owner_key: bytes, now: int) -> Payment:
+    payee = bytes.fromhex(dev.payee[2:])
+    nonce = os.urandom(32)
+    digest = crypto.transfer_digest(
+        dev.domain.separator, wallet, payee, VALUE, now - 60, now + 3600, nonce
+    )
+    return Payment(
+        chain_id=dev.chain_id,
+        token=bytes.fromhex(dev.token[2:]),
+        payer=wallet,
+        payee=payee,
+        value=VALUE,
+        valid_after=now - 60,
+        valid_before=now + 3600,
+        nonce=nonce,
+        signature=crypto.sign_digest(owner_key, digest),
+        network="anvil",
+        x402_version=2,
+    )
+
+
+async def _measure_wallets(mode: str, n: int) -> Row:
+    """Smart-wallet payers. ``wallet single`` / ``wallet compact``: deployed EIP-1271 wallets
+    (65-byte owner signatures), one transaction each or one compact batch. ``6492 single`` /
+    ``6492 signed``: counterfactual wallets paying for the first time: a deployment then a
+    transfer each (as the reference facilitator does), or one ``settleSigned`` batch that
+    deploys every wallet and transfers."""
+    with Anvil(gas_limit=max(30_000_000, TX_GAS_CAP + 1)) as anvil:
+        dev = await setup_devchain(anvil.url, payers=1)
+        rpc = Rpc(anvil.url)
+        owner = Deployer(rpc, bytes.fromhex(dev.deployer_key[2:]), dev.chain_id)
+        made = await owner.send(None, artifacts.bytecode("WalletFactory"))
+        factory = bytes.fromhex(str(made["contractAddress"])[2:])
+        keys = [os.urandom(32) for _ in range(n)]
+        salts = [os.urandom(32) for _ in range(n)]
+        creates = [
+            codec.selector("createWallet(address,bytes32)")
+            + abi_encode(["address", "bytes32"], [crypto.private_key_address(k), salt])
+            for k, salt in zip(keys, salts, strict=True)
+        ]
+        wallets = []
+        for key, salt in zip(keys, salts, strict=True):
+            ask = codec.selector("walletAddress(address,bytes32)") + abi_encode(
+                ["address", "bytes32"], [crypto.private_key_address(key), salt]
+            )
+            (address,) = abi_decode(["address"], await rpc.eth_call(factory, ask))
+            wallets.append(bytes.fromhex(address[2:]))
+        if mode.startswith("wallet"):  # deployed before (not counted)
+            for create in creates:
+                await owner.send(hex_addr(factory), create)
+        await mint_batch(owner, dev.token, [hex_addr(w) for w in wallets], 10 * VALUE)
+        now = int(time.time())
+        payments = [_wallet_payment(dev, w, k, now) for w, k in zip(wallets, keys, strict=True)]
+        sender = Deployer(rpc, bytes.fromhex(dev.signer_keys[0][2:]), dev.chain_id)
+        receipts = []
+        calldata = 0
+        if mode.endswith("single"):
+            for create, p in zip(creates, payments, strict=True):
+                if mode.startswith("6492"):
+                    calldata += len(create)
+                    receipts.append(await sender.send(hex_addr(factory), create, gas=1_000_000))
+                data = codec.transfer_calldata(p)
+                calldata += len(data)
+                receipts.append(await sender.send(dev.token, data, gas=300_000))
+        else:
+            if mode.startswith("6492"):
+                payments = [
+                    msgspec.structs.replace(
+                        p,
+                        signature=abi_encode(
+                            ["address", "bytes", "bytes"], [factory, create, p.signature]
+                        )
+                        + codec.ERC6492_SUFFIX,
+                    )
+                    for create, p in zip(creates, payments, strict=True)
+                ]
+            data = codec.settle_calldata(bytes.fromhex(dev.token[2:]), payments)
+            calldata = len(data)
+            limit = min(
+                TX_GAS_CAP,
+                await rpc.estimate_gas(bytes.fromhex(dev.batcher[2:]), data, sender.address)
+                * 6
+                // 5,
+            )
+            receipts.append(await sender.send(dev.batcher, data, gas=limit))
+        used_topic = "0x" + codec.AUTHORIZATION_USED.hex()
+        settled = sum(1 for r in receipts for log in r["logs"] if log["topics"][0] == used_topic)
+        total = sum(int(r["gasUsed"], 16) for r in receipts)
+        await rpc.aclose()
+    return Row(mode, n, total, total / n, calldata / n, settled)
+
+
+async def run_wallets(n: int) -> list[Row]:
+    rows = []
+    for mode, size in (
+        ("wallet single", 10),
+        ("wallet compact", n),
+        ("6492 single", 10),
+        ("6492 signed", min(n, 40)),  # each deploys a wallet (~280k gas): 40 fit a block
+    ):
+        rows.append(await _measure_wallets(mode, size))
+        print(_fmt(rows[-1]), flush=True)
+    return rows
+
+
 async def run(sizes: list[int]) -> list[Row]:
     rows: list[Row] = []
     for mode in ("single", "aggregate3", "compact"):
@@ -103,7 +221,7 @@ async def run(sizes: list[int]) -> list[Row]:
 
 def _fmt(r: Row) -> str:
     return (
-        f"{r.mode:>10}  N={r.batch_size:<4} gas/payment={r.gas_per_payment:>9,.0f}"
+        f"{r.mode:>14}  N={r.batch_size:<4} gas/payment={r.gas_per_payment:>9,.0f}"
         f"  calldata/payment={r.calldata_bytes_per_payment:>6.0f} B  settled={r.settled}"
     )
 
@@ -111,19 +229,30 @@ def _fmt(r: Row) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--sizes", default="1,10,100")
+    parser.add_argument(
+        "--wallets", type=int, default=100, help="smart-wallet batch size (0: skip them)"
+    )
     parser.add_argument("--json", default="bench-results/gas.json")
     args = parser.parse_args()
     sizes = [int(x) for x in args.sizes.split(",")]
     rows = trio.run(run, sizes)
+    if args.wallets:
+        rows += trio.run(run_wallets, args.wallets)
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_bytes(msgspec.json.format(msgspec.json.encode(rows)))
     single = next(r for r in rows if r.mode == "single")
     print(f"\none transaction per payment: {single.gas_per_payment:,.0f} gas")
     for r in rows:
-        if r.mode != "single":
-            saving = 1 - r.gas_per_payment / single.gas_per_payment
-            print(f"{r.mode:>10} N={r.batch_size:<4} {saving:6.1%} less gas per payment")
+        if r.mode.endswith("single"):
+            continue
+        base = next(
+            (b for b in rows if b.mode == r.mode.split()[0] + " single"), single
+        )  # wallets against wallets paid one transaction each
+        saving = 1 - r.gas_per_payment / base.gas_per_payment
+        print(
+            f"{r.mode:>14} N={r.batch_size:<4} {saving:6.1%} less gas per payment than {base.mode}"
+        )
 
 
 if __name__ == "__main__":
