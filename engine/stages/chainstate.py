@@ -18,20 +18,17 @@ never pays twice and never loses a payment.
 
 from __future__ import annotations
 
-import logging
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Sequence
 
 import msgspec
-import trio
 
 from ..chain import codec
 from ..chain.rpc import ChainClient
-from ..clock import Clock, Wakeup
+from ..clock import Clock
 from ..model import Payment, Rejected, hex_addr
 from ..rules import reasons
-
-log = logging.getLogger("x402_engine.chainstate")
+from .coalesce import Coalescer
 
 
 class PayerState(msgspec.Struct, frozen=True):
@@ -152,16 +149,6 @@ def decode_read(
     return out
 
 
-class _Request:
-    __slots__ = ("done", "error", "key", "state")
-
-    def __init__(self, key: NonceKey) -> None:
-        self.key = key
-        self.done = trio.Event()
-        self.state: PayerState | None = None
-        self.error: Exception | None = None
-
-
 class ReaderStatistics(msgspec.Struct, frozen=True):
     reads: int  # eth_calls made
     payments_read: int  # questions answered by those reads
@@ -185,26 +172,23 @@ class ChainStateReader:
         inflight_max: int = 1,
         queue_max: int = 10_000,
     ) -> None:
-        assert window_s >= 0 and batch_max >= 1 and inflight_max >= 1 and queue_max >= batch_max
         self._rpc = rpc
         self._target = target
         self._clock = clock
         self._cache = StateCache(max_age_s)
-        self._window_s = window_s
-        self._batch_max = batch_max
-        self._queue_max = queue_max
-        self._slots = trio.Semaphore(inflight_max)
-        self._queue: deque[_Request] = deque()
-        self._arrived = Wakeup()
-        self._room = Wakeup()
-        self._reads = 0
-        self._payments_read = 0
+        self._coalescer: Coalescer[NonceKey, PayerState] = Coalescer(
+            self._read,
+            window_s=window_s,
+            batch_max=batch_max,
+            inflight_max=inflight_max,
+            queue_max=queue_max,
+            what="chain state questions",
+        )
         self._cache_hits = 0
 
     def statistics(self) -> ReaderStatistics:
-        return ReaderStatistics(
-            self._reads, self._payments_read, self._cache_hits, len(self._queue)
-        )
+        c = self._coalescer
+        return ReaderStatistics(c.calls, c.answered, self._cache_hits, c.queued())
 
     async def read(self, token: bytes, payer: bytes, nonce: bytes) -> PayerState:
         """The chain's view of one payment; raises what the read raised (:class:`RpcError`,
@@ -213,50 +197,17 @@ class ChainStateReader:
         if cached is not None:
             self._cache_hits += 1
             return cached
-        while len(self._queue) >= self._queue_max:  # bounded: wait for room
-            await self._room.wait()
-        request = _Request((token, payer, nonce))
-        self._queue.append(request)
-        self._arrived.set()
-        await request.done.wait()
-        if request.error is not None:
-            raise request.error
-        assert request.state is not None
-        return request.state
+        return await self._coalescer.ask((token, payer, nonce))
 
     async def run(self) -> None:
-        async with trio.open_nursery() as nursery:
-            while True:
-                if not self._queue:
-                    await self._arrived.wait()
-                    continue
-                if self._window_s:
-                    await trio.sleep(self._window_s)  # let concurrent questions join
-                await self._slots.acquire()
-                batch = [
-                    self._queue.popleft() for _ in range(min(self._batch_max, len(self._queue)))
-                ]
-                self._room.set()
-                nursery.start_soon(self._read, batch)
+        await self._coalescer.run()
 
-    async def _read(self, batch: list[_Request]) -> None:
-        try:
-            keys = list(dict.fromkeys(r.key for r in batch))
-            data, balance_keys = read_calldata(keys)
-            returned = await self._rpc.eth_call(self._target, data)
-            self._reads += 1
-            self._payments_read += len(batch)
-            states = dict(zip(keys, decode_read(keys, balance_keys, returned), strict=True))
-            now = self._clock.now()
-            for key, state in states.items():
-                self._cache.put(*key, state, now)
-            for request in batch:
-                request.state = states[request.key]
-        except Exception as exc:  # node trouble or a malformed answer: every asker is told
-            log.warning("chain state read of %d payments failed: %s", len(batch), exc)
-            for request in batch:
-                request.error = exc
-        finally:
-            self._slots.release()
-            for request in batch:
-                request.done.set()
+    async def _read(self, asked: list[NonceKey]) -> list[PayerState]:
+        keys = list(dict.fromkeys(asked))
+        data, balance_keys = read_calldata(keys)
+        returned = await self._rpc.eth_call(self._target, data)
+        states = dict(zip(keys, decode_read(keys, balance_keys, returned), strict=True))
+        now = self._clock.now()
+        for key, state in states.items():
+            self._cache.put(*key, state, now)
+        return [states[key] for key in asked]
