@@ -23,6 +23,7 @@ from engine.config import LedgerConfig, PolicyConfig, ServiceConfig, dump_config
 from engine.dev.devchain import DevChain, engine_config, free_port
 
 from .http_load import Answer, post
+from .ingest import open_loop
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -182,28 +183,17 @@ def settle_body(payload: object, requirements: object) -> bytes:
     )
 
 
-TICK_S = 0.001  # the open-loop generator releases what is due once per millisecond
-
-
 async def post_open_loop(
     instances: Sequence[Endpoint], path: str, bodies: Sequence[bytes], rate_per_s: float
 ) -> list[float]:
     """Offer requests at a fixed rate whatever the answers (round-robin over the instances);
     latency counts from when each was due, so queueing shows."""
     latencies: list[float] = []
-    targets = itertools.cycle(instances)
-    start = trio.current_time()
 
-    async def one(body: bytes, due: float, instance: Endpoint) -> None:
-        await post("127.0.0.1", instance.port, path, body, timeout_s=120)
+    async def one(i: int, due: float) -> None:
+        instance = instances[i % len(instances)]
+        await post("127.0.0.1", instance.port, path, bodies[i], timeout_s=120)
         latencies.append(trio.current_time() - due)
 
-    async with trio.open_nursery() as nursery:
-        i = 0
-        while i < len(bodies):
-            now = trio.current_time()
-            while i < len(bodies) and start + i / rate_per_s <= now:
-                nursery.start_soon(one, bodies[i], start + i / rate_per_s, next(targets))
-                i += 1
-            await trio.sleep_until(now + TICK_S)
+    await open_loop(len(bodies), rate_per_s, one)
     return latencies

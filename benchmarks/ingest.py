@@ -12,6 +12,7 @@ import os
 import statistics
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -139,27 +140,34 @@ class _Envelope(msgspec.Struct):
 TICK_S = 0.001  # the open-loop generator releases what is due once per millisecond
 
 
-async def _submit_open_loop(engine: Engine, bodies: list[bytes], rate_per_s: float) -> list[float]:
-    """Offer payments at a fixed rate regardless of answers, one ``submit`` call (task) each;
-    latency counts from the moment each payment was due (so queueing and the release tick
-    show). The generator wakes once per tick rather than once per payment, so that at several
-    thousand payments per second it does not itself eat the core it measures."""
-    envelopes = [msgspec.json.decode(b, type=_Envelope) for b in bodies]
-    latencies: list[float] = []
+async def open_loop(
+    count: int, rate_per_s: float, one: Callable[[int, float], Awaitable[None]]
+) -> None:
+    """Start ``one(i, due)`` for i in 0..count-1 at a fixed rate whatever the answers (a task
+    each). The generator wakes once per tick rather than once per item, so that at several
+    thousand per second it does not itself eat the core it measures."""
     start = trio.current_time()
-
-    async def one(doc: _Envelope, due: float) -> None:
-        await engine.submit(doc.paymentPayload, doc.paymentRequirements)
-        latencies.append(trio.current_time() - due)
-
     async with trio.open_nursery() as nursery:
         i = 0
-        while i < len(envelopes):
+        while i < count:
             now = trio.current_time()
-            while i < len(envelopes) and start + i / rate_per_s <= now:
-                nursery.start_soon(one, envelopes[i], start + i / rate_per_s)
+            while i < count and start + i / rate_per_s <= now:
+                nursery.start_soon(one, i, start + i / rate_per_s)
                 i += 1
             await trio.sleep_until(now + TICK_S)
+
+
+async def _submit_open_loop(engine: Engine, bodies: list[bytes], rate_per_s: float) -> list[float]:
+    """Offer payments at a fixed rate, one ``submit`` call each; latency counts from the
+    moment each payment was due (so queueing and the release tick show)."""
+    envelopes = [msgspec.json.decode(b, type=_Envelope) for b in bodies]
+    latencies: list[float] = []
+
+    async def one(i: int, due: float) -> None:
+        await engine.submit(envelopes[i].paymentPayload, envelopes[i].paymentRequirements)
+        latencies.append(trio.current_time() - due)
+
+    await open_loop(len(envelopes), rate_per_s, one)
     return latencies
 
 

@@ -8,8 +8,9 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 import trio
@@ -17,6 +18,8 @@ from rich.console import Console
 
 from .config import dump_config
 from .dev.devchain import Anvil, engine_config, setup_devchain
+
+T = TypeVar("T")
 
 
 def _devchain(args: argparse.Namespace) -> int:
@@ -193,17 +196,17 @@ def _sweep_service(args: argparse.Namespace, config: Any, environ: dict[str, str
         answer = client.post("/admin/sweep", json={"payee": args.payee})
         answer.raise_for_status()
         console.print(f"{answer.json()['waiting']:,} payments waiting; settling (via the service)")
-        with _deadline(args.timeout):
-            while True:
-                progress = client.get("/admin/progress").json()
-                queued = sum(
-                    n
-                    for key, n in progress["queued"].items()
-                    if args.payee is None or key.split(":", 1)[1] in ("*", args.payee.lower())
-                )
-                if queued == 0 and progress["inflightBatches"] == 0:
-                    break
-                time.sleep(0.5)
+
+        def done() -> dict[str, Any] | None:
+            progress: dict[str, Any] = client.get("/admin/progress").json()
+            queued = sum(
+                n
+                for key, n in progress["queued"].items()
+                if args.payee is None or key.split(":", 1)[1] in ("*", args.payee.lower())
+            )
+            return progress if queued == 0 and progress["inflightBatches"] == 0 else None
+
+        progress = _poll_until(done, args.timeout)
     console.print(
         f"done: {progress['settled']:,} settled since the service started; failed:"
         f" {progress['failed'] or 'none'}"
@@ -215,18 +218,18 @@ def _sweep_cluster(args: argparse.Namespace, config: Any, environ: dict[str, str
     """PostgreSQL: a sweep command every live instance runs on its next heartbeat; then wait
     until nothing of the payee (or anyone) is open, cluster-wide."""
     from .cluster import dsn_from
-    from .store.postgres import command_progress, issue_command
+    from .store.postgres import CommandProgress, command_progress, issue_command
 
     console = Console()
     dsn = dsn_from(config, environ)
     payee = args.payee.lower() if args.payee else None
     command = issue_command(dsn, "sweep", payee)
-    with _deadline(args.timeout):
-        while True:
-            progress = command_progress(dsn, command, config.ledger.lease_s, payee)
-            if progress.acked >= progress.live and progress.open == 0:
-                break
-            time.sleep(0.5)
+
+    def done() -> CommandProgress | None:
+        progress = command_progress(dsn, command, config.ledger.lease_s, payee)
+        return progress if progress.acked >= progress.live and progress.open == 0 else None
+
+    progress = _poll_until(done, args.timeout)
     console.print(
         f"swept by {progress.acked} live instance(s): {progress.waiting:,} payments were waiting;"
         " none open now"
@@ -234,22 +237,15 @@ def _sweep_cluster(args: argparse.Namespace, config: Any, environ: dict[str, str
     return 0
 
 
-class _deadline:
-    """``with _deadline(seconds):`` raise TimeoutError (one line from main) when exceeded, for
-    the blocking polling loops above."""
-
-    def __init__(self, seconds: float) -> None:
-        self._seconds = seconds
-
-    def __enter__(self) -> None:
-        signal.signal(signal.SIGALRM, self._expired)
-        signal.setitimer(signal.ITIMER_REAL, self._seconds)
-
-    def __exit__(self, *_: object) -> None:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-
-    def _expired(self, *_: object) -> None:
-        raise TimeoutError(f"not finished within {self._seconds:g} s (--timeout)")
+def _poll_until(done: Callable[[], T | None], timeout_s: float) -> T:
+    """``done()`` every half second until it answers; TimeoutError (one line from main) once
+    ``timeout_s`` passed."""
+    deadline = time.monotonic() + timeout_s
+    while (answer := done()) is None:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"not finished within {timeout_s:g} s (--timeout)")
+        time.sleep(0.5)
+    return answer
 
 
 def _sweep_local(args: argparse.Namespace, config: Any, environ: dict[str, str]) -> int:
@@ -645,7 +641,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"x402-engine {args.command}: {leaf}", file=sys.stderr)
             return 1
         if isinstance(leaf, psycopg.OperationalError):
-            print(f"x402-engine {args.command}: the ledger database: {leaf}", file=sys.stderr)
+            said = " ".join(str(leaf).split())  # psycopg's hint comes on a line of its own
+            print(f"x402-engine {args.command}: the ledger database: {said}", file=sys.stderr)
             return 1
         if isinstance(leaf, httpx.TransportError | httpx.HTTPStatusError):
             print(f"x402-engine {args.command}: the running service: {leaf}", file=sys.stderr)

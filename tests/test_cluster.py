@@ -161,16 +161,26 @@ async def _postgres_restart(
     async with cluster(dev, pg_dsn, 2, tmp_path, lease_s=10.0, policy=policy) as nodes:
         answers: list[Any] = []
 
+        chunks = [[settle_body(*w) for w in work[at : at + 20]] for at in range(0, len(work), 20)]
+        down, sent_while_down = trio.Event(), trio.Event()
+
         async def load() -> None:
-            for chunk in range(0, len(work), 20):
-                bodies = [settle_body(*w) for w in work[chunk : chunk + 20]]
+            # before, during (at least one chunk, whatever the machine's speed) and after
+            for i, bodies in enumerate(chunks):
+                if i == len(chunks) // 2:
+                    await down.wait()
+                began_down = down.is_set()
                 answers.extend(await post_spread(nodes, "/settle", bodies, 20))
+                if began_down:
+                    sent_while_down.set()
                 await trio.sleep(0.1)
 
         async def restart() -> None:
             await trio.sleep(0.8)
             await trio.to_thread.run_sync(postgres.stop)
-            await trio.sleep(2.0)  # requests meanwhile must not be acknowledged
+            down.set()
+            with trio.move_on_after(30):
+                await sent_while_down.wait()  # requests meanwhile must not be acknowledged
             await trio.to_thread.run_sync(postgres.start)
 
         async with trio.open_nursery() as nursery:

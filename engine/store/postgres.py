@@ -126,6 +126,9 @@ class PgLedger:
     def __init__(self, dsn: str, *, name: str = "", lease_s: float = 10.0) -> None:
         self.lease_s = lease_s
         self.name = name or socket.gethostname()
+        # One plain connection first: an unreachable database or a refused login is one clear
+        # error at once, not the pool's retries for half a minute
+        psycopg.connect(dsn, connect_timeout=10).close()
         self._pool = psycopg_pool.ConnectionPool(
             dsn,
             min_size=1,
