@@ -24,6 +24,10 @@ const SOURCES = {
   "src/TestWallet.sol": ["TestWallet"],
   "src/WalletFactory.sol": ["WalletFactory"],
   "src/SignatureChecks.sol": ["SignatureChecks"],
+  "src/CallBatch.sol": [],
+  "src/X402OperatorBatcher.sol": ["X402OperatorBatcher"],
+  "src/Permit2.sol": ["Permit2"],
+  "src/Permit2Proxies.sol": ["X402ExactPermit2Proxy", "X402UptoPermit2Proxy"],
 };
 
 const SETTINGS = {

@@ -97,6 +97,13 @@ class ChainConfig(msgspec.Struct, forbid_unknown_fields=True):
     # Counterfactual smart wallets (ERC-6492): factories whose deployment call a payer's
     # signature may carry; empty (the default) refuses every one (fail closed)
     eip6492_factories: list[Address] = msgspec.field(default_factory=list)
+    # Permit2 payers (x402 `exact` with assetTransferMethod "permit2"): Permit2 and the x402
+    # exact proxy must be at their canonical addresses (checked at start). Compact mode only.
+    permit2: bool = False
+    # The x402 `upto` scheme (Permit2): this facilitator's X402OperatorBatcher, whose operators
+    # are the signer accounts; payers name it as the facilitator that chooses the amount.
+    # Empty (the default): `upto` is not offered.
+    upto_batcher: Annotated[str, Meta(pattern=r"^(0x[0-9a-fA-F]{40})?$")] = ""
     # PostgreSQL ledger: signer accounts this instance leases, at most (0: every free one). With
     # N instances sharing K keys, K / N each lets all of them settle.
     signers_per_instance: NonNegative = 0
@@ -118,6 +125,10 @@ class ChainConfig(msgspec.Struct, forbid_unknown_fields=True):
     @property
     def batcher_address(self) -> bytes:
         return address_bytes(self.batcher)
+
+    @property
+    def upto_batcher_address(self) -> bytes | None:
+        return address_bytes(self.upto_batcher) if self.upto_batcher else None
 
     @property
     def aggregate3_target(self) -> bytes:
@@ -249,6 +260,8 @@ def validate(config: EngineConfig) -> EngineConfig:
         seen.add(chain.chain_id)
         if chain.gas_per_tx_max > chain.block_gas_limit:
             raise ConfigError(f"{where}: need gas_per_tx_max <= block_gas_limit")
+        if (chain.permit2 or chain.upto_batcher) and chain.mode != "compact":
+            raise ConfigError(f'{where}: permit2 and upto_batcher need mode = "compact"')
     seen_payees: set[str] = set()
     for i, schedule in enumerate([config.policy, *config.policy.payees]):
         where = "policy" if i == 0 else f"policy.payees[{i - 1}]"

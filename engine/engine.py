@@ -475,13 +475,28 @@ class Engine:
         return self._tracker.snapshot()
 
     def supported(self) -> dict[str, Any]:
-        """The facilitator's /supported document: kinds per network, and signer addresses."""
+        """The facilitator's /supported document: kinds per network (``exact`` says which
+        transfer methods it settles there; ``upto`` names the facilitator address payers
+        sign for), and signer addresses."""
         kinds: list[dict[str, Any]] = []
         signers: list[str] = []
         for chain in self.config.chains:
-            kinds.append({"x402Version": 2, "scheme": "exact", "network": chain.caip2})
+            methods = ["eip3009", "permit2"] if chain.permit2 else ["eip3009"]
+            exact = {"assetTransferMethods": methods}
+            kinds.append(
+                {"x402Version": 2, "scheme": "exact", "network": chain.caip2, "extra": exact}
+            )
             for name in chain.network_names:
-                kinds.append({"x402Version": 1, "scheme": "exact", "network": name})
+                kinds.append({"x402Version": 1, "scheme": "exact", "network": name, "extra": exact})
+            if chain.upto_batcher:
+                kinds.append(
+                    {
+                        "x402Version": 2,
+                        "scheme": "upto",
+                        "network": chain.caip2,
+                        "extra": {"facilitatorAddress": chain.upto_batcher.lower()},
+                    }
+                )
             runtime = self._chains.get(chain.chain_id)
             if runtime is not None:
                 signers += [s.address for s in runtime.signers.signers]

@@ -24,9 +24,44 @@ class WireAuthorization(msgspec.Struct, rename="camel"):
     nonce: str = ""
 
 
-class ExactEvmPayload(msgspec.Struct):
+class WirePermitted(msgspec.Struct):
+    token: str = ""
+    amount: str = ""
+
+
+class WireWitness(msgspec.Struct, rename="camel"):
+    to: str = ""
+    valid_after: str = ""
+    facilitator: str | None = None  # `upto` only
+
+
+class WirePermit2Authorization(msgspec.Struct):
+    """A Permit2 ``PermitWitnessTransferFrom`` as the x402 ``exact``/``upto`` Permit2 payloads
+    send it (``nonce`` and ``deadline`` decimal strings)."""
+
+    from_: str = msgspec.field(name="from", default="")
+    permitted: WirePermitted = msgspec.field(default_factory=WirePermitted)
+    spender: str = ""
+    nonce: str = ""
+    deadline: str = ""
+    witness: WireWitness = msgspec.field(default_factory=WireWitness)
+
+
+class ExactEvmPayload(msgspec.Struct, rename="camel", omit_defaults=True):
+    """The EVM payload: an EIP-3009 ``authorization`` or a ``permit2Authorization``."""
+
     signature: str
-    authorization: WireAuthorization
+    authorization: WireAuthorization | None = None
+    permit2_authorization: WirePermit2Authorization | None = None
+
+    @property
+    def payer_text(self) -> str:
+        """The claimed payer (``from``) as sent, "" when absent."""
+        if self.authorization is not None:
+            return self.authorization.from_
+        if self.permit2_authorization is not None:
+            return self.permit2_authorization.from_
+        return ""
 
 
 class RequirementsV1(msgspec.Struct, rename="camel", omit_defaults=True):
@@ -72,11 +107,26 @@ PaymentRequirements = RequirementsV1 | RequirementsV2
 # ---------------------------------------------------------------- the engine's records
 
 State = Literal["accepted", "submitted", "settled", "failed"]
+
+# How a payment moves the tokens (Payment.method).
+EIP3009 = 0  # the token's transferWithAuthorization
+PERMIT2_EXACT = 1  # Permit2 permitWitnessTransferFrom through the x402 exact proxy
+PERMIT2_UPTO = 2  # the same through the x402 upto proxy: any amount up to the permitted one
+METHOD_NAMES = {EIP3009: "eip3009", PERMIT2_EXACT: "permit2", PERMIT2_UPTO: "upto"}
+# Permit2 and the x402 proxies are at these addresses on every chain (CREATE2).
+PERMIT2 = bytes.fromhex("000000000022D473030F116dDEE9F6B43aC78BA3")
+EXACT_PERMIT2_PROXY = bytes.fromhex("402085c248EeA27D92E8b30b2C58ed07f9E20001")
+UPTO_PERMIT2_PROXY = bytes.fromhex("4020A4f3b7b90ccA423B9fabCc0CE57C6C240002")
 FINAL_STATES: frozenset[str] = frozenset({"settled", "failed"})
 
 
 class Payment(msgspec.Struct, frozen=True, gc=False):
-    """A verified EIP-3009 authorization, normalized: integers and raw bytes."""
+    """A verified payment authorization, normalized: integers and raw bytes.
+
+    EIP-3009 (``method`` 0): the fields are the authorization's. Permit2 (``method`` 1, 2):
+    ``payee`` and ``valid_after`` are the witness's, ``valid_before`` the permit's deadline,
+    ``nonce`` its uint256 nonce (32 bytes big-endian), ``value`` the amount to transfer and
+    ``permitted`` the signed ``permitted.amount`` (``upto``: the maximum)."""
 
     chain_id: int
     token: bytes  # 20 bytes
@@ -89,11 +139,19 @@ class Payment(msgspec.Struct, frozen=True, gc=False):
     signature: bytes  # 65 bytes r || s || v, v in {27, 28}
     network: str  # the network name as the client sent it (for responses)
     x402_version: int
+    method: int = EIP3009
+    permitted: int = 0  # Permit2: the signed permitted.amount
+
+    @property
+    def nonce_space(self) -> bytes:
+        """The contract whose nonces the authorization uses: the token (EIP-3009) or Permit2,
+        whose nonces are the payer's across all tokens."""
+        return self.token if self.method == EIP3009 else PERMIT2
 
     @property
     def key(self) -> bytes:
-        """The replay key: (chain, token, payer, nonce)."""
-        return self.chain_id.to_bytes(8, "big") + self.token + self.payer + self.nonce
+        """The replay key: (chain, nonce space, payer, nonce)."""
+        return self.chain_id.to_bytes(8, "big") + self.nonce_space + self.payer + self.nonce
 
 
 class Accepted(msgspec.Struct, frozen=True, gc=False):
@@ -277,11 +335,12 @@ class ChainMismatch(EngineError):
 
 # A payment as a msgpack-friendly tuple (msgpack has no integers past 2**64, so the value is 32
 # bytes big-endian): the journal's rows and the verify workers' answers.
-PaymentTuple = tuple[int, bytes, bytes, bytes, bytes, int, int, bytes, bytes, str, int]
+# Permit2 payments append (method, permitted as 32 bytes); EIP-3009 rows stay 11 long.
+PaymentTuple = tuple[Any, ...]
 
 
 def payment_to_tuple(p: Payment) -> PaymentTuple:
-    return (
+    head = (
         p.chain_id,
         p.token,
         p.payer,
@@ -294,6 +353,9 @@ def payment_to_tuple(p: Payment) -> PaymentTuple:
         p.network,
         p.x402_version,
     )
+    if p.method == EIP3009:
+        return head
+    return (*head, p.method, p.permitted.to_bytes(32, "big"))
 
 
 def payment_from_tuple(t: PaymentTuple) -> Payment:
@@ -309,6 +371,8 @@ def payment_from_tuple(t: PaymentTuple) -> Payment:
         signature=t[8],
         network=t[9],
         x402_version=t[10],
+        method=t[11] if len(t) > 11 else EIP3009,
+        permitted=int.from_bytes(t[12], "big") if len(t) > 12 else 0,
     )
 
 

@@ -18,11 +18,21 @@ from typing import TypeVar
 
 import trio
 
+from .chain import codec, permit2
 from .chain.rpc import ChainClient, RpcError, RpcUnavailable
 from .chain.signer import SignerPool
 from .clock import Clock
 from .config import ChainConfig
-from .model import ChainMismatch, InflightBatch, PendingItem, Recovered
+from .model import (
+    EXACT_PERMIT2_PROXY,
+    PERMIT2,
+    UPTO_PERMIT2_PROXY,
+    ChainMismatch,
+    InflightBatch,
+    PendingItem,
+    Recovered,
+    hex_addr,
+)
 from .stages.dedup import DedupIndex, Identifiers
 from .store.ledger import AsyncLedger
 
@@ -53,6 +63,35 @@ async def restore_replay_keys(
             identifiers.record_sale(rid, sale.identifier, sale.mode)
 
 
+async def check_permit2(chain: ChainConfig, rpc: ChainClient, signers: SignerPool) -> None:
+    """With Permit2 payments enabled, Permit2 and the x402 proxies must be at their canonical
+    addresses, and with ``upto`` every signer an operator of the upto batcher: refuse to start
+    otherwise (payments would be accepted that cannot settle)."""
+    where = f"chain {chain.chain_id}"
+    if chain.permit2 or chain.upto_batcher:
+        word = await rpc.eth_call(PERMIT2, permit2.nonce_bitmap_calldata(bytes(20), bytes(32)))
+        if len(word) != 32:
+            raise ChainMismatch(f"{where}: no Permit2 at {hex_addr(PERMIT2)}")
+    proxies = [EXACT_PERMIT2_PROXY] if chain.permit2 else []
+    proxies += [UPTO_PERMIT2_PROXY] if chain.upto_batcher else []
+    for proxy in proxies:
+        answer = await rpc.eth_call(proxy, codec.selector("PERMIT2()"))
+        if answer[12:32] != PERMIT2:
+            raise ChainMismatch(f"{where}: no x402 Permit2 proxy at {hex_addr(proxy)}")
+    batcher = chain.upto_batcher_address
+    if batcher is not None:
+        for signer in signers.signers:
+            data = (
+                codec.selector("operators(address)") + bytes(12) + bytes.fromhex(signer.address[2:])
+            )
+            answer = await rpc.eth_call(batcher, data)
+            if int.from_bytes(answer[:32] or b"\0", "big") != 1:
+                raise ChainMismatch(
+                    f"{where}: signer {signer.address} is not an operator of the upto batcher"
+                    f" {chain.upto_batcher} (X402OperatorBatcher.setOperator)"
+                )
+
+
 async def adopt_sent_batches(
     chain: ChainConfig,
     rpc: ChainClient,
@@ -65,6 +104,7 @@ async def adopt_sent_batches(
     actual = await patiently(rpc.chain_id, chain)
     if actual != chain.chain_id:
         raise ChainMismatch(f"{chain.rpc_url} is chain {actual}, configured {chain.chain_id}")
+    await check_permit2(chain, rpc, signers)
     adopted = await rebroadcast_open_batches(chain, rpc, recovered, clock)
     for signer in signers.signers:
         signer.next_nonce = await patiently(
@@ -96,7 +136,11 @@ async def rebroadcast_open_batches(
         if not items:
             continue
         token = items[0].payment.token
-        targets = {"direct": token, "compact": chain.batcher_address}
+        targets = {
+            "direct": token,
+            "compact": chain.batcher_address,
+            "upto": chain.upto_batcher_address or chain.batcher_address,
+        }
         target = targets.get(record.mode, chain.aggregate3_target)
         adopted.append(InflightBatch(record, items, token, target, clock.now(), list(replacements)))
     return adopted

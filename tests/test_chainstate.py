@@ -85,7 +85,7 @@ def test_decode_read_sees_a_token_without_code() -> None:
     payer, nonce = b"\x01" * 20, b"\x02" * 32
     from engine.stages.chainstate import read_calldata
 
-    keys = [(b"\x99" * 20, payer, nonce), (TOKEN, payer, nonce)]
+    keys = [(b"\x99" * 20, payer, nonce, 0), (TOKEN, payer, nonce, 0)]
     data, balance_keys = read_calldata(keys)
     states = decode_read(keys, balance_keys, _answer(data, {payer: 5}, set()))
     assert states == [PayerState(False, None, None), PayerState(True, 5, False)]

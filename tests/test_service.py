@@ -59,8 +59,13 @@ def _payee_balance(svc: RunningService) -> int:
 
 def test_supported_lists_v1_and_v2_kinds_and_the_signer(svc: RunningService) -> None:
     doc = httpx.get(svc.url + "/supported").json()
-    assert {"x402Version": 2, "scheme": "exact", "network": "eip155:31337"} in doc["kinds"]
-    assert {"x402Version": 1, "scheme": "exact", "network": "anvil"} in doc["kinds"]
+    methods = {"assetTransferMethods": ["eip3009", "permit2"]}  # the devchain has Permit2
+    upto = {"facilitatorAddress": svc.dev.upto_batcher}
+    assert doc["kinds"] == [
+        {"x402Version": 2, "scheme": "exact", "network": "eip155:31337", "extra": methods},
+        {"x402Version": 1, "scheme": "exact", "network": "anvil", "extra": methods},
+        {"x402Version": 2, "scheme": "upto", "network": "eip155:31337", "extra": upto},
+    ]
     assert len(doc["signers"]["eip155:*"]) == 1
 
 

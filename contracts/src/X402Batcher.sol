@@ -1,6 +1,8 @@
 // SPDX-License-Identifier: MIT
 pragma solidity 0.8.37;
 
+import {CallBatch} from "./CallBatch.sol";
+
 /// @title X402Batcher
 /// @notice Stateless batch executor for x402 EIP-3009 settlements.
 ///         - `aggregate3`: Multicall3-compatible generic batching (plus a CallFailed log per
@@ -9,6 +11,9 @@ pragma solidity 0.8.37;
 ///           item never reverts the batch, it is reported with an ItemFailed log instead.
 ///         - `simulate`: the same calls as `settle`, always reverting with SimulationResult
 ///           carrying every item's revert data (for eth_call only).
+///         - `settleSigned` / `simulateSigned`: smart-wallet signatures of any length.
+///         - `settleCalls` / `simulateCalls`: items that are whole calls (Permit2 `exact`
+///           proxy settlements), reported the same way.
 /// @dev No owner, no access control, no storage.
 ///
 ///      Compact item layout (165 bytes, tightly packed, big-endian):
@@ -21,7 +26,7 @@ pragma solidity 0.8.37;
 ///        offset 100: r           (bytes32, 32)
 ///        offset 132: s           (bytes32, 32)
 ///        offset 164: v           (uint8,    1)
-contract X402Batcher {
+contract X402Batcher is CallBatch {
     struct Call3 {
         address target;
         bool allowFailure;
@@ -36,15 +41,9 @@ contract X402Batcher {
     /// @notice A call of `aggregate3` with allowFailure == true failed; `reason` is its revert data.
     event CallFailed(uint256 index, bytes reason);
 
-    /// @notice Item `index` of a `settle` batch failed; `reason` is the token's revert data
-    ///         (empty when the token has no code or the call ran out of gas without data).
-    event ItemFailed(uint256 index, bytes reason);
-
-    /// @notice Always raised by `simulate`: per item, whether it succeeded and its revert data
-    ///         (a failure can have empty revert data, so success is reported separately).
-    ///         `gasUsed` is the gas the item calls consumed, for sizing the real transaction
-    ///         without a separate eth_estimateGas (which re-executes the batch many times).
-    error SimulationResult(bool[] ok, bytes[] reasons, uint256 gasUsed);
+    // ItemFailed(index, reason) and SimulationResult(ok, reasons, gasUsed) come from CallBatch:
+    // an item's revert data is empty when the token has no code or the call ran out of gas
+    // without data; `gasUsed` sizes the real transaction without eth_estimateGas.
 
     uint256 private constant ITEM_SIZE = 165;
 
@@ -257,6 +256,19 @@ contract X402Batcher {
         // `settle`): revert rather than fail items only for lack of gas.
         if (!ok && gasleft() <= g / 63) revert();
         if (ok) reason = "";
+    }
+
+    // ------------------------------------------------------------------ call items
+
+    /// @notice Runs every call (a Permit2 proxy's `settle`); never reverts because one failed.
+    function settleCalls(Call[] calldata calls) external {
+        _settleCalls(calls);
+    }
+
+    /// @notice Runs exactly the calls `settleCalls` would, then ALWAYS reverts with
+    ///         SimulationResult. For eth_call only.
+    function simulateCalls(Call[] calldata calls) external {
+        _simulateCalls(calls);
     }
 
     function _returnDataSize() private pure returns (uint256 size) {

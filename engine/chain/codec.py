@@ -13,8 +13,9 @@ import msgspec
 from eth_abi.abi import decode as abi_decode
 from eth_abi.abi import encode as abi_encode
 
-from ..model import Payment
+from ..model import EIP3009, Payment
 from ..rules import reasons
+from . import permit2
 from .crypto import keccak256
 
 ITEM_SIZE = 165
@@ -34,6 +35,8 @@ AGGREGATE3 = selector("aggregate3((address,bool,bytes)[])")
 _SIGNED_ITEM = "(address,address,uint256,uint256,uint256,bytes32,bytes,address,bytes)"
 SETTLE_SIGNED = selector(f"settleSigned(address,{_SIGNED_ITEM}[])")
 SIMULATE_SIGNED = selector(f"simulateSigned(address,{_SIGNED_ITEM}[])")
+SETTLE_CALLS = selector("settleCalls((address,bytes)[])")
+SIMULATE_CALLS = selector("simulateCalls((address,bytes)[])")
 ERC6492_SUFFIX = bytes.fromhex("64926492" * 8)
 TRANSFER_WITH_AUTHORIZATION = selector(
     "transferWithAuthorization(address,address,uint256,uint256,uint256,bytes32,uint8,bytes32,bytes32)"
@@ -81,9 +84,10 @@ def pack_item(p: Payment) -> bytes:
 
 
 def compact_fits(p: Payment) -> bool:
-    """Whether the 165-byte compact item can carry the payment: a 65-byte signature (an EOA's,
-    or a smart wallet's that is 65 bytes: the token asks the wallet through EIP-1271)."""
-    return len(p.signature) == 65
+    """Whether the 165-byte compact item can carry the payment: an EIP-3009 authorization with
+    a 65-byte signature (an EOA's, or a smart wallet's that is 65 bytes: the token asks the
+    wallet through EIP-1271)."""
+    return p.method == EIP3009 and len(p.signature) == 65
 
 
 def unwrap_6492(signature: bytes) -> tuple[bytes, bytes, bytes] | None:
@@ -123,9 +127,31 @@ def settle_signed_calldata(
     return head + abi_encode(["address", f"{_SIGNED_ITEM}[]"], [token, rows])
 
 
-def settle_calldata(token: bytes, items: Sequence[Payment], *, simulate: bool = False) -> bytes:
+def settle_calls_calldata(
+    items: Sequence[Payment], facilitator: bytes | None = None, *, simulate: bool = False
+) -> bytes:
+    """``settleCalls`` (or ``simulateCalls``) of Permit2 payments: one proxy ``settle`` each
+    (``upto``: naming ``facilitator``, the batcher the calls go through)."""
+    calls = [permit2.settle_call(p, facilitator) for p in items]
+    head = SIMULATE_CALLS if simulate else SETTLE_CALLS
+    return head + abi_encode(["(address,bytes)[]"], [calls])
+
+
+def settle_calldata(
+    token: bytes,
+    items: Sequence[Payment],
+    *,
+    simulate: bool = False,
+    facilitator: bytes | None = None,
+) -> bytes:
     """``settle`` (or ``simulate``) with compact items; ``settleSigned`` when a payment's
-    signature does not fit the compact item (both report failures the same way)."""
+    signature does not fit the compact item; ``settleCalls`` for Permit2 payments (all report
+    failures the same way). A batch holds one kind: EIP-3009 or Permit2."""
+    permit2_items = sum(p.method != EIP3009 for p in items)
+    if permit2_items:
+        if permit2_items != len(items):
+            raise ValueError("a batch mixes EIP-3009 and Permit2 payments")
+        return settle_calls_calldata(items, facilitator, simulate=simulate)
     if not all(compact_fits(p) for p in items):
         return settle_signed_calldata(token, items, simulate=simulate)
     packed = b"".join(pack_item(p) for p in items)
@@ -212,6 +238,9 @@ def revert_message(data: bytes) -> str:
 
 def failure_reason(data: bytes) -> tuple[str, str]:
     """(x402 reason, message) for an item's revert data."""
+    known = permit2.failure(data)
+    if known is not None:
+        return known
     message = revert_message(data)
     return reasons.reason_for_revert(message), message
 
@@ -334,7 +363,11 @@ def item_outcomes(
             failed[int(index)] = bytes(data)
     out: list[ItemOutcome] = []
     for i, p in enumerate(items):
-        if (p.payer.hex(), "0x" + p.nonce.hex()) in used:
+        if p.method != EIP3009:
+            # Permit2 logs nothing per nonce: the batcher's silence (no ItemFailed) says the
+            # proxy's settle succeeded, and the token's Transfer says it moved this payment.
+            out.append(_permit2_outcome(p, failed.get(i), transfers, receipt))
+        elif (p.payer.hex(), "0x" + p.nonce.hex()) in used:
             moved = (p.payer.hex(), p.payee.hex(), p.value)
             if transfers.get(moved, 0) > 0:
                 transfers[moved] -= 1
@@ -354,6 +387,29 @@ def item_outcomes(
         else:
             out.append(ItemOutcome(ItemStatus.UNKNOWN))
     return out
+
+
+def _permit2_outcome(
+    p: Payment,
+    revert: bytes | None,
+    transfers: dict[tuple[str, str, int], int],
+    receipt: Receipt,
+) -> ItemOutcome:
+    if revert is not None:
+        reason, message = failure_reason(revert)
+        return ItemOutcome(ItemStatus.FAILED, reason, message)
+    if int(receipt.status, 16) != 1:
+        return ItemOutcome(ItemStatus.UNKNOWN)
+    moved = (p.payer.hex(), p.payee.hex(), p.value)
+    if transfers.get(moved, 0) > 0:
+        transfers[moved] -= 1
+        return ItemOutcome(ItemStatus.SETTLED)
+    return ItemOutcome(
+        ItemStatus.FAILED,
+        reasons.TRANSFER_EVENT_MISMATCH,
+        f"the proxy's settle succeeded but no Transfer of {p.value} from the payer to the payee"
+        " is in the receipt",
+    )
 
 
 def _word(data: str) -> int:

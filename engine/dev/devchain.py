@@ -22,10 +22,10 @@ from eth_abi.abi import encode as abi_encode
 from eth_account import Account
 from eth_utils.address import to_checksum_address
 
-from ..chain import codec, crypto
+from ..chain import codec, crypto, permit2
 from ..chain.rpc import Rpc, RpcError
 from ..config import ChainConfig, EngineConfig, LedgerConfig, PolicyConfig, TokenConfig
-from ..model import hex_addr
+from ..model import EXACT_PERMIT2_PROXY, PERMIT2, UPTO_PERMIT2_PROXY, hex_addr
 from . import artifacts
 from .loadgen import TokenDomain
 
@@ -132,6 +132,8 @@ class DevChain(msgspec.Struct):
     signer_keys: list[str]
     payer_keys: list[str]
     payee: str
+    permit2: bool = False  # Permit2 and the x402 proxies are at their canonical addresses
+    upto_batcher: str = ""  # X402OperatorBatcher, the signers its operators
 
     @property
     def domain(self) -> TokenDomain:
@@ -217,6 +219,37 @@ async def set_balance(rpc: Rpc, address: str, wei: int) -> None:
     await rpc.call("anvil_setBalance", [address, hex(wei)])
 
 
+async def place_permit2(rpc: Rpc, deployer: Deployer) -> None:
+    """Permit2 and the x402 exact and upto proxies at their canonical addresses (the official
+    clients sign for those): deploy each normally, then copy its runtime code there (the
+    proxies' Permit2 address is an immutable inside that code; Permit2 computes its domain
+    from its own address)."""
+    placed: list[tuple[bytes, str, list[str], list[Any]]] = [(PERMIT2, "Permit2", [], [])]
+    placed += [
+        (address, name, ["address"], [hex_addr(PERMIT2)])
+        for address, name in (
+            (EXACT_PERMIT2_PROXY, "X402ExactPermit2Proxy"),
+            (UPTO_PERMIT2_PROXY, "X402UptoPermit2Proxy"),
+        )
+    ]
+    for address, name, ctor_types, args in placed:
+        deployed = await deploy(deployer, name, ctor_types, args)
+        code = await rpc.call("eth_getCode", [deployed, "latest"])
+        await rpc.call("anvil_setCode", [hex_addr(address), code])
+
+
+async def approve_permit2(rpc: Rpc, chain_id: int, token: str, payer_keys: Sequence[str]) -> int:
+    """Each payer's one-time ``token.approve(Permit2, max)`` (funded with gas for it), before
+    it pays with Permit2. Returns the gas the approvals used."""
+    gas = 0
+    for key in payer_keys:
+        payer = Deployer(rpc, bytes.fromhex(key[2:]), chain_id)
+        await set_balance(rpc, payer.address, ETH // 10)
+        receipt = await payer.send(token, permit2.approve_calldata(), gas=100_000)
+        gas += int(receipt["gasUsed"], 16)
+    return gas
+
+
 async def setup_devchain(
     rpc_url: str,
     *,
@@ -226,9 +259,12 @@ async def setup_devchain(
     token_name: str = TOKEN_NAME,
     token_version: str = TOKEN_VERSION,
     seed: bytes | None = None,
+    with_permit2: bool = True,
 ) -> DevChain:
     """Deploy the token and batcher, fund ``payers`` payer accounts and the payee. With a
-    ``seed`` every key, and so every address, is the same on each fresh chain."""
+    ``seed`` every key, and so every address, is the same on each fresh chain. With
+    ``with_permit2``, also Permit2 and the x402 proxies (canonical addresses) and an upto
+    batcher whose operators are the signers."""
     rpc = Rpc(rpc_url)
     try:
         chain_id = await rpc.chain_id()
@@ -251,6 +287,11 @@ async def setup_devchain(
         holders = [hex_addr(crypto.private_key_address(k)) for k in payer_keys]
         await mint_batch(deployer, token, holders, payer_balance)
         await mint_batch(deployer, token, [payee], 1)  # the payee already holds a balance
+        upto_batcher = ""
+        if with_permit2:
+            await place_permit2(rpc, deployer)
+            operators = [hex_addr(crypto.private_key_address(k)) for k in signer_keys]
+            upto_batcher = await deploy(deployer, "X402OperatorBatcher", ["address[]"], [operators])
         return DevChain(
             rpc_url=rpc_url,
             chain_id=chain_id,
@@ -262,6 +303,8 @@ async def setup_devchain(
             signer_keys=["0x" + k.hex() for k in signer_keys],
             payer_keys=["0x" + k.hex() for k in payer_keys],
             payee=payee,
+            permit2=with_permit2,
+            upto_batcher=upto_batcher,
         )
     finally:
         await rpc.aclose()
@@ -296,6 +339,8 @@ def engine_config(
         poll_interval_ms=50,
         block_gas_limit=150_000_000,
         rebroadcast_after_s=3.0,
+        permit2=dev.permit2 and mode == "compact",
+        upto_batcher=dev.upto_batcher if mode == "compact" else "",
     )
     chain = msgspec.structs.replace(chain, **chain_overrides)
     config = EngineConfig(

@@ -59,3 +59,17 @@ def reason_for_revert(message: str) -> str:
         if needle in lowered:
             return reason
     return UNEXPECTED_SETTLE
+
+
+# Permit2 payments (the reference facilitator's codes for the exact and upto schemes).
+PERMIT2_SPENDER: Final = "invalid_permit2_spender"
+PERMIT2_RECIPIENT: Final = "invalid_permit2_recipient_mismatch"
+PERMIT2_DEADLINE: Final = "permit2_deadline_expired"
+PERMIT2_NOT_YET_VALID: Final = "permit2_not_yet_valid"
+PERMIT2_AMOUNT: Final = "permit2_amount_mismatch"
+PERMIT2_TOKEN: Final = "permit2_token_mismatch"
+PERMIT2_SIGNATURE: Final = "invalid_permit2_signature"
+PERMIT2_ALLOWANCE: Final = "permit2_allowance_required"
+PERMIT2_NONCE_USED: Final = "permit2_invalid_nonce"
+UPTO_FACILITATOR: Final = "upto_facilitator_mismatch"
+UPTO_EXCEEDS: Final = "invalid_upto_evm_payload_settlement_exceeds_amount"

@@ -4,7 +4,8 @@ authorization's nonce is already used or cancelled, and whether the token has co
 ``/verify`` (and a deferred ``/settle``, which answers before anything is sent) asks this for
 every payment, so it must not cost one RPC each. Concurrent questions are coalesced: those that
 arrive within ``window_s`` of the first (or while earlier reads are in flight) share one
-``aggregate3`` ``eth_call`` of ``balanceOf`` + ``authorizationState`` for up to ``batch_max``
+``aggregate3`` ``eth_call`` of ``balanceOf`` + ``authorizationState`` (Permit2 payments:
+Permit2's ``nonceBitmap`` + the token's ``allowance`` to Permit2) for up to ``batch_max``
 payments. Answers are cached for ``max_age_s``; a used nonce is cached until evicted (it can
 never become unused again).
 
@@ -23,10 +24,10 @@ from collections.abc import Sequence
 
 import msgspec
 
-from ..chain import codec
+from ..chain import codec, permit2
 from ..chain.rpc import ChainClient
 from ..clock import Clock
-from ..model import Payment, Rejected, hex_addr
+from ..model import EIP3009, PERMIT2, Payment, Rejected, hex_addr
 from ..rules import reasons
 from .coalesce import Coalescer
 
@@ -37,6 +38,7 @@ class PayerState(msgspec.Struct, frozen=True):
     token_has_code: bool
     balance: int | None  # None: balanceOf failed
     nonce_used: bool | None  # authorizationState (used or cancelled); None: the call failed
+    allowance: int | None = None  # Permit2 payments: the token's allowance to Permit2
 
 
 def judge(payment: Payment, state: PayerState) -> Rejected | None:
@@ -54,7 +56,19 @@ def judge(payment: Payment, state: PayerState) -> Rejected | None:
             "the token's balanceOf/authorizationState could not be read",
             payer,
         )
-    if state.nonce_used:
+    if payment.method != EIP3009:
+        if state.nonce_used:
+            return Rejected(
+                reasons.PERMIT2_NONCE_USED, "the Permit2 nonce is already used or cancelled", payer
+            )
+        if state.allowance is None or state.allowance < payment.value:
+            return Rejected(
+                reasons.PERMIT2_ALLOWANCE,
+                f"the payer's allowance to Permit2 ({state.allowance}) is below the amount"
+                f" {payment.value}: approve Permit2 once (token.approve)",
+                payer,
+            )
+    elif state.nonce_used:
         return Rejected(
             reasons.NONCE_USED, "the authorization is already used or cancelled on chain", payer
         )
@@ -68,7 +82,7 @@ def judge(payment: Payment, state: PayerState) -> Rejected | None:
 
 
 BalanceKey = tuple[bytes, bytes]  # (token, payer)
-NonceKey = tuple[bytes, bytes, bytes]  # (token, payer, nonce)
+NonceKey = tuple[bytes, bytes, bytes, int]  # (token, payer, nonce, method)
 
 
 class StateCache:
@@ -81,22 +95,38 @@ class StateCache:
         self.entries_max = entries_max
         self._balances: OrderedDict[BalanceKey, tuple[int, float]] = OrderedDict()
         self._nonces: OrderedDict[NonceKey, tuple[bool, float]] = OrderedDict()
+        self._allowances: OrderedDict[BalanceKey, tuple[int, float]] = OrderedDict()
         self._no_code: dict[bytes, float] = {}  # token -> when it was seen without code
 
-    def get(self, token: bytes, payer: bytes, nonce: bytes, now: float) -> PayerState | None:
+    def get(
+        self, token: bytes, payer: bytes, nonce: bytes, now: float, method: int = EIP3009
+    ) -> PayerState | None:
         """The cached state if every part of it is fresh enough, else None."""
         seen = self._no_code.get(token)
         if seen is not None and now - seen <= self.max_age_s:
             return PayerState(False, None, None)
         balance = self._balances.get((token, payer))
-        used = self._nonces.get((token, payer, nonce))
+        used = self._nonces.get((token, payer, nonce, method))
         if balance is None or used is None or now - balance[1] > self.max_age_s:
             return None
         if not used[0] and now - used[1] > self.max_age_s:
             return None
-        return PayerState(True, balance[0], used[0])
+        if method == EIP3009:
+            return PayerState(True, balance[0], used[0])
+        allowance = self._allowances.get((token, payer))
+        if allowance is None or now - allowance[1] > self.max_age_s:
+            return None
+        return PayerState(True, balance[0], used[0], allowance[0])
 
-    def put(self, token: bytes, payer: bytes, nonce: bytes, state: PayerState, now: float) -> None:
+    def put(
+        self,
+        token: bytes,
+        payer: bytes,
+        nonce: bytes,
+        state: PayerState,
+        now: float,
+        method: int = EIP3009,
+    ) -> None:
         if not state.token_has_code:
             self._no_code[token] = now
             return
@@ -107,19 +137,30 @@ class StateCache:
             if len(self._balances) > self.entries_max:
                 self._balances.popitem(last=False)
         if state.nonce_used is not None:
-            self._nonces[(token, payer, nonce)] = (state.nonce_used, now)
-            self._nonces.move_to_end((token, payer, nonce))
+            self._nonces[(token, payer, nonce, method)] = (state.nonce_used, now)
+            self._nonces.move_to_end((token, payer, nonce, method))
             if len(self._nonces) > self.entries_max:
                 self._nonces.popitem(last=False)
+        if state.allowance is not None:
+            self._allowances[(token, payer)] = (state.allowance, now)
+            self._allowances.move_to_end((token, payer))
+            if len(self._allowances) > self.entries_max:
+                self._allowances.popitem(last=False)
 
 
 def read_calldata(keys: Sequence[NonceKey]) -> tuple[bytes, list[BalanceKey]]:
-    """One aggregate3 call: ``balanceOf`` of each distinct (token, payer), then
-    ``authorizationState`` of each key, failures allowed. Returns the calldata and the
+    """One aggregate3 call: ``balanceOf`` of each distinct (token, payer), then per key
+    ``authorizationState`` (EIP-3009) or Permit2's ``nonceBitmap`` and the token's
+    ``allowance`` to Permit2 (two calls), failures allowed. Returns the calldata and the
     balance keys in call order."""
-    balance_keys = list(dict.fromkeys((t, p) for t, p, _ in keys))
+    balance_keys = list(dict.fromkeys((t, p) for t, p, _, _ in keys))
     calls = [(t, True, codec.balance_of_calldata(p)) for t, p in balance_keys]
-    calls += [(t, True, codec.authorization_state_calldata(p, n)) for t, p, n in keys]
+    for t, p, n, method in keys:
+        if method == EIP3009:
+            calls.append((t, True, codec.authorization_state_calldata(p, n)))
+        else:
+            calls.append((PERMIT2, True, permit2.nonce_bitmap_calldata(p, n)))
+            calls.append((t, True, permit2.allowance_calldata(p)))
     return codec.aggregate3(calls), balance_keys
 
 
@@ -129,7 +170,8 @@ def decode_read(
     """Each key's state from :func:`read_calldata`'s answer. A call that succeeded with no
     return data hit an address without code (no token there)."""
     results = codec.decode_aggregate3_result(returned)
-    if len(results) != len(balance_keys) + len(keys):
+    asked = len(balance_keys) + sum(1 if k[3] == EIP3009 else 2 for k in keys)
+    if len(results) != asked:
         raise ValueError("aggregate3 answered a different number of results")
     balances: dict[BalanceKey, tuple[bool, int | None]] = {}
     for key, (ok, data) in zip(balance_keys, results, strict=False):
@@ -139,13 +181,26 @@ def decode_read(
             int.from_bytes(data[:32], "big") if ok and len(data) >= 32 else None,
         )
     out: list[PayerState] = []
-    for nonce_key, (ok, data) in zip(keys, results[len(balance_keys) :], strict=True):
-        no_code, balance = balances[(nonce_key[0], nonce_key[1])]
-        if no_code or (ok and not data):
+    at = len(balance_keys)
+    for token, payer, nonce, method in keys:
+        no_code, balance = balances[(token, payer)]
+        ok, data = results[at]
+        at += 1
+        if method == EIP3009:
+            if no_code or (ok and not data):
+                out.append(PayerState(False, None, None))
+                continue
+            used = int.from_bytes(data[:32], "big") != 0 if ok and len(data) >= 32 else None
+            out.append(PayerState(True, balance, used))
+            continue
+        used = permit2.nonce_used(nonce, data) if ok and len(data) >= 32 else None
+        ok, data = results[at]
+        at += 1
+        if no_code:
             out.append(PayerState(False, None, None))
             continue
-        used = int.from_bytes(data[:32], "big") != 0 if ok and len(data) >= 32 else None
-        out.append(PayerState(True, balance, used))
+        allowance = int.from_bytes(data[:32], "big") if ok and len(data) >= 32 else None
+        out.append(PayerState(True, balance, used, allowance))
     return out
 
 
@@ -190,14 +245,16 @@ class ChainStateReader:
         c = self._coalescer
         return ReaderStatistics(c.calls, c.answered, self._cache_hits, c.queued())
 
-    async def read(self, token: bytes, payer: bytes, nonce: bytes) -> PayerState:
+    async def read(
+        self, token: bytes, payer: bytes, nonce: bytes, method: int = EIP3009
+    ) -> PayerState:
         """The chain's view of one payment; raises what the read raised (:class:`RpcError`,
         :class:`RpcUnavailable`, a decoding error) when it cannot be read."""
-        cached = self._cache.get(token, payer, nonce, self._clock.now())
+        cached = self._cache.get(token, payer, nonce, self._clock.now(), method)
         if cached is not None:
             self._cache_hits += 1
             return cached
-        return await self._coalescer.ask((token, payer, nonce))
+        return await self._coalescer.ask((token, payer, nonce, method))
 
     async def run(self) -> None:
         await self._coalescer.run()
@@ -208,6 +265,6 @@ class ChainStateReader:
         returned = await self._rpc.eth_call(self._target, data)
         states = dict(zip(keys, decode_read(keys, balance_keys, returned), strict=True))
         now = self._clock.now()
-        for key, state in states.items():
-            self._cache.put(*key, state, now)
+        for (token, payer, nonce, method), state in states.items():
+            self._cache.put(token, payer, nonce, state, now, method)
         return [states[key] for key in asked]

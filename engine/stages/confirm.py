@@ -38,7 +38,7 @@ from ..model import BatchEvent, InflightBatch, PaymentEvent, PendingItem
 from ..outcomes import Recorder
 from ..rules import reasons
 from ..rules.fees import bump_fees
-from .reconcile import LOG_LOOKBACK_BLOCKS, settled_elsewhere
+from .reconcile import LOG_LOOKBACK_BLOCKS, nonces_used, settled_elsewhere
 
 log = logging.getLogger("x402_engine.confirm")
 
@@ -365,9 +365,7 @@ class ConfirmStage:
         """Decide each item of a batch that will never be mined from the chain's own state."""
         items = batch.items
         token = batch.token
-        used = await self._rpc.authorization_states(
-            token, [(i.payment.payer, i.payment.nonce) for i in items]
-        )
+        used = await nonces_used(self._rpc, token, items)
         pairs: list[tuple[PendingItem, PaymentEvent]] = []
         requeue: list[PendingItem] = []
         for item, is_used in zip(items, used, strict=True):

@@ -365,7 +365,7 @@ class Ingest:
     async def check_chain_state(self, payment: Payment) -> Rejected | None:
         try:
             state = await self._chains[payment.chain_id].state.read(
-                payment.token, payment.payer, payment.nonce
+                payment.token, payment.payer, payment.nonce, payment.method
             )
         except Exception as exc:  # the node is down or answered nonsense: refuse, say why
             return Rejected(

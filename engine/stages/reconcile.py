@@ -10,11 +10,34 @@ The transaction that used the nonce decides: if it moved exactly this payment
 
 from __future__ import annotations
 
-from ..chain import codec
-from ..chain.rpc import ChainClient, RpcUnavailable
-from ..model import PaymentEvent, PendingItem
+from collections.abc import Sequence
+
+from ..chain import codec, permit2
+from ..chain.rpc import ChainClient, RpcError, RpcUnavailable
+from ..model import EIP3009, PERMIT2, PaymentEvent, PendingItem
+from ..rules import reasons
 
 LOG_LOOKBACK_BLOCKS = 50_000
+
+
+async def nonces_used(rpc: ChainClient, token: bytes, items: Sequence[PendingItem]) -> list[bool]:
+    """Whether each item's nonce is used or cancelled on chain: ``authorizationState`` for
+    EIP-3009, Permit2's ``nonceBitmap`` bit for Permit2 payments."""
+    plain = [i for i in items if i.payment.method == EIP3009]
+    states = (
+        await rpc.authorization_states(token, [(i.payment.payer, i.payment.nonce) for i in plain])
+        if plain
+        else []
+    )
+    used = dict(zip((i.id for i in plain), states, strict=True))
+    for item in items:
+        if item.payment.method != EIP3009:
+            p = item.payment
+            word = await rpc.eth_call(PERMIT2, permit2.nonce_bitmap_calldata(p.payer, p.nonce))
+            if len(word) < 32:
+                raise RpcError(-32000, "Permit2 answered no nonceBitmap word (no code there?)")
+            used[item.id] = permit2.nonce_used(p.nonce, word)
+    return [used[i.id] for i in items]
 
 
 async def settled_elsewhere(
@@ -26,6 +49,16 @@ async def settled_elsewhere(
     payment; a different authorization with the same nonce, or a cancellation, leaves it
     failed."""
     p = item.payment
+    if p.method != EIP3009:
+        # Permit2 logs nothing per nonce, so the transaction that used it cannot be found: a
+        # Transfer alike could be another payment between the same parties. Failed, and said.
+        return PaymentEvent(
+            failed.payment_id,
+            "failed",
+            reason=reasons.PERMIT2_NONCE_USED,
+            message="the Permit2 nonce was used outside this engine's batches (by the payer,"
+            " or another submitter); whether that paid the payee is not in Permit2's logs",
+        )
     head = await rpc.block_number()
     tx_hash = await rpc.authorization_used_in(token, p.payer, p.nonce, head - LOG_LOOKBACK_BLOCKS)
     if tx_hash is None:

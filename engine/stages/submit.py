@@ -7,6 +7,11 @@ simulation ran under) or, with simulation off, ``eth_estimateGas``, and split if
 would exceed the per-transaction gas cap; choose EIP-1559 fees under the configured maximum;
 sign with a local nonce; write the signed transaction and the items' ``submitted`` state to the
 ledger (write-ahead), and only then broadcast.
+
+A planned batch goes out as up to three transactions, one per route (:func:`routes`): EIP-3009
+payments through the batcher's ``settle``/``settleSigned``, Permit2 ``exact`` payments through
+its ``settleCalls`` (each item a call of the x402 exact proxy), and ``upto`` payments through
+this facilitator's operator batcher (the only caller the payers' signatures allow).
 """
 
 from __future__ import annotations
@@ -23,11 +28,18 @@ from ..chain.rpc import ChainClient, RpcError, RpcUnavailable
 from ..chain.signer import Signer, SignerPool
 from ..clock import Clock
 from ..config import SEND_MARGIN_S, ChainConfig
-from ..model import Batch, BatchRecord, InflightBatch, PaymentEvent, PendingItem
+from ..model import (
+    PERMIT2_UPTO,
+    Batch,
+    BatchRecord,
+    InflightBatch,
+    PaymentEvent,
+    PendingItem,
+)
 from ..outcomes import Recorder
 from ..rules import reasons
 from ..rules.fees import Fees, choose_fees
-from .reconcile import settled_elsewhere
+from .reconcile import nonces_used, settled_elsewhere
 
 log = logging.getLogger("x402_engine.submit")
 
@@ -55,6 +67,14 @@ def triage(items: list[PendingItem], now: float) -> Triage:
             if i.attempts < ATTEMPTS_MAX
         ],
     )
+
+
+def routes(items: list[PendingItem]) -> list[list[PendingItem]]:
+    """The items split by how they settle (EIP-3009, Permit2 exact, upto), order kept (pure)."""
+    by_method: dict[int, list[PendingItem]] = {}
+    for item in items:
+        by_method.setdefault(item.payment.method, []).append(item)
+    return list(by_method.values())
 
 
 class BatchIds:
@@ -103,6 +123,7 @@ class SubmitStage:
         self._confirm = confirm
         self._batcher = chain.batcher_address
         self._aggregate_target = chain.aggregate3_target
+        self._upto_batcher = chain.upto_batcher_address
         self.dropped_in_simulation = 0
         self._handled: set[int] = set()  # item ids of this batch recorded or handed on
 
@@ -126,7 +147,9 @@ class SubmitStage:
             return
         self._handled = set()
         try:
-            for part in self._aggregate3_parts(token, items):
+            for part in (
+                p for route in routes(items) for p in self._aggregate3_parts(token, route)
+            ):
                 sim_gas: int | None = None
                 if self.chain.simulate:
                     part, sim_gas = await self._simulate(token, part)
@@ -146,9 +169,7 @@ class SubmitStage:
         """Items tried in ATTEMPTS_MAX batches fail, unless the chain shows them paid (a batch
         of theirs, or someone else, used the nonce while the node was not answering well)."""
         try:
-            used = await self._rpc.authorization_states(
-                token, [(i.payment.payer, i.payment.nonce) for i in items]
-            )
+            used = await nonces_used(self._rpc, token, items)
             events = []
             for item, is_used in zip(items, used, strict=True):
                 failed = PaymentEvent(
@@ -184,7 +205,9 @@ class SubmitStage:
     def _calldata(self, token: bytes, items: list[PendingItem], simulate: bool = False) -> bytes:
         payments = [i.payment for i in items]
         if self.chain.mode == "compact":
-            return codec.settle_calldata(token, payments, simulate=simulate)
+            return codec.settle_calldata(
+                token, payments, simulate=simulate, facilitator=self._upto_batcher
+            )
         return codec.aggregate3_calldata(token, payments)
 
     def _aggregate3_limit(self, data: bytes, count: int) -> int:
@@ -204,7 +227,10 @@ class SubmitStage:
             parts = [half for p in parts for half in (p[: len(p) // 2], p[len(p) // 2 :]) if half]
         return parts
 
-    def _target(self) -> bytes:
+    def _target(self, items: list[PendingItem]) -> bytes:
+        if items[0].payment.method == PERMIT2_UPTO:
+            assert self._upto_batcher is not None, "upto payments are verified only with one"
+            return self._upto_batcher
         return self._batcher if self.chain.mode == "compact" else self._aggregate_target
 
     async def _simulate(
@@ -218,7 +244,7 @@ class SubmitStage:
         sim_gas: int | None = None
         if self.chain.mode == "compact":
             try:
-                await self._rpc.eth_call(self._batcher, data, sender)
+                await self._rpc.eth_call(self._target(items), data, sender)
                 raise RpcUnavailable("simulate() returned instead of reverting")
             except RpcError as exc:
                 revert = exc.revert_data
@@ -272,7 +298,7 @@ class SubmitStage:
             await self._send_direct(signer, token, items[0])
             return
         data = self._calldata(token, items)
-        target = self._target()
+        target = self._target(items)
         if sim_gas is not None and self.chain.mode == "aggregate3":
             # Simulated under this bound (see _simulate); items dropped since only lower it.
             estimate = self._aggregate3_limit(data, len(items))
@@ -301,7 +327,10 @@ class SubmitStage:
         if fees is None:
             await self._give_back(items, "base fee above max_fee_per_gas_wei")
             return
-        await self._sign_record_broadcast(signer, token, target, data, limit, fees, items)
+        upto = items[0].payment.method == PERMIT2_UPTO
+        await self._sign_record_broadcast(
+            signer, token, target, data, limit, fees, items, mode="upto" if upto else None
+        )
 
     async def _send_direct(self, signer: Signer, token: bytes, item: PendingItem) -> None:
         """A batch of one costs less as the token's own transferWithAuthorization (no batch

@@ -1,7 +1,9 @@
-"""Ingest checks: decode an x402 exact-scheme EVM payment and verify it, with no I/O.
+"""Ingest checks: decode an x402 ``exact`` (EIP-3009 or Permit2) or ``upto`` (Permit2) EVM
+payment and verify it, with no I/O.
 
 Order follows the reference facilitator: scheme → network → token/asset → recipient → amount →
-validBefore → validAfter → signature. The chain is not consulted here (balances, nonces already
+validBefore → validAfter → signature (Permit2: spender → recipient → deadline → validAfter →
+amount → token → signature). The chain is not consulted here (balances, nonces already
 used on chain and cancellations are caught by the batch simulation before sending).
 An invalid payment is a :class:`Rejected` value carrying the x402 reason code.
 """
@@ -13,10 +15,12 @@ from typing import Any
 
 import msgspec
 
-from ..chain import codec, crypto
+from ..chain import codec, crypto, permit2
 from ..config import ChainConfig, EngineConfig, IngestConfig, TokenConfig
-from ..model import Payment as Payment
 from ..model import (
+    EIP3009,
+    PERMIT2_EXACT,
+    PERMIT2_UPTO,
     PaymentPayload,
     PaymentPayloadV1,
     PaymentPayloadV2,
@@ -25,6 +29,7 @@ from ..model import (
     RequirementsV1,
     RequirementsV2,
 )
+from ..model import Payment as Payment
 from ..rules import reasons
 
 _payload_decoder = msgspec.json.Decoder(PaymentPayload)
@@ -49,6 +54,28 @@ class ChainSpec(msgspec.Struct, frozen=True):
     # factories allowed
     signed_items: bool = False
     factories: frozenset[bytes] = frozenset()
+    permit2: bool = False  # Permit2 `exact` payments are settled here
+    upto_facilitator: bytes | None = None  # the `upto` facilitator (our operator batcher)
+    permit2_domain: bytes = b""
+
+
+def _method_of(scheme: str, extra: dict[str, Any], chain: ChainSpec) -> int | tuple[str, str]:
+    """The transfer method the requirements ask for, if this chain settles it."""
+    method = extra.get("assetTransferMethod", "eip3009")
+    if scheme == "upto":
+        if chain.upto_facilitator is None:
+            return reasons.UNSUPPORTED_SCHEME, "scheme 'upto' is not enabled on this network"
+        return PERMIT2_UPTO
+    if method == "permit2":
+        if not chain.permit2:
+            return reasons.INVALID_REQUIREMENTS, "Permit2 payments are not enabled on this network"
+        return PERMIT2_EXACT
+    if method != "eip3009":
+        return (
+            reasons.INVALID_REQUIREMENTS,
+            f"assetTransferMethod {method!r} is not supported (eip3009 or permit2)",
+        )
+    return EIP3009
 
 
 class _Terms(msgspec.Struct, frozen=True):
@@ -58,6 +85,7 @@ class _Terms(msgspec.Struct, frozen=True):
     token: TokenSpec
     pay_to: bytes
     amount: int
+    method: int
 
 
 _Refusal = tuple[str, str]  # (x402 reason, message)
@@ -74,9 +102,14 @@ class Verifier:
             self._networks[chain.caip2] = spec
             for name in chain.network_names:
                 self._networks[name] = spec
+        upto = any(chain.upto_batcher for chain in config.chains)
+        self._schemes = ("exact", "upto") if upto else ("exact",)
 
     def digest(self, payment: Payment) -> bytes:
-        """The EIP-712 digest the payer signed (the token's domain)."""
+        """The EIP-712 digest the payer signed (the token's domain, or Permit2's)."""
+        if payment.method != EIP3009:
+            chain = self._networks[f"eip155:{payment.chain_id}"]
+            return permit2.digest(chain.permit2_domain, payment, chain.upto_facilitator)
         token = self.token(payment.chain_id, payment.token)
         assert token is not None, "a verified payment's token is configured"
         return crypto.transfer_digest(
@@ -124,11 +157,15 @@ class Verifier:
     ) -> tuple[Payment | None, Rejected | None]:
         """The reference facilitator's checks, in its order: the requirements' terms, then
         the authorization against them, then the signature."""
-        payer_text = _payer_text(payload.payload.authorization.from_)
+        payer_text = _payer_text(payload.payload.payer_text)
         terms = self._terms(payload, req)
         if isinstance(terms, tuple):
             return None, Rejected(*terms, payer_text)
-        payment = self._authorization(payload, req, terms, now)
+        payment = (
+            self._authorization(payload, req, terms, now)
+            if terms.method == EIP3009
+            else self._permit2_authorization(payload, req, terms, now)
+        )
         if isinstance(payment, tuple):
             return None, Rejected(*payment, payer_text)
         if isinstance(payment, _ToCheck):  # both set: the chain decides (see Ingest)
@@ -142,7 +179,7 @@ class Verifier:
 
     def _terms(self, payload: PaymentPayload, req: PaymentRequirements) -> _Terms | _Refusal:
         """Scheme, version, network, token and its EIP-712 domain, payTo and the amount."""
-        if req.scheme != "exact":
+        if req.scheme not in self._schemes:
             return reasons.UNSUPPORTED_SCHEME, f"scheme {req.scheme!r} is not supported"
         if isinstance(payload, PaymentPayloadV1):
             if not isinstance(req, RequirementsV1):
@@ -158,7 +195,7 @@ class Verifier:
                 payload.accepted.network,
                 req.amount,
             )
-        if scheme != "exact":
+        if scheme != req.scheme:
             return reasons.INVALID_SCHEME, "payload scheme does not match requirements"
         if network != req.network:
             return reasons.INVALID_NETWORK, "payload network does not match requirements"
@@ -170,12 +207,9 @@ class Verifier:
         if token is None:
             return reasons.INVALID_REQUIREMENTS, f"asset {req.asset!r} is not configured"
         extra = req.extra or {}
-        method = extra.get("assetTransferMethod", "eip3009")
-        if method != "eip3009":
-            return (
-                reasons.INVALID_REQUIREMENTS,
-                f"assetTransferMethod {method!r} is not supported (only eip3009)",
-            )
+        method = _method_of(req.scheme, extra, chain)
+        if isinstance(method, tuple):
+            return method
         if ("name" in extra and extra["name"] != token.name) or (
             "version" in extra and extra["version"] != token.version
         ):
@@ -198,7 +232,7 @@ class Verifier:
                 reasons.INVALID_REQUIREMENTS,
                 f"amount {amount} is below the facilitator's minimum of {self._ingest.value_min}",
             )
-        return _Terms(chain, token, pay_to, amount)
+        return _Terms(chain, token, pay_to, amount, method)
 
     def _authorization(
         self, payload: PaymentPayload, req: PaymentRequirements, terms: _Terms, now: float
@@ -206,6 +240,8 @@ class Verifier:
         """The signed authorization against the terms: fields, recipient, value, time window,
         and the signature under the token's domain separator."""
         auth = payload.payload.authorization
+        if auth is None:
+            return reasons.INVALID_PAYLOAD, "payload.authorization is missing (EIP-3009 payment)"
         payer = _address(auth.from_)
         payee = _address(auth.to)
         value = _uint(auth.value)
@@ -262,6 +298,87 @@ class Verifier:
         )
         return _ToCheck(payment) if to_check else payment
 
+    def _permit2_authorization(
+        self, payload: PaymentPayload, req: PaymentRequirements, terms: _Terms, now: float
+    ) -> Payment | _ToCheck | _Refusal:
+        """A Permit2 ``PermitWitnessTransferFrom`` against the terms, in the reference
+        facilitator's order: spender, recipient, deadline, validAfter, amount, token, then the
+        signature under Permit2's domain (``upto``: the witness names our facilitator)."""
+        auth = payload.payload.permit2_authorization
+        if auth is None:
+            return reasons.INVALID_PAYLOAD, "payload.permit2Authorization is missing"
+        payer = _address(auth.from_)
+        token = _address(auth.permitted.token)
+        permitted = _uint(auth.permitted.amount)
+        spender = _address(auth.spender)
+        nonce_int = _uint_or_hex(auth.nonce)
+        deadline = _uint(auth.deadline)
+        payee = _address(auth.witness.to)
+        valid_after = _uint(auth.witness.valid_after)
+        sig_raw = _hex(payload.payload.signature)
+        if (
+            payer is None
+            or token is None
+            or permitted is None
+            or spender is None
+            or nonce_int is None
+            or deadline is None
+            or payee is None
+            or valid_after is None
+            or sig_raw is None
+        ):
+            return reasons.INVALID_PAYLOAD, "permit2Authorization fields are malformed"
+        if spender != permit2.SPENDER[terms.method]:
+            return reasons.PERMIT2_SPENDER, "the spender is not the x402 Permit2 proxy"
+        if payee != terms.pay_to:
+            return reasons.PERMIT2_RECIPIENT, "witness.to differs from payTo"
+        if terms.method == PERMIT2_UPTO:
+            facilitator = _address(auth.witness.facilitator or "")
+            if facilitator != terms.chain.upto_facilitator:
+                return reasons.UPTO_FACILITATOR, "witness.facilitator is not this facilitator"
+        if deadline < now + self._ingest.valid_before_margin_s:
+            return reasons.PERMIT2_DEADLINE, "the permit's deadline is too soon"
+        if valid_after > now + self._ingest.valid_after_tolerance_s:
+            return reasons.PERMIT2_NOT_YET_VALID, "witness.validAfter is in the future"
+        if terms.method == PERMIT2_EXACT and permitted != terms.amount:
+            return reasons.PERMIT2_AMOUNT, "permitted.amount differs from the amount"
+        if terms.method == PERMIT2_UPTO and terms.amount > permitted:
+            return reasons.UPTO_EXCEEDS, "the amount exceeds the permitted maximum"
+        if permitted > self._ingest.value_max:
+            return reasons.INVALID_PAYLOAD, "permitted.amount exceeds the engine's limit"
+        if token != terms.token.address:
+            return reasons.PERMIT2_TOKEN, "permitted.token differs from the asset"
+        if deadline > _UINT48_MAX or valid_after > _UINT48_MAX:
+            return reasons.INVALID_PAYLOAD, "deadline/validAfter beyond 2**48"
+        payment = Payment(
+            chain_id=terms.chain.chain_id,
+            token=token,
+            payer=payer,
+            payee=payee,
+            value=terms.amount,
+            valid_after=valid_after,
+            valid_before=deadline,
+            nonce=nonce_int.to_bytes(32, "big"),
+            signature=sig_raw,
+            network=req.network,
+            x402_version=2 if isinstance(payload, PaymentPayloadV2) else 1,
+            method=terms.method,
+            permitted=permitted,
+        )
+        if codec.unwrap_6492(sig_raw) is not None:
+            # Permit2 asks a wallet through EIP-1271 only; it cannot deploy one first.
+            return reasons.PERMIT2_SIGNATURE, "ERC-6492 signatures are not accepted with Permit2"
+        digest = permit2.digest(terms.chain.permit2_domain, payment, terms.chain.upto_facilitator)
+        signature = crypto.normalize_signature(sig_raw)
+        if signature is not None and crypto.recover_address(digest, signature) == payer:
+            return msgspec.structs.replace(payment, signature=signature)
+        refusal = self._contract_signature(sig_raw, terms.chain)
+        if refusal is not None:
+            if refusal[0] == reasons.SIGNATURE:
+                return reasons.PERMIT2_SIGNATURE, "the signature is not the payer's"
+            return refusal
+        return _ToCheck(payment)
+
 
 class _ToCheck(msgspec.Struct, frozen=True):
     """A payment whose signature only the chain can judge (EIP-1271)."""
@@ -284,7 +401,7 @@ def decode(
     try:
         r = _decode_requirements(requirements, 1 if isinstance(p, PaymentPayloadV1) else 2)
     except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-        payer = _payer_text(p.payload.authorization.from_)
+        payer = _payer_text(p.payload.payer_text)
         return Rejected(reasons.INVALID_REQUIREMENTS, f"paymentRequirements: {exc}", payer)
     return p, r
 
@@ -301,20 +418,34 @@ class _PayloadProbe(msgspec.Struct):
     payload: _AuthorizationProbe = msgspec.field(default_factory=_AuthorizationProbe)
 
 
+class _AuthorizationProbe2(msgspec.Struct):
+    permit2Authorization: _FromProbe = msgspec.field(default_factory=_FromProbe)
+
+
+class _PayloadProbe2(msgspec.Struct):
+    payload: _AuthorizationProbe2 = msgspec.field(default_factory=_AuthorizationProbe2)
+
+
 _probe_decoder = msgspec.json.Decoder(_PayloadProbe)
+_probe2_decoder = msgspec.json.Decoder(_PayloadProbe2)
 
 
 def probe_payer(payload: Any) -> str | None:
-    """``payload.authorization.from`` of a payload that does not decode as a whole (so that a
-    refusal still names the payer), or None when even that is unreadable or not an address."""
+    """``payload.authorization.from`` (or ``payload.permit2Authorization.from``) of a payload
+    that does not decode as a whole (so that a refusal still names the payer), or None when
+    even that is unreadable or not an address."""
     try:
         if isinstance(payload, bytes | bytearray | memoryview | str | msgspec.Raw):
             probe = _probe_decoder.decode(payload)
+            probe2 = _probe2_decoder.decode(payload)
         else:
             probe = msgspec.convert(payload, _PayloadProbe, from_attributes=True)
+            probe2 = msgspec.convert(payload, _PayloadProbe2, from_attributes=True)
     except (msgspec.ValidationError, msgspec.DecodeError, TypeError):
         return None
-    return _payer_text(probe.payload.authorization.from_)
+    return _payer_text(
+        probe.payload.authorization.from_ or probe2.payload.permit2Authorization.from_
+    )
 
 
 def _payer_text(text: str) -> str | None:
@@ -351,7 +482,15 @@ def _chain_spec(chain: ChainConfig) -> ChainSpec:
     for token in chain.tokens:
         tokens[_token_address(token)] = _token_spec(chain.chain_id, token)
     factories = frozenset(bytes.fromhex(f[2:].lower()) for f in chain.eip6492_factories)
-    return ChainSpec(chain.chain_id, tokens, chain.mode == "compact", factories)
+    return ChainSpec(
+        chain.chain_id,
+        tokens,
+        chain.mode == "compact",
+        factories,
+        permit2=chain.permit2,
+        upto_facilitator=chain.upto_batcher_address,
+        permit2_domain=permit2.domain_separator(chain.chain_id),
+    )
 
 
 def _token_address(token: TokenConfig) -> bytes:
@@ -399,6 +538,16 @@ def _uint(text: str) -> int | None:
         return None
     value = int(text)
     return value if value < 2**256 else None
+
+
+def _uint_or_hex(text: str) -> int | None:
+    """A Permit2 nonce: decimal as the clients send it, or 0x-hex (some send that)."""
+    if text.startswith(("0x", "0X")) and 2 < len(text) <= 66:
+        try:
+            return int(text[2:], 16)
+        except ValueError:
+            return None
+    return _uint(text)
 
 
 PAYMENT_IDENTIFIER = "payment-identifier"  # the x402 extension's key

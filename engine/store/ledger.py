@@ -56,8 +56,13 @@ CREATE TABLE IF NOT EXISTS payments (
     valid_after UBIGINT NOT NULL,
     valid_before UBIGINT NOT NULL,
     nonce BLOB NOT NULL,
-    signature BLOB NOT NULL
+    signature BLOB NOT NULL,
+    method UTINYINT NOT NULL DEFAULT 0,
+    permitted UHUGEINT
 );
+-- Ledgers written before Permit2 payments existed gain the columns (EIP-3009: method 0).
+ALTER TABLE payments ADD COLUMN IF NOT EXISTS method UTINYINT DEFAULT 0;
+ALTER TABLE payments ADD COLUMN IF NOT EXISTS permitted UHUGEINT;
 CREATE TABLE IF NOT EXISTS payment_events (
     seq BIGINT NOT NULL,
     payment_id BIGINT NOT NULL,
@@ -129,6 +134,8 @@ _PAYMENT_SCHEMA = pa.schema(
         ("valid_before", pa.uint64()),
         ("nonce", pa.binary()),
         ("signature", pa.binary()),
+        ("method", pa.uint8()),
+        ("permitted", pa.string()),
     ]
 )
 
@@ -266,10 +273,14 @@ class Ledger:
                 "valid_before": [r[1].valid_before for r in rows],
                 "nonce": [r[1].nonce for r in rows],
                 "signature": [r[1].signature for r in rows],
+                "method": [r[1].method for r in rows],
+                "permitted": [str(r[1].permitted) if r[1].method else None for r in rows],
             },
             schema=_PAYMENT_SCHEMA,
         )
-        self._in_transaction(lambda: self._insert_arrow("payments", table, value_cols=("value",)))
+        self._in_transaction(
+            lambda: self._insert_arrow("payments", table, value_cols=("value", "permitted"))
+        )
         return {}
 
     def append_events(self, events: Sequence[PaymentEvent], at_ms: int) -> None:
@@ -435,6 +446,7 @@ class Ledger:
             SELECT p.id, p.accepted_at_ms, p.chain_id, p.network, p.x402_version,
                    unhex(p.token[3:]), unhex(p.payer[3:]), unhex(p.payee[3:]), p.value::VARCHAR,
                    p.valid_after, p.valid_before, p.nonce, p.signature,
+                   coalesce(p.method, 0), p.permitted::VARCHAR,
                    coalesce(last.state, 'accepted'), last.batch_id
             FROM payments p LEFT JOIN last ON p.id = last.payment_id
             WHERE last.state IS NULL OR last.state NOT IN ('settled', 'failed')
@@ -481,13 +493,14 @@ class Ledger:
         self.flush_staged()
         rows = self._con.execute(
             "SELECT id, chain_id, network, x402_version, unhex(token[3:]), unhex(payer[3:]),"
-            " unhex(payee[3:]), value::VARCHAR, valid_after, valid_before, nonce, signature"
-            " FROM payments WHERE valid_before >= ? AND id IN (SELECT payment_id FROM"
-            " payment_events WHERE state IN ('settled', 'failed')) ORDER BY id",
+            " unhex(payee[3:]), value::VARCHAR, valid_after, valid_before, nonce, signature,"
+            " coalesce(method, 0), permitted::VARCHAR FROM payments WHERE valid_before >= ?"
+            " AND id IN (SELECT payment_id FROM payment_events"
+            " WHERE state IN ('settled', 'failed')) ORDER BY id",
             [valid_before_min],
         ).fetchall()
         shared: dict[Any, Any] = {}
-        return [(int(r[0]), payment_from_row(r[1:12], shared)) for r in rows]
+        return [(int(r[0]), payment_from_row(r[1:14], shared)) for r in rows]
 
     def outcome(self, payment_id: int) -> Outcome | None:
         self.flush_staged()

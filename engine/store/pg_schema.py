@@ -149,6 +149,21 @@ CREATE TABLE signer_leases (
 );
 """,
     ),
+    (
+        2,
+        "permit2 payments",
+        """
+ALTER TABLE payments ADD COLUMN method SMALLINT NOT NULL DEFAULT 0;
+ALTER TABLE payments ADD COLUMN permitted NUMERIC(78, 0);
+-- The contract whose nonces a payment uses: its token (EIP-3009) or Permit2 (all tokens).
+ALTER TABLE payments ADD COLUMN nonce_space TEXT;
+UPDATE payments SET nonce_space = token;
+ALTER TABLE payments ALTER COLUMN nonce_space SET NOT NULL;
+ALTER TABLE payments DROP CONSTRAINT payments_replay_key;
+ALTER TABLE payments ADD CONSTRAINT payments_replay_key
+    UNIQUE (chain_id, nonce_space, payer, nonce);
+""",
+    ),
 ]
 
 CURRENT = MIGRATIONS[-1][0]

@@ -42,6 +42,7 @@ import psycopg
 import psycopg_pool
 
 from ..model import (
+    PERMIT2,
     BatchEvent,
     BatchRecord,
     Clash,
@@ -391,14 +392,16 @@ class PgLedger:
                     %(id)s::bigint[], %(at)s::bigint[], %(chain)s::bigint[], %(net)s::text[],
                     %(ver)s::smallint[], %(token)s::text[], %(payer)s::text[],
                     %(payee)s::text[], %(value)s::numeric[], %(va)s::numeric[],
-                    %(vb)s::numeric[], %(nonce)s::bytea[], %(sig)s::bytea[]
-                ) AS u(id, at, chain, net, ver, token, payer, payee, value, va, vb, nonce, sig)
+                    %(vb)s::numeric[], %(nonce)s::bytea[], %(sig)s::bytea[],
+                    %(method)s::smallint[], %(permitted)s::numeric[], %(space)s::text[]
+                ) AS u(id, at, chain, net, ver, token, payer, payee, value, va, vb, nonce, sig,
+                       method, permitted, space)
             ), ins AS (
                 INSERT INTO payments (id, instance_id, accepted_at_ms, chain_id, network,
                     x402_version, token, payer, payee, value, valid_after, valid_before,
-                    nonce, signature)
+                    nonce, signature, method, permitted, nonce_space)
                 SELECT i.id, a.id, i.at, i.chain, i.net, i.ver, i.token, i.payer, i.payee,
-                       i.value, i.va, i.vb, i.nonce, i.sig
+                       i.value, i.va, i.vb, i.nonce, i.sig, i.method, i.permitted, i.space
                 FROM incoming i CROSS JOIN alive a
                 ON CONFLICT ON CONSTRAINT payments_replay_key DO NOTHING
                 RETURNING id
@@ -420,6 +423,9 @@ class PgLedger:
                 "vb": [str(p.valid_before) for p in payments],
                 "nonce": [p.nonce for p in payments],
                 "sig": [p.signature for p in payments],
+                "method": [p.method for p in payments],
+                "permitted": [str(p.permitted) if p.method else None for p in payments],
+                "space": [hex_addr(p.nonce_space) for p in payments],
             },
         ).fetchone()
         assert row is not None
@@ -432,16 +438,17 @@ class PgLedger:
     ) -> dict[int, Clash]:
         found = con.execute(
             """
-            SELECT p.id, p.chain_id, p.token, p.payer, p.nonce, p.payee, p.value::text,
-                   p.valid_after::text, p.valid_before::text, p.signature
+            SELECT p.id, p.chain_id, p.nonce_space, p.payer, p.nonce, p.payee, p.value::text,
+                   p.valid_after::text, p.valid_before::text, p.signature, p.token, p.method,
+                   coalesce(p.permitted, 0)::text
             FROM payments p JOIN unnest(%s::bigint[], %s::text[], %s::text[], %s::bytea[])
-                AS k(chain_id, token, payer, nonce)
-                ON p.chain_id = k.chain_id AND p.token = k.token AND p.payer = k.payer
+                AS k(chain_id, space, payer, nonce)
+                ON p.chain_id = k.chain_id AND p.nonce_space = k.space AND p.payer = k.payer
                    AND p.nonce = k.nonce
             """,
             [
                 [p.chain_id for _, p in clashes],
-                [hex_addr(p.token) for _, p in clashes],
+                [hex_addr(p.nonce_space) for _, p in clashes],
                 [hex_addr(p.payer) for _, p in clashes],
                 [p.nonce for _, p in clashes],
             ],
@@ -449,7 +456,7 @@ class PgLedger:
         by_key = {(int(f[1]), f[2], f[3], bytes(f[4])): f for f in found}
         out: dict[int, Clash] = {}
         for rid, p in clashes:
-            f = by_key.get((p.chain_id, hex_addr(p.token), hex_addr(p.payer), p.nonce))
+            f = by_key.get((p.chain_id, hex_addr(p.nonce_space), hex_addr(p.payer), p.nonce))
             if f is None:  # cannot be: the conflict was on this key
                 raise RuntimeError(f"payment {rid}: replay key conflict but no record found")
             same = (
@@ -458,6 +465,9 @@ class PgLedger:
                 and int(f[7]) == p.valid_after
                 and int(f[8]) == p.valid_before
                 and bytes(f[9]) == p.signature
+                and f[10] == hex_addr(p.token)
+                and int(f[11]) == p.method
+                and int(f[12]) == p.permitted
             )
             out[rid] = Clash(owner=int(f[0]), identical=same)
         return out
@@ -622,8 +632,8 @@ class PgLedger:
                 )
                 SELECT p.id, p.accepted_at_ms, p.chain_id, p.network, p.x402_version,
                        p.token, p.payer, p.payee, p.value::text, p.valid_after::text,
-                       p.valid_before::text, p.nonce, p.signature,
-                       coalesce(last.state, 'accepted'), last.batch_id
+                       p.valid_before::text, p.nonce, p.signature, p.method,
+                       p.permitted::text, coalesce(last.state, 'accepted'), last.batch_id
                 FROM mine p LEFT JOIN last ON p.id = last.payment_id
                 WHERE last.state IS NULL OR last.state NOT IN ('settled', 'failed')
                 ORDER BY p.id
@@ -664,14 +674,15 @@ class PgLedger:
         with self._read() as con:
             rows = con.execute(
                 "SELECT id, chain_id, network, x402_version, token, payer, payee, value::text,"
-                " valid_after::text, valid_before::text, nonce, signature FROM payments"
+                " valid_after::text, valid_before::text, nonce, signature, method,"
+                " permitted::text FROM payments"
                 " WHERE valid_before >= %s AND instance_id = ANY(%s) AND id IN (SELECT"
                 " payment_id FROM payment_events WHERE state IN ('settled', 'failed'))"
                 " ORDER BY id",
                 [valid_before_min, list(owners or [self.instance_id])],
             ).fetchall()
         shared: dict[Any, Any] = {}
-        return [(int(r[0]), payment_from_row(r[1:12], shared)) for r in rows]
+        return [(int(r[0]), payment_from_row(r[1:14], shared)) for r in rows]
 
     def outcome(self, payment_id: int) -> Outcome | None:
         with self._read() as con:
@@ -813,9 +824,11 @@ _COPIED: list[tuple[str, str, str]] = [
     (
         "payments",
         "id, instance_id, accepted_at_ms, chain_id, network, x402_version, token, payer, payee,"
-        " value, valid_after, valid_before, nonce, signature",
+        " value, valid_after, valid_before, nonce, signature, method, permitted, nonce_space",
         "id, $instance, accepted_at_ms, chain_id, network, x402_version, token, payer, payee,"
-        " value::VARCHAR, valid_after::VARCHAR, valid_before::VARCHAR, nonce, signature"
+        " value::VARCHAR, valid_after::VARCHAR, valid_before::VARCHAR, nonce, signature,"
+        " coalesce(method, 0), permitted::VARCHAR,"
+        " CASE WHEN coalesce(method, 0) = 0 THEN token ELSE $permit2 END"
         " FROM payments ORDER BY id",
     ),
     (
@@ -876,7 +889,9 @@ def copy_from_duckdb(dsn: str, source: Any, name: str) -> dict[str, int]:
             [instance, name, "ledger copy"],
         )
         for table, columns, select in _COPIED:
-            rows = source.query(f"SELECT {select.replace('$instance', str(instance))}")
+            select = select.replace("$instance", str(instance))
+            select = select.replace("$permit2", f"'{hex_addr(PERMIT2)}'")
+            rows = source.query(f"SELECT {select}")
             with con.cursor() as cur, cur.copy(f"COPY {table} ({columns}) FROM STDIN") as copy:
                 for row in rows:
                     copy.write_row(row)

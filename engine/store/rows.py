@@ -10,7 +10,9 @@ from ..model import BatchRecord, OpenPayment, Outcome, Payment
 
 def payment_from_row(r: Sequence[Any], shared: dict[Any, Any]) -> Payment:
     """(chain_id, network, x402_version, token, payer, payee, value, valid_after, valid_before,
-    nonce, signature) → Payment. Addresses come as raw bytes (DuckDB ``unhex``) or ``0x`` text
+    nonce, signature, method, permitted) → Payment.
+
+    Addresses come as raw bytes (DuckDB ``unhex``) or ``0x`` text
     (PostgreSQL) and become bytes. Values that repeat across rows (network, addresses) are
     shared through ``shared``: a million recovered payments then hold a few hundred copies of
     them, not a million."""
@@ -34,17 +36,19 @@ def payment_from_row(r: Sequence[Any], shared: dict[Any, Any]) -> Payment:
         valid_before=int(r[8]),
         nonce=bytes(r[9]),
         signature=bytes(r[10]),
+        method=int(r[11]),
+        permitted=int(r[12] or 0),
     )
 
 
 def open_payment_from_row(r: Sequence[Any], shared: dict[Any, Any]) -> OpenPayment:
-    """(id, accepted_at_ms, <payment_from_row's 11 columns>, state, batch_id)."""
+    """(id, accepted_at_ms, <payment_from_row's 13 columns>, state, batch_id)."""
     return OpenPayment(
         id=int(r[0]),
         accepted_at_ms=int(r[1]),
-        payment=payment_from_row(r[2:13], shared),
-        state=shared.setdefault(r[13], r[13]),
-        batch_id=None if r[14] is None else int(r[14]),
+        payment=payment_from_row(r[2:15], shared),
+        state=shared.setdefault(r[15], r[15]),
+        batch_id=None if r[16] is None else int(r[16]),
     )
 
 
