@@ -55,6 +55,13 @@ class ExactEvmPayload(msgspec.Struct, rename="camel", omit_defaults=True):
     permit2_authorization: WirePermit2Authorization | None = None
 
     @property
+    def eip3009(self) -> WireAuthorization:
+        """The EIP-3009 authorization; ValueError for a Permit2 payload."""
+        if self.authorization is None:
+            raise ValueError("not an EIP-3009 payload (no authorization)")
+        return self.authorization
+
+    @property
     def payer_text(self) -> str:
         """The claimed payer (``from``) as sent, "" when absent."""
         if self.authorization is not None:

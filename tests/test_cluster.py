@@ -60,7 +60,7 @@ async def _check_once_each(rpc: Rpc, dev: DevChain, work: list[tuple[Any, Any]])
     """How many of ``work`` were transferred; asserts none twice."""
     paid = 0
     for payload, _ in work:
-        auth = payload.payload.authorization
+        auth = payload.payload.eip3009
         payer, nonce = bytes.fromhex(auth.from_[2:]), bytes.fromhex(auth.nonce[2:])
         used = await count_authorization_used(rpc, dev.token, payer, nonce)
         assert used <= 1

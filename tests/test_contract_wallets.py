@@ -183,7 +183,7 @@ def _wallet_payment(
 
     payee = bytes.fromhex(dev.payee[2:])
     payload, req = payment_v2(dev.domain, signer_key, payee, value, now)
-    auth = payload.payload.authorization
+    auth = payload.payload.eip3009
     nonce = bytes.fromhex(auth.nonce[2:])
     digest = crypto.transfer_digest(
         dev.domain.separator,

@@ -93,14 +93,14 @@ async def test_replayed_payload_settles_once(anvil: Anvil, tmp_path: Path) -> No
         again = await engine.submit(payload, req)
         assert isinstance(again, Accepted) and again.id == rid and again.duplicate
         # Same nonce, different authorization (another amount): refused.
-        nonce = bytes.fromhex(payload.payload.authorization.nonce[2:])
+        nonce = bytes.fromhex(payload.payload.eip3009.nonce[2:])
         other, other_req = payment_v2(dev.domain, key, payee, VALUE + 1, now, nonce=nonce)
         refused = await engine.submit(other, other_req)
         assert isinstance(refused, Rejected) and refused.reason == reasons.NONCE_USED
         # refused means nothing stored and nothing queued for a batch
         assert await engine.query("SELECT count(*) FROM payments") == [(1,)]
         assert engine.queue_depths() == {dev.chain_id: 0}
-    payer = bytes.fromhex(payload.payload.authorization.from_[2:])
+    payer = bytes.fromhex(payload.payload.eip3009.from_[2:])
     assert await count_authorization_used(rpc, dev.token, payer, nonce) == 1
     assert (await balances(rpc, dev.token, [dev.payee]))[0] - before == VALUE
     # After a restart the replay is still recognised from the ledger.
@@ -133,20 +133,20 @@ async def _make_failures(
     # The payer signed another authorization (another amount) with the same nonce, and it was
     # used on chain: this one can no longer settle, and the payee was not paid by it.
     ours, ours_req = payment_v2(domain, keys[1], payee, VALUE, engine_now)
-    nonce = bytes.fromhex(ours.payload.authorization.nonce[2:])
+    nonce = bytes.fromhex(ours.payload.eip3009.nonce[2:])
     rival, rival_req = payment_v2(domain, keys[1], payee, VALUE + 7, engine_now, nonce=nonce)
     rival_payment, rej = verifier.check(rival, rival_req, engine_now)
     assert rival_payment is not None, rej
     await deployer.send(dev.token, codec.transfer_calldata(rival_payment))
     cases[reasons.NONCE_USED] = (ours, ours_req)
     cancelled, cancelled_req = payment_v2(domain, keys[2], payee, VALUE, engine_now)
-    nonce = bytes.fromhex(cancelled.payload.authorization.nonce[2:])
+    nonce = bytes.fromhex(cancelled.payload.eip3009.nonce[2:])
     await deployer.send(dev.token, cancel_calldata(dev, keys[2], nonce))
     cases["cancelled"] = (cancelled, cancelled_req)
     # Valid by the engine's (skewed) clock, already expired by the chain's.
     real_now = int(time.time())
     expired, expired_req = payment_v2(domain, keys[3], payee, VALUE, engine_now, valid_for_s=60)
-    assert int(expired.payload.authorization.valid_before) < real_now
+    assert int(expired.payload.eip3009.valid_before) < real_now
     cases[reasons.VALID_BEFORE] = (expired, expired_req)
     return cases
 

@@ -61,7 +61,7 @@ async def test_send_that_lands_but_errors_with_the_nonce_unreadable_still_settle
             )
             assert failed == [(0,)]
         for payload, _ in work:
-            auth = payload.payload.authorization
+            auth = payload.payload.eip3009
             payer, nonce = bytes.fromhex(auth.from_[2:]), bytes.fromhex(auth.nonce[2:])
             assert await count_authorization_used(rpc, dev.token, payer, nonce) == 1
         assert (await balances(rpc, dev.token, [dev.payee]))[0] - before == 3 * VALUE
@@ -85,7 +85,7 @@ async def test_batch_whose_block_is_reorganised_away_settles_once_on_the_canonic
     payload, req = payment_v2(
         dev.domain, dev.payer_key_bytes()[0], bytes.fromhex(dev.payee[2:]), VALUE, int(time.time())
     )
-    auth = payload.payload.authorization
+    auth = payload.payload.eip3009
     payer, nonce = bytes.fromhex(auth.from_[2:]), bytes.fromhex(auth.nonce[2:])
     before = (await balances(rpc, dev.token, [dev.payee]))[0]
     async with Engine.open(config, environ=env) as engine:

@@ -72,7 +72,7 @@ def _payee_balance(svc: RunningService) -> int:
 
 
 def _uses(svc: RunningService, payload: PaymentPayloadV2) -> int:
-    auth = payload.payload.authorization
+    auth = payload.payload.eip3009
     payer, nonce = bytes.fromhex(auth.from_[2:]), bytes.fromhex(auth.nonce[2:])
     return int(_chain(svc, lambda rpc: count_authorization_used(rpc, svc.dev.token, payer, nonce)))
 
@@ -93,7 +93,7 @@ def test_a_settled_payment_answers_success_once_whatever_is_sent_again(
         assert again["errorReason"] == "duplicate_settlement", again
         assert again["transaction"] == first["transaction"]
         assert again["extra"]["settlementId"] == sid
-        assert again["payer"] == payload.payload.authorization.from_
+        assert again["payer"] == payload.payload.eip3009.from_
     assert _payee_balance(svc) - before == VALUE
     assert _uses(svc, payload) == 1
 
@@ -145,7 +145,7 @@ def test_verify_refuses_what_the_ledger_or_the_chain_already_decided(
     assert on_chain["isValid"] is False and on_chain["invalidReason"] == reasons.NONCE_USED
     # cancelled by the payer
     cancelled, cancelled_req = _signed(svc, 4)
-    nonce = bytes.fromhex(cancelled.payload.authorization.nonce[2:])
+    nonce = bytes.fromhex(cancelled.payload.eip3009.nonce[2:])
     trio.run(deployer.send, dev.token, cancel_calldata(dev, keys[4], nonce))
     gone = verify(cancelled, cancelled_req)
     assert gone["isValid"] is False and gone["invalidReason"] == reasons.NONCE_USED, gone
@@ -154,7 +154,7 @@ def test_verify_refuses_what_the_ledger_or_the_chain_already_decided(
     broke = verify(*poor)
     assert broke["isValid"] is False, broke
     assert broke["invalidReason"] == reasons.INSUFFICIENT_FUNDS, broke
-    assert broke["payer"] == poor[0].payload.authorization.from_
+    assert broke["payer"] == poor[0].payload.eip3009.from_
     # non-canonical and zero amounts
     padded = msgspec.json.decode(_body(*_signed(svc, 5)))
     padded["paymentPayload"]["payload"]["authorization"]["value"] = "0" + str(VALUE)
@@ -224,7 +224,7 @@ def test_envelope_without_x402_version_and_health_probe(svc: RunningService) -> 
     broken = msgspec.json.decode(_body(payload, req))
     del broken["paymentPayload"]["payload"]["signature"]
     doc = _post(svc, "/settle", msgspec.json.encode(broken))
-    assert doc["success"] is False and doc["payer"] == payload.payload.authorization.from_
+    assert doc["success"] is False and doc["payer"] == payload.payload.eip3009.from_
 
 
 def test_deferred_mode_sells_once_and_checks_the_chain_first(tmp_path: Path) -> None:

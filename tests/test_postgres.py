@@ -128,7 +128,7 @@ async def test_two_instances_accept_the_same_payment_once_and_sell_it_once(
         # database's unique key refuses it (b's own index has never seen the nonce)
         solo = payment_v2(dev.domain, keys[0], payee, VALUE, now)
         assert isinstance(await a.submit(*solo), Accepted)
-        nonce = bytes.fromhex(solo[0].payload.authorization.nonce[2:])
+        nonce = bytes.fromhex(solo[0].payload.eip3009.nonce[2:])
         rival = payment_v2(dev.domain, keys[0], payee, VALUE + 1, now, nonce=nonce)
         refused = await b.submit(*rival)
         assert isinstance(refused, Rejected) and refused.reason == reasons.NONCE_USED
@@ -147,7 +147,7 @@ async def test_two_instances_accept_the_same_payment_once_and_sell_it_once(
         )
         assert settled == [(41,)]
     for payload, _ in same:
-        auth = payload.payload.authorization
+        auth = payload.payload.eip3009
         payer, nonce = bytes.fromhex(auth.from_[2:]), bytes.fromhex(auth.nonce[2:])
         assert await count_authorization_used(rpc, dev.token, payer, nonce) == 1
     assert (await balances(rpc, dev.token, [dev.payee]))[0] - before == 41 * VALUE
