@@ -17,7 +17,16 @@ import trio
 from ..chain.rpc import RpcError, RpcUnavailable
 from ..clock import Clock
 from ..config import EngineConfig
-from ..model import Accepted, Clash, EngineError, Payment, PendingItem, Rejected, hex_addr
+from ..model import (
+    EIP3009,
+    Accepted,
+    Clash,
+    EngineError,
+    Payment,
+    PendingItem,
+    Rejected,
+    hex_addr,
+)
 from ..outcomes import Tracker
 from ..rules import reasons
 from ..store.ledger import AsyncLedger
@@ -83,7 +92,7 @@ class Ingest:
         payment, rejected = self._verifier.check(payload, requirements, self._clock.now())
         if rejected is not None and rejected.reason == reasons.CONTRACT_SIGNATURE:
             return None, Rejected(  # stateless: only verify and submit ask the chain
-                reasons.SIGNATURE,
+                reasons.SIGNATURE if payment is None else _bad_signature(payment),
                 "signature does not recover to authorization.from (a smart-wallet payer's"
                 " EIP-1271 signature is checked on chain by verify and submit)",
                 rejected.payer,
@@ -157,7 +166,7 @@ class Ingest:
             verdicts[i] = (
                 None,
                 Rejected(
-                    reasons.SIGNATURE, "signature does not recover to authorization.from", payer
+                    _bad_signature(payment), "the signature does not recover to the payer", payer
                 ),
             )
             return
@@ -181,9 +190,9 @@ class Ingest:
             else (
                 None,
                 Rejected(
-                    reasons.SIGNATURE,
-                    "signature does not recover to authorization.from, nor does the payer accept"
-                    " it (EIP-1271)",
+                    _bad_signature(payment),
+                    "the signature does not recover to the payer, nor does the payer accept it"
+                    " (EIP-1271)",
                     payer,
                 ),
             )
@@ -406,3 +415,8 @@ class Ingest:
             return None
         book.refused += 1
         return Rejected(reasons.INSUFFICIENT_FUNDS, why, payer)
+
+
+def _bad_signature(payment: Payment) -> str:
+    """The reason code for a payment whose signature is not its payer's."""
+    return reasons.SIGNATURE if payment.method == EIP3009 else reasons.PERMIT2_SIGNATURE

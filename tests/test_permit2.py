@@ -1,0 +1,181 @@
+"""Permit2 payers (x402 ``exact`` with assetTransferMethod "permit2", and ``upto``): payloads
+signed by the official Python SDK's clients verify and settle through our service, in batches,
+against our Permit2 and proxies placed at the canonical addresses on a real anvil."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+from eth_account import Account
+from x402 import x402ClientSync
+from x402.http import FacilitatorConfig, HTTPFacilitatorClientSync
+from x402.mechanisms.evm.exact import ExactEvmScheme
+from x402.mechanisms.evm.signers import EthAccountSigner
+from x402.mechanisms.evm.upto.client import UptoEvmScheme
+from x402.schemas import PaymentPayload, PaymentRequired, PaymentRequirements
+
+from engine.chain.rpc import Rpc
+from engine.dev.devchain import approve_permit2
+
+from .chain import balances
+from .service_helpers import RunningService, running_service
+
+pytestmark = pytest.mark.chain
+NETWORK = "eip155:31337"
+PERMIT2_EXTRA = {"name": "USD Coin", "version": "2", "assetTransferMethod": "permit2"}
+
+
+def _chain(svc: RunningService, work: Any) -> Any:
+    async def run() -> Any:
+        rpc = Rpc(svc.anvil.url)
+        try:
+            return await work(rpc)
+        finally:
+            await rpc.aclose()
+
+    return trio.run(run)
+
+
+def _balances(svc: RunningService, owners: list[str]) -> list[int]:
+    return list(_chain(svc, lambda rpc: balances(rpc, svc.dev.token, owners)))
+
+
+def _address(key: str) -> str:
+    return str(Account.from_key(key).address).lower()
+
+
+def _client(key: str) -> x402ClientSync:
+    signer = EthAccountSigner(Account.from_key(key))
+    client = x402ClientSync()
+    client.register(NETWORK, ExactEvmScheme(signer))
+    client.register(NETWORK, UptoEvmScheme(signer))
+    client.set_spend_controls(False)  # our test token is not one of the SDK's known assets
+    return client
+
+
+def _exact(svc: RunningService, amount: int) -> PaymentRequirements:
+    return PaymentRequirements(
+        scheme="exact",
+        network=NETWORK,
+        asset=svc.dev.token,
+        amount=str(amount),
+        pay_to=svc.dev.payee,
+        max_timeout_seconds=300,
+        extra=PERMIT2_EXTRA,
+    )
+
+
+def _pay(client: x402ClientSync, req: PaymentRequirements) -> PaymentPayload:
+    payload = client.create_payment_payload(PaymentRequired(accepts=[req]))
+    assert isinstance(payload, PaymentPayload)
+    return payload
+
+
+def test_sdk_permit2_exact_payloads_verify_and_settle_in_batches(tmp_path: Path) -> None:
+    with running_service(tmp_path, payers=6) as svc:
+        dev = svc.dev
+        facilitator = HTTPFacilitatorClientSync(FacilitatorConfig(url=svc.url, timeout=60.0))
+        kinds = facilitator.get_supported().kinds
+        exact = [k for k in kinds if k.scheme == "exact" and k.network == NETWORK]
+        assert exact and (exact[0].extra or {})["assetTransferMethods"] == ["eip3009", "permit2"]
+
+        # Without the one-time approval Permit2 cannot move the payer's tokens: refused.
+        unapproved = _client(dev.payer_keys[5])
+        refused = facilitator.verify(_pay(unapproved, _exact(svc, 1000)), _exact(svc, 1000))
+        assert not refused.is_valid and refused.invalid_reason == "permit2_allowance_required"
+
+        gas = _chain(
+            svc, lambda rpc: approve_permit2(rpc, dev.chain_id, dev.token, dev.payer_keys[:5])
+        )
+        assert gas > 0
+        payers = [_address(k) for k in dev.payer_keys[:5]]
+        before = _balances(svc, [dev.payee, *payers])
+
+        # One payment, verified then settled, then presented again.
+        client = _client(dev.payer_keys[0])
+        req = _exact(svc, 1000)
+        payload = _pay(client, req)
+        assert "permit2Authorization" in payload.payload
+        verified = facilitator.verify(payload, req)
+        assert verified.is_valid, verified
+        assert (verified.payer or "").lower() == payers[0]
+        settled = facilitator.settle(payload, req)
+        assert settled.success, settled
+        again = facilitator.settle(payload, req)
+        assert not again.success and again.error_reason == "duplicate_settlement", again
+        assert again.transaction == settled.transaction
+
+        # Refusals in the reference facilitator's codes.
+        other = _pay(client, req)
+        assert (
+            facilitator.verify(other, _exact(svc, 999)).invalid_reason == "permit2_amount_mismatch"
+        )
+        elsewhere = req.model_copy(update={"pay_to": dev.payer_keys and payers[1]})
+        mismatch = facilitator.verify(other, elsewhere)
+        assert mismatch.invalid_reason == "invalid_permit2_recipient_mismatch"
+        forged = other.model_copy(deep=True)
+        forged.payload["permit2Authorization"]["permitted"]["amount"] = "1001"
+        bad_sig = facilitator.verify(forged, _exact(svc, 1001))
+        assert bad_sig.invalid_reason == "invalid_permit2_signature", bad_sig
+
+        # Concurrent settles of Permit2 and EIP-3009 payments share a few transactions.
+        eip3009 = req.model_copy(update={"extra": {"name": "USD Coin", "version": "2"}})
+        jobs = [(_client(dev.payer_keys[i % 5]), req if i % 3 else eip3009) for i in range(30)]
+        payloads = [(_pay(c, r), r) for c, r in jobs]
+        with ThreadPoolExecutor(max_workers=30) as pool:
+            answers = list(pool.map(lambda pr: facilitator.settle(*pr), payloads))
+        assert all(a.success for a in answers), [a for a in answers if not a.success]
+        transactions = {a.transaction for a in answers}
+        assert len(transactions) <= 10, len(transactions)  # batched, not one each
+
+        after = _balances(svc, [dev.payee, *payers])
+        assert after[0] - before[0] == 31 * 1000
+        assert sum(before[1:]) - sum(after[1:]) == 31 * 1000
+
+
+def test_sdk_upto_payload_settles_the_amount_used(tmp_path: Path) -> None:
+    with running_service(tmp_path, payers=2) as svc:
+        dev = svc.dev
+        facilitator = HTTPFacilitatorClientSync(FacilitatorConfig(url=svc.url, timeout=60.0))
+        [upto] = [k for k in facilitator.get_supported().kinds if k.scheme == "upto"]
+        assert upto.extra == {"facilitatorAddress": dev.upto_batcher}
+        _chain(svc, lambda rpc: approve_permit2(rpc, dev.chain_id, dev.token, dev.payer_keys))
+        payer = _address(dev.payer_keys[0])
+        before = _balances(svc, [dev.payee, payer])
+
+        maximum = PaymentRequirements(
+            scheme="upto",
+            network=NETWORK,
+            asset=dev.token,
+            amount="5000",
+            pay_to=dev.payee,
+            max_timeout_seconds=300,
+            extra={"name": "USD Coin", "version": "2", "facilitatorAddress": dev.upto_batcher},
+        )
+        client = _client(dev.payer_keys[0])
+        payload = _pay(client, maximum)
+        assert payload.payload["permit2Authorization"]["witness"]["facilitator"]
+        verified = facilitator.verify(payload, maximum)
+        assert verified.is_valid, verified
+        used = maximum.model_copy(update={"amount": "1234"})
+        settled = facilitator.settle(payload, used)
+        assert settled.success, settled
+        again = facilitator.settle(payload, used)
+        assert not again.success and again.error_reason == "duplicate_settlement"
+        after = _balances(svc, [dev.payee, payer])
+        assert after[0] - before[0] == 1234 and before[1] - after[1] == 1234
+
+        # More than the payer allowed, or signed for another facilitator: refused.
+        second = _pay(client, maximum)
+        too_much = facilitator.settle(second, maximum.model_copy(update={"amount": "5001"}))
+        assert not too_much.success
+        assert too_much.error_reason == "invalid_upto_evm_payload_settlement_exceeds_amount"
+        stranger = maximum.model_copy(
+            update={"extra": {**(maximum.extra or {}), "facilitatorAddress": payer}}
+        )
+        foreign = facilitator.verify(_pay(client, stranger), maximum)
+        assert foreign.invalid_reason == "upto_facilitator_mismatch", foreign
