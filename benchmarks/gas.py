@@ -1,8 +1,10 @@
 """Gas per payment: one transaction per payment vs aggregate3 vs the compact entry point, for
-EOA payers and for smart-wallet payers (EIP-1271, and ERC-6492 counterfactual wallets whose
-first payment deploys them).
+EOA payers, for smart-wallet payers (EIP-1271, and ERC-6492 counterfactual wallets whose
+first payment deploys them) and for Permit2 payers (the x402 exact proxy called directly, as
+the reference facilitator does, vs the batcher's settleCalls).
 
-    python -m benchmarks.gas [--sizes 1,10,100] [--json bench-results/gas.json]
+    python -m benchmarks.gas [--sizes 1,10,100] [--wallets 100] [--permit2 100]
+        [--json bench-results/gas.json]
 
 Each measurement runs on a fresh anvil (anvil slows as its state grows), with distinct payers
 who hold balances paying one payee who already holds a balance. "max" is the largest batch whose
@@ -23,19 +25,20 @@ import trio
 from eth_abi.abi import decode as abi_decode
 from eth_abi.abi import encode as abi_encode
 
-from engine.chain import codec, crypto
+from engine.chain import codec, crypto, permit2
 from engine.chain.rpc import Rpc
 from engine.dev import artifacts
 from engine.dev.devchain import (
     Anvil,
     Deployer,
     DevChain,
+    approve_permit2,
     engine_config,
     mint_batch,
     setup_devchain,
 )
 from engine.dev.loadgen import payment_v2
-from engine.model import Payment, hex_addr
+from engine.model import PERMIT2_EXACT, Payment, hex_addr
 from engine.stages.verify import Verifier
 
 TX_GAS_CAP = 16_777_216
@@ -186,6 +189,75 @@ async def _measure_wallets(mode: str, n: int) -> Row:
     return Row(mode, n, total, total / n, calldata / n, settled)
 
 
+async def _measure_permit2(mode: str, n: int) -> Row:
+    """Permit2 ``exact`` payers (approved once before, not counted): ``permit2 single`` calls
+    the x402 exact proxy's settle once per payment; ``permit2 calls`` sends one batcher
+    ``settleCalls`` with a proxy settle per payment."""
+    with Anvil(gas_limit=max(30_000_000, TX_GAS_CAP + 1)) as anvil:
+        dev = await setup_devchain(anvil.url, payers=n, payer_balance=10 * VALUE)
+        rpc = Rpc(anvil.url)
+        approvals = await approve_permit2(rpc, dev.chain_id, dev.token, dev.payer_keys)
+        print(f"  (one-time approval of Permit2: {approvals / n:,.0f} gas per payer)", flush=True)
+        domain = permit2.domain_separator(dev.chain_id)
+        now = int(time.time())
+        payments = []
+        for key in dev.payer_key_bytes():
+            unsigned = Payment(
+                chain_id=dev.chain_id,
+                token=bytes.fromhex(dev.token[2:]),
+                payer=crypto.private_key_address(key),
+                payee=bytes.fromhex(dev.payee[2:]),
+                value=VALUE,
+                valid_after=0,
+                valid_before=now + 3600,
+                nonce=os.urandom(32),
+                signature=b"",
+                network="anvil",
+                x402_version=2,
+                method=PERMIT2_EXACT,
+                permitted=VALUE,
+            )
+            signature = crypto.sign_digest(key, permit2.digest(domain, unsigned))
+            payments.append(msgspec.structs.replace(unsigned, signature=signature))
+        sender = Deployer(rpc, bytes.fromhex(dev.signer_keys[0][2:]), dev.chain_id)
+        receipts = []
+        calldata = 0
+        if mode == "permit2 single":
+            for p in payments:
+                proxy, data = permit2.settle_call(p)
+                calldata += len(data)
+                receipts.append(await sender.send(hex_addr(proxy), data, gas=300_000))
+        else:
+            data = codec.settle_calls_calldata(payments)
+            calldata = len(data)
+            limit = await rpc.estimate_gas(bytes.fromhex(dev.batcher[2:]), data, sender.address)
+            receipts.append(
+                await sender.send(dev.batcher, data, gas=min(TX_GAS_CAP, limit * 6 // 5))
+            )
+        # Each receipt's items: the whole batch, or its one payment.
+        groups = [payments] if mode == "permit2 calls" else [[p] for p in payments]
+        settled = 0
+        for r, items in zip(receipts, groups, strict=True):
+            outcomes = codec.item_outcomes(
+                msgspec.convert(r, codec.Receipt),
+                bytes.fromhex(dev.batcher[2:]),
+                bytes.fromhex(dev.token[2:]),
+                items,
+            )
+            settled += sum(o.status is codec.ItemStatus.SETTLED for o in outcomes)
+        total = sum(int(r["gasUsed"], 16) for r in receipts)
+        await rpc.aclose()
+    return Row(mode, n, total, total / n, calldata / n, settled)
+
+
+async def run_permit2(n: int) -> list[Row]:
+    rows = []
+    for mode, size in (("permit2 single", 10), ("permit2 calls", n)):
+        rows.append(await _measure_permit2(mode, size))
+        print(_fmt(rows[-1]), flush=True)
+    return rows
+
+
 async def run_wallets(n: int) -> list[Row]:
     rows = []
     for mode, size in (
@@ -232,12 +304,17 @@ def main() -> None:
     parser.add_argument(
         "--wallets", type=int, default=100, help="smart-wallet batch size (0: skip them)"
     )
+    parser.add_argument(
+        "--permit2", type=int, default=100, help="Permit2 batch size (0: skip them)"
+    )
     parser.add_argument("--json", default="bench-results/gas.json")
     args = parser.parse_args()
     sizes = [int(x) for x in args.sizes.split(",")]
     rows = trio.run(run, sizes)
     if args.wallets:
         rows += trio.run(run_wallets, args.wallets)
+    if args.permit2:
+        rows += trio.run(run_permit2, args.permit2)
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_bytes(msgspec.json.format(msgspec.json.encode(rows)))
