@@ -75,6 +75,7 @@ def _demo(args: argparse.Namespace) -> int:
             mode=args.mode,
             ledger_dir=Path(args.ledger_dir) if args.ledger_dir else None,
             console=console,
+            permit2_share=args.permit2_share,
         )
     )
     print_result(result, console)
@@ -606,6 +607,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--concurrency", type=int, default=64)
     demo.add_argument("--block-time", type=float, default=1.0, help="seconds; 0 = automine")
     demo.add_argument("--mode", choices=["compact", "aggregate3"], default="compact")
+    demo.add_argument(
+        "--permit2-share",
+        type=float,
+        default=0.1,
+        help="share of payers paying with Permit2 after a one-time approval (compact mode;"
+        " default 0.1)",
+    )
     demo.add_argument("--ledger-dir", default=None, help="default: a new temporary directory")
     demo.add_argument("--json", default=None, help="also write the results here")
     demo.set_defaults(func=_demo)

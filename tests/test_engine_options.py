@@ -140,8 +140,14 @@ async def test_thread_safe_handle_serves_threads_and_asyncio(anvil: Anvil, tmp_p
 
 
 async def test_demo_settles_everything_it_accepts(tmp_path: Path) -> None:
+    # A fifth of the payers approve Permit2 and pay through it (60 of the 300 payments).
     result = await run_demo(
-        payments=300, payers=50, block_time_s=0, concurrency=16, ledger_dir=tmp_path
+        payments=300,
+        payers=50,
+        block_time_s=0,
+        concurrency=16,
+        ledger_dir=tmp_path,
+        permit2_share=0.2,
     )
     assert result.accepted == 300 and result.settled == 300 and result.failed == {}
     assert result.payee_received == result.payee_expected == 300 * 1000

@@ -179,3 +179,54 @@ def test_sdk_upto_payload_settles_the_amount_used(tmp_path: Path) -> None:
         )
         foreign = facilitator.verify(_pay(client, stranger), maximum)
         assert foreign.invalid_reason == "upto_facilitator_mismatch", foreign
+
+
+async def test_many_upto_payments_of_one_payer_settle_in_one_sweep(tmp_path: Path) -> None:
+    """Metered use: each request is an upto permit for at most 5,000, sold at once (deferred)
+    for what was used, and the day's permits settle together when the window is swept."""
+    import msgspec
+
+    from engine.config import PolicyConfig, ServiceConfig
+    from engine.dev.devchain import Anvil, engine_config, setup_devchain
+    from engine.engine import Engine
+
+    with Anvil() as anvil:
+        dev = await setup_devchain(anvil.url, payers=1)
+        config, env = engine_config(
+            dev,
+            str(tmp_path / "ledger.duckdb"),
+            policy=PolicyConfig(mode="windowed", window_s=86_400),
+        )
+        config = msgspec.structs.replace(config, service=ServiceConfig(settlement="deferred"))
+        rpc = Rpc(anvil.url)
+        await approve_permit2(rpc, dev.chain_id, dev.token, dev.payer_keys)
+        [before] = await balances(rpc, dev.token, [dev.payee])
+        client = _client(dev.payer_keys[0])
+        maximum = PaymentRequirements(
+            scheme="upto",
+            network=NETWORK,
+            asset=dev.token,
+            amount="5000",
+            pay_to=dev.payee,
+            max_timeout_seconds=3600,
+            extra={"facilitatorAddress": dev.upto_batcher},
+        )
+        used = [100 * (i + 1) for i in range(12)]
+        async with Engine.open(config, environ=env) as engine:
+            for amount in used:
+                payload = _pay(client, maximum).model_dump(by_alias=True, exclude_none=True)
+                req = maximum.model_copy(update={"amount": str(amount)})
+                answer = await engine.settle(
+                    payload, req.model_dump(by_alias=True, exclude_none=True)
+                )
+                assert answer.success and answer.transaction == "", answer  # sold, not yet sent
+            assert engine.statistics().settled == 0
+            assert engine.settle_now() == len(used)
+            await engine.drain(timeout_s=60)
+            stats = engine.statistics()
+            assert stats.settled == len(used) and stats.batches_mined == 1
+            modes = await engine.query("SELECT DISTINCT mode FROM batches")
+            assert modes == [("upto",)]
+        [after] = await balances(rpc, dev.token, [dev.payee])
+        await rpc.aclose()
+        assert after - before == sum(used)

@@ -18,8 +18,15 @@ from ..chain.rpc import Rpc
 from ..config import PolicyConfig
 from ..engine import Engine
 from ..model import Accepted, PaymentPayloadV2, RequirementsV2
-from .devchain import Anvil, DevChain, engine_config, setup_devchain, token_balance
-from .loadgen import payment_v2
+from .devchain import (
+    Anvil,
+    DevChain,
+    approve_permit2,
+    engine_config,
+    setup_devchain,
+    token_balance,
+)
+from .loadgen import payment_permit2_v2, payment_v2
 
 
 class DemoResult(msgspec.Struct):
@@ -41,16 +48,22 @@ class DemoResult(msgspec.Struct):
 
 
 def sign_workload(
-    dev: DevChain, payments: int, value: int, now: int
+    dev: DevChain, payments: int, value: int, now: int, permit2_payers: int = 0
 ) -> list[tuple[PaymentPayloadV2, RequirementsV2]]:
+    """``payments`` payments round-robin over the payers; the first ``permit2_payers`` payers
+    pay with Permit2, the rest with EIP-3009."""
     keys = dev.payer_key_bytes()
     payee = bytes.fromhex(dev.payee[2:])
     domain = dev.domain
     sep = domain.separator
-    return [
-        payment_v2(domain, keys[i % len(keys)], payee, value, now, separator=sep)
-        for i in range(payments)
-    ]
+    workload = []
+    for i in range(payments):
+        payer = i % len(keys)
+        if payer < permit2_payers:
+            workload.append(payment_permit2_v2(domain, keys[payer], payee, value, now))
+        else:
+            workload.append(payment_v2(domain, keys[payer], payee, value, now, separator=sep))
+    return workload
 
 
 async def _submit_all(
@@ -101,6 +114,7 @@ async def run_demo(
     mode: str = "compact",
     ledger_dir: Path | None = None,
     console: Console | None = None,
+    permit2_share: float = 0.1,
 ) -> DemoResult:
     console = console or Console()
     workdir = Path(ledger_dir or tempfile.mkdtemp(prefix="x402-demo-"))
@@ -108,7 +122,19 @@ async def run_demo(
         console.print(f"anvil on {anvil.url} (block time {block_time_s or 'automine'} s)")
         dev = await setup_devchain(anvil.url, payers=payers)
         console.print(f"token {dev.token}, batcher {dev.batcher}, {payers} funded payers")
-        workload = sign_workload(dev, payments, value, int(time.time()))
+        permit2_payers = int(payers * permit2_share) if mode == "compact" else 0
+        if permit2_payers:
+            # A Permit2 payer's one-time step before its first payment.
+            rpc = Rpc(anvil.url)
+            gas = await approve_permit2(
+                rpc, dev.chain_id, dev.token, dev.payer_keys[:permit2_payers]
+            )
+            await rpc.aclose()
+            console.print(
+                f"{permit2_payers} payers pay with Permit2: each approved Permit2 once"
+                f" (token.approve, {gas // permit2_payers:,} gas each, paid by the payer)"
+            )
+        workload = sign_workload(dev, payments, value, int(time.time()), permit2_payers)
         config, env = engine_config(
             dev,
             str(workdir / "ledger.duckdb"),

@@ -170,6 +170,10 @@ class Deployer:
         self.nonce: int | None = None
 
     async def send(self, to: str | None, data: bytes, gas: int = 10_000_000) -> dict[str, Any]:
+        return await wait_receipt(self.rpc, await self.broadcast(to, data, gas))
+
+    async def broadcast(self, to: str | None, data: bytes, gas: int = 10_000_000) -> str:
+        """Sign and send without waiting for the receipt; returns the transaction hash."""
         if self.nonce is None:
             self.nonce = await self.rpc.nonce(self.address)
         tx: dict[str, Any] = {
@@ -186,8 +190,7 @@ class Deployer:
             tx["to"] = to_checksum_address(to)
         signed = Account.sign_transaction(tx, self.key)
         self.nonce += 1
-        tx_hash = await self.rpc.send_raw(bytes(signed.raw_transaction))
-        return await wait_receipt(self.rpc, tx_hash)
+        return await self.rpc.send_raw(bytes(signed.raw_transaction))
 
 
 async def wait_receipt(rpc: Rpc, tx_hash: str, timeout_s: float = 60.0) -> dict[str, Any]:
@@ -240,14 +243,13 @@ async def place_permit2(rpc: Rpc, deployer: Deployer) -> None:
 
 async def approve_permit2(rpc: Rpc, chain_id: int, token: str, payer_keys: Sequence[str]) -> int:
     """Each payer's one-time ``token.approve(Permit2, max)`` (funded with gas for it), before
-    it pays with Permit2. Returns the gas the approvals used."""
-    gas = 0
+    it pays with Permit2: all sent, then their receipts awaited. Returns the gas they used."""
+    sent = []
     for key in payer_keys:
         payer = Deployer(rpc, bytes.fromhex(key[2:]), chain_id)
         await set_balance(rpc, payer.address, ETH // 10)
-        receipt = await payer.send(token, permit2.approve_calldata(), gas=100_000)
-        gas += int(receipt["gasUsed"], 16)
-    return gas
+        sent.append(await payer.broadcast(token, permit2.approve_calldata(), gas=100_000))
+    return sum([int((await wait_receipt(rpc, h))["gasUsed"], 16) for h in sent])
 
 
 async def setup_devchain(

@@ -11,14 +11,20 @@ from typing import Any
 
 import msgspec
 
-from ..chain import crypto
+from ..chain import crypto, permit2
 from ..model import (
+    EXACT_PERMIT2_PROXY,
+    PERMIT2_EXACT,
     ExactEvmPayload,
+    Payment,
     PaymentPayloadV1,
     PaymentPayloadV2,
     RequirementsV1,
     RequirementsV2,
     WireAuthorization,
+    WirePermit2Authorization,
+    WirePermitted,
+    WireWitness,
     hex_addr,
 )
 
@@ -102,6 +108,48 @@ def payment_v2(
     req = requirements_v2(domain, payee, value)
     payload = sign_authorization(
         domain, payer_key, payee, value, now - 60, now + valid_for_s, nonce, separator
+    )
+    return PaymentPayloadV2(accepted=req, payload=payload), req
+
+
+def payment_permit2_v2(
+    domain: TokenDomain, payer_key: bytes, payee: bytes, value: int, now: int
+) -> tuple[PaymentPayloadV2, RequirementsV2]:
+    """An x402 v2 ``exact`` payment with assetTransferMethod "permit2", as the official clients
+    sign it (spender the x402 exact proxy, validAfter 0, the deadline 5 minutes on)."""
+    req = requirements_v2(domain, payee, value)
+    req = msgspec.structs.replace(
+        req, extra={**(req.extra or {}), "assetTransferMethod": "permit2"}
+    )
+    payer = crypto.private_key_address(payer_key)
+    nonce = os.urandom(32)
+    deadline = now + 300
+    unsigned = Payment(
+        chain_id=domain.chain_id,
+        token=domain.address,
+        payer=payer,
+        payee=payee,
+        value=value,
+        valid_after=0,
+        valid_before=deadline,
+        nonce=nonce,
+        signature=b"",
+        network=req.network,
+        x402_version=2,
+        method=PERMIT2_EXACT,
+        permitted=value,
+    )
+    digest = permit2.digest(permit2.domain_separator(domain.chain_id), unsigned)
+    payload = ExactEvmPayload(
+        signature="0x" + crypto.sign_digest(payer_key, digest).hex(),
+        permit2_authorization=WirePermit2Authorization(
+            from_=hex_addr(payer),
+            permitted=WirePermitted(token=hex_addr(domain.address), amount=str(value)),
+            spender=hex_addr(EXACT_PERMIT2_PROXY),
+            nonce=str(int.from_bytes(nonce, "big")),
+            deadline=str(deadline),
+            witness=WireWitness(to=hex_addr(payee), valid_after="0"),
+        ),
     )
     return PaymentPayloadV2(accepted=req, payload=payload), req
 
