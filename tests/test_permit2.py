@@ -114,7 +114,7 @@ def test_sdk_permit2_exact_payloads_verify_and_settle_in_batches(tmp_path: Path)
         assert (
             facilitator.verify(other, _exact(svc, 999)).invalid_reason == "permit2_amount_mismatch"
         )
-        elsewhere = req.model_copy(update={"pay_to": dev.payer_keys and payers[1]})
+        elsewhere = req.model_copy(update={"pay_to": payers[1]})
         mismatch = facilitator.verify(other, elsewhere)
         assert mismatch.invalid_reason == "invalid_permit2_recipient_mismatch"
         forged = other.model_copy(deep=True)
@@ -230,3 +230,42 @@ async def test_many_upto_payments_of_one_payer_settle_in_one_sweep(tmp_path: Pat
         [after] = await balances(rpc, dev.token, [dev.payee])
         await rpc.aclose()
         assert after - before == sum(used)
+
+
+def _ts_signed(svc: RunningService, key: str, amount: int, method: str) -> dict[str, Any]:
+    """A facilitator request body signed by the official TypeScript SDK (tests/ts/sign.mjs)."""
+    import json
+    import subprocess
+
+    dev = svc.dev
+    args = [key, dev.token, dev.payee, str(amount), str(dev.chain_id), method]
+    signed = subprocess.run(
+        ["node", str(Path(__file__).parent / "ts" / "sign.mjs"), *args, dev.upto_batcher],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    body: dict[str, Any] = json.loads(signed.stdout)
+    return body
+
+
+def test_typescript_sdk_permit2_and_upto_payloads_settle(tmp_path: Path) -> None:
+    import httpx
+
+    with running_service(tmp_path, payers=1) as svc:
+        dev = svc.dev
+        _chain(svc, lambda rpc: approve_permit2(rpc, dev.chain_id, dev.token, dev.payer_keys))
+        [before] = _balances(svc, [dev.payee])
+        exact = _ts_signed(svc, dev.payer_keys[0], 1000, "permit2")
+        assert "permit2Authorization" in exact["paymentPayload"]["payload"]
+        upto = _ts_signed(svc, dev.payer_keys[0], 5000, "upto")
+        for body in (exact, upto):
+            verified = httpx.post(svc.url + "/verify", json=body).json()
+            assert verified["isValid"] is True, verified
+        upto["paymentRequirements"]["amount"] = "777"  # the amount used, under the maximum
+        for body in (exact, upto):
+            settled = httpx.post(svc.url + "/settle", json=body, timeout=60).json()
+            assert settled["success"] is True, settled
+        [after] = _balances(svc, [dev.payee])
+        assert after - before == 1000 + 777
