@@ -25,6 +25,7 @@ const SOURCES = {
   "src/WalletFactory.sol": ["WalletFactory"],
   "src/SignatureChecks.sol": ["SignatureChecks"],
   "src/CallBatch.sol": [],
+  "src/ISignatureTransfer.sol": [],
   "src/X402OperatorBatcher.sol": ["X402OperatorBatcher"],
   "src/Permit2.sol": ["Permit2"],
   "src/Permit2Proxies.sol": ["X402ExactPermit2Proxy", "X402UptoPermit2Proxy"],

@@ -19,7 +19,7 @@ from x402.mechanisms.evm.upto.client import UptoEvmScheme
 from x402.schemas import PaymentPayload, PaymentRequired, PaymentRequirements
 
 from engine.chain.rpc import Rpc
-from engine.dev.devchain import approve_permit2
+from engine.dev.devchain import DevChain, approve_permit2
 
 from .chain import balances
 from .service_helpers import RunningService, running_service
@@ -66,6 +66,19 @@ def _exact(svc: RunningService, amount: int) -> PaymentRequirements:
         pay_to=svc.dev.payee,
         max_timeout_seconds=300,
         extra=PERMIT2_EXTRA,
+    )
+
+
+def _upto(dev: DevChain, maximum: int) -> PaymentRequirements:
+    """upto requirements: at most ``maximum``, signed for the devchain's upto batcher."""
+    return PaymentRequirements(
+        scheme="upto",
+        network=NETWORK,
+        asset=dev.token,
+        amount=str(maximum),
+        pay_to=dev.payee,
+        max_timeout_seconds=300,
+        extra={"name": "USD Coin", "version": "2", "facilitatorAddress": dev.upto_batcher},
     )
 
 
@@ -147,15 +160,7 @@ def test_sdk_upto_payload_settles_the_amount_used(tmp_path: Path) -> None:
         payer = _address(dev.payer_keys[0])
         before = _balances(svc, [dev.payee, payer])
 
-        maximum = PaymentRequirements(
-            scheme="upto",
-            network=NETWORK,
-            asset=dev.token,
-            amount="5000",
-            pay_to=dev.payee,
-            max_timeout_seconds=300,
-            extra={"name": "USD Coin", "version": "2", "facilitatorAddress": dev.upto_batcher},
-        )
+        maximum = _upto(dev, 5000)
         client = _client(dev.payer_keys[0])
         payload = _pay(client, maximum)
         assert payload.payload["permit2Authorization"]["witness"]["facilitator"]
@@ -202,15 +207,7 @@ async def test_many_upto_payments_of_one_payer_settle_in_one_sweep(tmp_path: Pat
         await approve_permit2(rpc, dev.chain_id, dev.token, dev.payer_keys)
         [before] = await balances(rpc, dev.token, [dev.payee])
         client = _client(dev.payer_keys[0])
-        maximum = PaymentRequirements(
-            scheme="upto",
-            network=NETWORK,
-            asset=dev.token,
-            amount="5000",
-            pay_to=dev.payee,
-            max_timeout_seconds=3600,
-            extra={"facilitatorAddress": dev.upto_batcher},
-        )
+        maximum = _upto(dev, 5000)
         used = [100 * (i + 1) for i in range(12)]
         async with Engine.open(config, environ=env) as engine:
             for amount in used:

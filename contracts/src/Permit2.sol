@@ -1,6 +1,8 @@
 // SPDX-License-Identifier: MIT
 pragma solidity 0.8.37;
 
+import {ISignatureTransfer} from "./ISignatureTransfer.sol";
+
 /// @title Permit2 (SignatureTransfer part), for local chains
 /// @notice Written from Uniswap Permit2's published interface so that payloads signed for the
 ///         canonical Permit2 (0x000000000022D473030F116dDEE9F6B43aC78BA3) verify unchanged when
@@ -12,23 +14,7 @@ pragma solidity 0.8.37;
 ///         - unordered nonces: bit `nonce & 0xff` of word `nonce >> 8` in `nonceBitmap(owner, word)`;
 ///           `invalidateUnorderedNonces` cancels.
 ///         Not here: AllowanceTransfer, batch transfers, the cached domain separator.
-contract Permit2 {
-    struct TokenPermissions {
-        address token;
-        uint256 amount;
-    }
-
-    struct PermitTransferFrom {
-        TokenPermissions permitted;
-        uint256 nonce;
-        uint256 deadline;
-    }
-
-    struct SignatureTransferDetails {
-        address to;
-        uint256 requestedAmount;
-    }
-
+contract Permit2 is ISignatureTransfer {
     error SignatureExpired(uint256 signatureDeadline);
     error InvalidAmount(uint256 maxAmount);
     error InvalidNonce();
@@ -62,7 +48,7 @@ contract Permit2 {
         bytes32 witness,
         string calldata witnessTypeString,
         bytes calldata signature
-    ) external {
+    ) external override {
         if (block.timestamp > permit.deadline) revert SignatureExpired(permit.deadline);
         if (transferDetails.requestedAmount > permit.permitted.amount) revert InvalidAmount(permit.permitted.amount);
         _useUnorderedNonce(owner, permit.nonce);
