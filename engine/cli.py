@@ -631,6 +631,7 @@ def main(argv: list[str] | None = None) -> int:
     import psycopg
 
     from .config import ConfigError
+    from .model import ChainMismatch
     from .store.journal import JournalCorrupt
     from .store.ledger import LedgerBusy
     from .store.postgres import LeaseLost, SchemaMismatch, Superseded
@@ -644,7 +645,13 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         if isinstance(
             leaf,
-            JournalCorrupt | LedgerBusy | SchemaMismatch | Superseded | LeaseLost | TimeoutError,
+            JournalCorrupt
+            | LedgerBusy
+            | SchemaMismatch
+            | Superseded
+            | LeaseLost
+            | TimeoutError
+            | ChainMismatch,
         ):
             print(f"x402-engine {args.command}: {leaf}", file=sys.stderr)
             return 1

@@ -266,3 +266,20 @@ def test_typescript_sdk_permit2_and_upto_payloads_settle(tmp_path: Path) -> None
             assert settled["success"] is True, settled
         [after] = _balances(svc, [dev.payee])
         assert after - before == 1000 + 777
+
+
+async def test_the_engine_refuses_to_start_without_permit2_on_chain(tmp_path: Path) -> None:
+    from engine.dev.devchain import Anvil, engine_config, setup_devchain
+    from engine.engine import Engine
+    from engine.model import ChainMismatch
+
+    with Anvil() as anvil:
+        dev = await setup_devchain(anvil.url, payers=1, with_permit2=False)
+        config, env = engine_config(dev, str(tmp_path / "ledger.duckdb"), permit2=True)
+        with pytest.raises(BaseException) as caught:
+            async with Engine.open(config, environ=env):
+                pass
+        leaf: BaseException = caught.value
+        while isinstance(leaf, BaseExceptionGroup) and len(leaf.exceptions) == 1:
+            leaf = leaf.exceptions[0]
+        assert isinstance(leaf, ChainMismatch) and "no Permit2" in str(leaf), leaf
