@@ -4,7 +4,8 @@ Scenarios: ``ingest`` (engine ingest vs bare secp256k1 recovery vs the official 
 ``settlement`` (one tx per payment vs aggregate3 vs compact on fresh anvils), ``scale`` (dedup
 memory, ledger size, restart time). ``--quick`` shrinks every scenario to finish in about a
 minute. Writes results.json, throughput.png, latency_cdf.png, gas_per_payment.png and
-summary.md to ``--out``.
+summary.md to ``--out``; the figures have a panel per scenario that ran (ingest, settlement),
+and a figure none of whose scenarios ran is not written.
 """
 
 from __future__ import annotations
