@@ -235,6 +235,11 @@ class Engine:
         taken = await self._ledger.run(functools.partial(shared.take_over, same_name_only=True))
         return [shared.instance_id, *taken]
 
+    def _ledger_name(self) -> str:
+        """The ledger as an operator's message names it."""
+        ledger = self.config.ledger
+        return f"ledger {ledger.path}" if ledger.backend == "duckdb" else "the PostgreSQL ledger"
+
     def _shared(self) -> PgLedger | None:
         sync = self._ledger.sync
         return sync if isinstance(sync, PgLedger) else None
@@ -254,7 +259,9 @@ class Engine:
     ) -> None:
         keys = signer_keys(chain, dict(environ) if environ is not None else None)
         signers = SignerPool(await self._leased([Signer(k, chain.chain_id) for k in keys], chain))
-        adopted = await recovery.adopt_sent_batches(chain, rpc, signers, recovered, self.clock)
+        adopted = await recovery.adopt_sent_batches(
+            chain, rpc, signers, recovered, self.clock, self._ledger, self._ledger_name()
+        )
         shared = self._shared()
         batch_ids = (
             BatchIds(recovered.next_batch_id + 1_000_000 * len(self._chains))

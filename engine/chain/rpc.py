@@ -56,6 +56,7 @@ class ChainClient(Protocol):
     async def chain_id(self) -> int: ...
     async def block_number(self) -> int: ...
     async def block_hash(self, number: int) -> str | None: ...
+    async def code(self, address: bytes) -> bytes: ...
     async def base_fee(self) -> int: ...
     async def nonce(self, address: str, block: str = "pending") -> int: ...
     async def eth_call(
@@ -230,6 +231,11 @@ class Rpc:
     async def block_hash(self, number: int) -> str | None:
         block = await self.call("eth_getBlockByNumber", [hex(number), False])
         return None if block is None else str(block["hash"])
+
+    async def code(self, address: bytes) -> bytes:
+        """The code deployed at ``address`` now (``eth_getCode``; empty: none)."""
+        result = await self.call("eth_getCode", ["0x" + address.hex(), "latest"])
+        return bytes.fromhex(str(result)[2:])
 
     async def authorization_states(
         self, token: bytes, keys: Sequence[tuple[bytes, bytes]]

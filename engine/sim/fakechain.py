@@ -35,6 +35,10 @@ from ..model import Payment
 ITEM_GAS = 40_000
 FAILED_ITEM_GAS = 9_000
 BATCH_GAS = 30_000
+# Deployed code as ``eth_getCode`` answers it: fixed, so a ledger bound to the simulated chain
+# (its genesis hash and its batcher's code hash) is the same chain on every life of a seed.
+BATCHER_CODE = b"\x60\x80\x60\x40" + b"x402 simulated batcher"
+TOKEN_CODE = b"\x60\x80\x60\x40" + b"x402 simulated token"
 
 
 class Faults(msgspec.Struct):
@@ -181,6 +185,10 @@ class FakeChain:
         if 0 <= number < len(self.blocks):
             return self.blocks[number].hash
         return None
+
+    async def code(self, address: bytes) -> bytes:
+        self._call()
+        return {self.batcher: BATCHER_CODE, self.token: TOKEN_CODE}.get(address, b"")
 
     async def base_fee(self) -> int:
         self._call()
@@ -362,6 +370,7 @@ class FakeChain:
         self._max_head = max(self._max_head, number)
 
     def _mine_genesis(self) -> None:
+        # A fixed genesis hash (all zeros): every FakeChain is "the same chain" to a ledger
         self.blocks.append(
             _Block(0, "0x" + bytes(32).hex(), 0, self.base_fee_floor, [], self.state.copy())
         )

@@ -106,6 +106,17 @@ CREATE TABLE IF NOT EXISTS id_reservations (
     ceiling BIGINT NOT NULL,
     at_ms BIGINT NOT NULL
 );
+-- What chain this ledger settles on, bound at its first start on each chain (see
+-- engine.recovery.bind_ledger): per chain id, subject 'genesis' holds the genesis block hash,
+-- and each batcher address (lowercase 0x hex) the keccak256 of its deployed code. Ledgers
+-- written before the binding existed gain the empty table and are bound at their next start.
+CREATE TABLE IF NOT EXISTS chain_bindings (
+    chain_id BIGINT NOT NULL,
+    subject VARCHAR NOT NULL,
+    hash VARCHAR NOT NULL,
+    bound_at_ms BIGINT NOT NULL,
+    PRIMARY KEY (chain_id, subject)
+);
 CREATE TABLE IF NOT EXISTS batch_events (
     seq BIGINT NOT NULL,
     batch_id BIGINT NOT NULL,
@@ -391,7 +402,28 @@ class Ledger:
         self._in_transaction(work)
         return set()
 
+    def bind_chain(self, chain_id: int, binding: Mapping[str, str], at_ms: int) -> dict[str, str]:
+        """Record the subjects of ``binding`` (subject -> hash) the chain has no binding for
+        yet, in one committed transaction (durable before the engine goes on, like id
+        reservations); a subject already bound keeps its hash. Returns the chain's binding."""
+        bound = self.chain_binding(chain_id)
+        rows = [[chain_id, k, v, at_ms] for k, v in binding.items() if k not in bound]
+
+        def work() -> None:
+            self._con.executemany("INSERT INTO chain_bindings VALUES (?, ?, ?, ?)", rows)
+
+        if rows:
+            self._in_transaction(work)
+        return self.chain_binding(chain_id)
+
     # -- reads ------------------------------------------------------------------------------
+
+    def chain_binding(self, chain_id: int) -> dict[str, str]:
+        """The chain's binding: subject ('genesis', or a batcher address) -> hash."""
+        rows = self._con.execute(
+            "SELECT subject, hash FROM chain_bindings WHERE chain_id = ?", [chain_id]
+        ).fetchall()
+        return {str(r[0]): str(r[1]) for r in rows}
 
     def live_sales(self, valid_before_min: int, owners: Sequence[int] | None = None) -> list[Sale]:
         """Sales of payments whose authorization is still valid (their replays must be

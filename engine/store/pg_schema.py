@@ -164,6 +164,23 @@ ALTER TABLE payments ADD CONSTRAINT payments_replay_key
     UNIQUE (chain_id, nonce_space, payer, nonce);
 """,
     ),
+    (
+        3,
+        "chain bindings",
+        """
+-- What chain this ledger settles on, bound at the first start on each chain: subject 'genesis'
+-- holds the genesis block hash, each batcher address (lowercase 0x hex) the keccak256 of its
+-- code. The first instance to bind a subject wins (INSERT ... ON CONFLICT DO NOTHING); a
+-- ledger migrated from version 2 has none and is bound at the next start.
+CREATE TABLE chain_bindings (
+    chain_id BIGINT NOT NULL,
+    subject TEXT NOT NULL,
+    hash TEXT NOT NULL,
+    bound_at_ms BIGINT NOT NULL,
+    PRIMARY KEY (chain_id, subject)
+);
+""",
+    ),
 ]
 
 CURRENT = MIGRATIONS[-1][0]

@@ -597,7 +597,30 @@ class PgLedger:
         written = {int(r[0]) for r in rows}
         return {s.payment_id for s in sales} - written
 
+    def bind_chain(self, chain_id: int, binding: Mapping[str, str], at_ms: int) -> dict[str, str]:
+        """Record the subjects of ``binding`` (subject -> hash) the chain has no binding for
+        yet; a subject another instance bound first (even at this moment) keeps its hash.
+        Returns the chain's binding as committed, to be judged again by the caller."""
+        if binding:
+            with self._tx() as con:
+                con.execute(
+                    "INSERT INTO chain_bindings (chain_id, subject, hash, bound_at_ms)"
+                    " SELECT %s::bigint, u.subject, u.hash, %s::bigint"
+                    " FROM unnest(%s::text[], %s::text[]) AS u(subject, hash)"
+                    " ON CONFLICT (chain_id, subject) DO NOTHING",
+                    [chain_id, at_ms, list(binding), list(binding.values())],
+                )
+        return self.chain_binding(chain_id)
+
     # -- reads --------------------------------------------------------------------------------
+
+    def chain_binding(self, chain_id: int) -> dict[str, str]:
+        """The chain's binding: subject ('genesis', or a batcher address) -> hash."""
+        with self._read() as con:
+            rows = con.execute(
+                "SELECT subject, hash FROM chain_bindings WHERE chain_id = %s", [chain_id]
+            ).fetchall()
+        return {str(r[0]): str(r[1]) for r in rows}
 
     def live_sales(self, valid_before_min: int, owners: Sequence[int] | None = None) -> list[Sale]:
         with self._read() as con:
@@ -861,6 +884,11 @@ _COPIED: list[tuple[str, str, str]] = [
         "sales",
         "payment_id, at_ms, mode, identifier, instance_id",
         "payment_id, at_ms, mode, identifier, $instance FROM sales ORDER BY payment_id",
+    ),
+    (  # the chain the copied history happened on stays the one the ledger refuses others for
+        "chain_bindings",
+        "chain_id, subject, hash, bound_at_ms",
+        "chain_id, subject, hash, bound_at_ms FROM chain_bindings ORDER BY chain_id, subject",
     ),
 ]
 
