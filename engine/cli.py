@@ -501,6 +501,145 @@ def _campaign(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _pay(args: argparse.Namespace) -> int:
+    """Sign and send x402 payments; one with its details, or a bounded load with a summary."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from .chain.rpc import Rpc
+    from .config import ConfigError
+    from .dev import pay
+    from .dev.paystats import Answer, Shape, summary_lines
+
+    console = Console(stderr=True)  # progress and waiting
+    out = Console(highlight=False, soft_wrap=True)  # what happened: lines never broken
+    shape = Shape(args.count, args.duration, args.rate, args.concurrency)
+    if shape.count is None and shape.duration_s is None:
+        shape = msgspec.structs.replace(shape, count=1)
+    if problem := shape.problem():
+        raise ConfigError(problem)
+    single = shape.count == 1 and shape.rate is None
+    if args.key_file:
+        payers = pay.payers_from_key_file(args.key_file, args.rpc, args.payers)
+    else:
+        payers = pay.payers_from_devchain(args.devchain, args.rpc, args.payers)
+    target_url = args.facilitator or args.resource
+    headers = {}
+    if args.bearer_env:
+        token = os.environ.get(args.bearer_env)
+        if not token:
+            raise ConfigError(f"environment variable {args.bearer_env} (--bearer-env) is not set")
+        headers["authorization"] = "Bearer " + token
+
+    async def main() -> pay.PayRun:
+        price = None
+        if args.facilitator:
+            if args.key_file:
+                if not (args.asset and args.pay_to):
+                    raise ConfigError("--key-file with --facilitator needs --asset and --pay-to")
+                rpc = Rpc(payers.rpc_url)
+                try:
+                    chain_id = await rpc.chain_id()
+                    price = await pay.token_price(
+                        rpc, chain_id, args.asset, args.pay_to, args.amount
+                    )
+                finally:
+                    await rpc.aclose()
+            else:
+                price = pay.devchain_price(args.devchain, args.amount, args.pay_to)
+        target = pay.Target(
+            target_url,
+            "facilitator" if args.facilitator else "resource",
+            headers,
+            verify=not args.settle_only,
+        )
+        progress = Progress(
+            TextColumn("paying"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[tally]}"),
+            TimeElapsedColumn(),
+            console=console,
+            disable=single,
+        )
+        task = progress.add_task("pay", total=shape.count, tally="")
+        tally = {"ok": 0, "refused": 0, "errors": 0}
+
+        def on_start(price: pay.Price, chain_id: int) -> None:
+            if chain_id not in pay.LOCAL_CHAINS and not single and not args.real_funds:
+                raise ConfigError(
+                    f"a load on chain {chain_id} moves real funds: add --real-funds to proceed"
+                )
+            token = f"0x{price.domain.address.hex()}"
+            out.print(f"token       {token} ({price.domain.name} v{price.domain.version})")
+            out.print(f"network     {price.network}, x402 v{price.version}")
+            out.print(f"amount      {price.amount:,} base units to 0x{price.pay_to.hex()}")
+            out.print(f"payers      {payers.source}")
+            progress.start()
+
+        def on_answer(answer: Answer) -> None:
+            key = {"settled": "ok", "accepted": "ok", "rejected": "refused"}.get(
+                answer.verdict, "errors"
+            )
+            tally[key] += 1
+            progress.update(
+                task,
+                advance=1,
+                tally=f"{tally['ok']:,} ok, {tally['refused']:,} refused,"
+                f" {tally['errors']:,} errors",
+            )
+
+        try:
+            return await pay.pay(
+                target,
+                payers,
+                shape,
+                price=price,
+                version=args.x402_version,
+                network=args.network,
+                patience_s=args.patience,
+                wait_chain_s=args.wait,
+                say=console.print,
+                on_start=on_start,
+                on_answer=on_answer,
+            )
+        finally:
+            progress.stop()
+
+    run = trio.run(main)
+    if single:
+        answer = run.answers[0]
+        out.print(f"payer       {run.first_payer}")
+        out.print(f"answer      {answer.verdict} in {answer.latency_s * 1000:,.0f} ms")
+        if answer.reason:
+            out.print(f"reason      {answer.reason}")
+        if answer.transaction:
+            out.print(f"transaction {answer.transaction}")
+        if answer.settlement_id and args.facilitator:
+            out.print(f"settlement  {answer.settlement_id}")
+            base = args.facilitator.rstrip("/")
+            out.print(f"look it up  curl -s {base}/settlements/{answer.settlement_id}")
+        if run.summary.chain is not None:
+            out.print(summary_lines(run.summary)[-1])
+    else:
+        for line in summary_lines(run.summary):
+            out.print(line)
+    if args.json:
+        Path(args.json).write_bytes(
+            msgspec.json.format(
+                msgspec.json.encode(
+                    {
+                        "target": target_url,
+                        "shape": shape,
+                        "summary": run.summary,
+                        "settled_per_s": run.summary.settled_per_s,
+                        "gas_per_payment": run.summary.chain and run.summary.chain.gas_per_payment,
+                    }
+                )
+            )
+        )
+    return 0 if run.summary.successes == run.summary.sent else 1
+
+
 def _engine_arguments(parser: argparse.ArgumentParser) -> None:
     """What every command that runs the engine needs: its configuration and secrets."""
     parser.add_argument("--config", required=True, help="engine TOML (see README)")
@@ -599,6 +738,62 @@ def build_parser() -> argparse.ArgumentParser:
     campaign.add_argument("--seed", type=int, default=None, help="replay this one seed")
     campaign.add_argument("--payments", type=int, default=40, help="most payments per seed")
     campaign.set_defaults(func=_campaign)
+
+    pay = sub.add_parser(
+        "pay",
+        help="sign and send x402 payments to a facilitator or a resource server (one, or a load)",
+        description="Sign x402 exact (EIP-3009) payments and send them to a facilitator"
+        " (/verify, then /settle) or to a resource server (its 402, then the paid retry). With"
+        " no --count, --duration or --rate: one payment, shown in detail. Otherwise a bounded"
+        " load with a summary; the chain is then asked which payments landed, in how many"
+        " transactions, for how much gas. Exit code 1 unless every payment succeeded.",
+    )
+    where = pay.add_mutually_exclusive_group(required=True)
+    where.add_argument("--facilitator", metavar="URL", help="a facilitator's base URL")
+    where.add_argument("--resource", metavar="URL", help="a paid resource's URL (expects 402)")
+    who = pay.add_mutually_exclusive_group()
+    who.add_argument(
+        "--devchain", default="devchain", help="a devchain --out directory (default: devchain)"
+    )
+    who.add_argument("--key-file", default=None, help="payer keys, one 0x-hex key per line")
+    pay.add_argument("--rpc", default=None, help="JSON-RPC URL (default: the devchain's)")
+    pay.add_argument("--payers", type=int, default=None, help="use only the first N payers")
+    pay.add_argument("--amount", type=int, default=1000, help="base units (default 1000)")
+    pay.add_argument("--asset", default=None, help="token address (--key-file; else devchain's)")
+    pay.add_argument("--pay-to", default=None, help="payee address (default: devchain's payee)")
+    pay.add_argument("--x402-version", type=int, choices=[1, 2], default=2, help="default 2")
+    pay.add_argument("--network", default=None, help="network name (default from /supported)")
+    pay.add_argument("--count", type=int, default=None, help="payments (default 1)")
+    pay.add_argument("--duration", type=float, default=None, help="seconds at most")
+    pay.add_argument(
+        "--rate", type=float, default=None, help="open loop: payments started per second"
+    )
+    pay.add_argument(
+        "--concurrency",
+        type=int,
+        default=1,
+        help="closed loop: workers; open loop: most in flight (default 1)",
+    )
+    pay.add_argument(
+        "--settle-only", action="store_true", help="facilitator: skip /verify before /settle"
+    )
+    pay.add_argument(
+        "--bearer-env", default=None, help="environment variable holding a bearer token"
+    )
+    pay.add_argument(
+        "--patience", type=float, default=30.0, help="seconds to wait for the URL (default 30)"
+    )
+    pay.add_argument(
+        "--wait",
+        type=float,
+        default=60.0,
+        help="seconds to wait for accepted payments to show on chain (default 60)",
+    )
+    pay.add_argument(
+        "--real-funds", action="store_true", help="allow a load on a chain that is not local"
+    )
+    pay.add_argument("--json", default=None, help="also write the summary here")
+    pay.set_defaults(func=_pay)
 
     demo = sub.add_parser("demo", help="devchain + engine + a synthetic load of payments")
     demo.add_argument("--payments", type=int, default=5000)

@@ -3,6 +3,8 @@ are synchronous or asyncio-based (the official SDK) or hypothesis-driven."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -15,6 +17,8 @@ import trio
 from engine.config import EngineConfig, PolicyConfig, ServiceConfig
 from engine.dev.devchain import Anvil, DevChain, engine_config, setup_devchain
 from engine.service.app import run_service
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 class RunningService:
@@ -90,3 +94,25 @@ def running_service(
             thread.join(30)
             if errors:
                 raise errors[0]
+
+
+@contextmanager
+def sdk_resource_server(svc: RunningService) -> Iterator[str]:
+    """The SDK's Flask resource server (tests/sdk_resource_server.py) paying the devchain's
+    payee through our facilitator; yields its URL."""
+    dev = svc.dev
+    server = subprocess.Popen(
+        [sys.executable, "-m", "tests.sdk_resource_server", svc.url, dev.token, dev.payee],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert server.stdout is not None
+        line = server.stdout.readline()
+        assert line.startswith("READY"), (line, server.stderr.read() if server.stderr else "")
+        yield line.split()[1]
+    finally:
+        server.kill()
+        server.wait()

@@ -4,10 +4,7 @@ facilitator client and Flask resource-server middleware, against our facilitator
 from __future__ import annotations
 
 import subprocess
-import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -31,7 +28,7 @@ from engine.chain.rpc import Rpc
 from engine.config import ServiceConfig
 
 from .chain import balances
-from .service_helpers import RunningService, running_service
+from .service_helpers import RunningService, running_service, sdk_resource_server
 
 pytestmark = pytest.mark.chain
 ROOT = Path(__file__).resolve().parent.parent
@@ -48,28 +45,6 @@ def _balance(svc: RunningService, owner: str) -> int:
             await rpc.aclose()
 
     return trio.run(read)
-
-
-@contextmanager
-def _resource_server(svc: RunningService) -> Iterator[str]:
-    """The SDK's Flask resource server (tests/sdk_resource_server.py) paying the devchain's
-    payee through our facilitator; yields its URL."""
-    dev = svc.dev
-    server = subprocess.Popen(
-        [sys.executable, "-m", "tests.sdk_resource_server", svc.url, dev.token, dev.payee],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert server.stdout is not None
-        line = server.stdout.readline()
-        assert line.startswith("READY"), (line, server.stderr.read() if server.stderr else "")
-        yield line.split()[1]
-    finally:
-        server.kill()
-        server.wait()
 
 
 def _sdk_client(key: str) -> x402ClientSync:
@@ -150,7 +125,7 @@ def test_sdk_resource_server_and_client_pay_end_to_end_through_our_facilitator(
     with running_service(tmp_path, payers=2, service=service) as svc:
         dev = svc.dev
         merchant = dev.payee
-        with _resource_server(svc) as url:
+        with sdk_resource_server(svc) as url:
             before = _balance(svc, merchant)
             session = x402_requests(_sdk_client(dev.payer_keys[1]))
             unpaid = session.get(url + "/paid", headers={"x-no-pay": "1"}, timeout=60)
@@ -222,7 +197,7 @@ def test_sdk_retry_after_settlement_pending_is_credited_exactly_once(tmp_path: P
     service = ServiceConfig(settle_timeout_s=8.0)  # the retry's margin for the resumed mining
     with running_service(tmp_path, payers=2, service=service) as svc:
         dev = svc.dev
-        with _resource_server(svc) as url:
+        with sdk_resource_server(svc) as url:
             before = _balance(svc, dev.payee)
             _rpc_call(svc, "evm_setAutomine", [False])
             resumed = threading.Event()
