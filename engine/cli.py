@@ -1,4 +1,15 @@
-"""``x402-engine``: the command line."""
+"""x402-engine: a batch settlement engine for x402 payments (EIP-3009 and Permit2 on EVM
+chains). It verifies signed payments, records them durably, and settles many in one transaction.
+
+A first hour on a local chain (in a checkout, after make setup and . .venv/bin/activate):
+
+    x402-engine devchain --detach          # anvil, token, batcher, funded payers
+    x402-engine serve --config devchain/engine.toml --env-file devchain/signer.env &
+    x402-engine pay --facilitator http://127.0.0.1:4021
+    x402-engine report --config devchain/engine.toml
+
+Every command has its own --help; the README covers configuration and operation.
+"""
 
 from __future__ import annotations
 
@@ -23,18 +34,34 @@ T = TypeVar("T")
 
 
 def _devchain(args: argparse.Namespace) -> int:
-    console = Console()
+    """A local chain to try the engine on: anvil with the token, the batchers and funded payers,
+    and the files ``serve`` and ``pay`` read. In the foreground until Ctrl-C, or ``--detach``ed
+    (stopped later with ``--stop``)."""
+    from .config import ConfigError
+
+    console = Console(highlight=False, soft_wrap=True)
     out = Path(args.out)
+    if args.stop:
+        return _devchain_stop(out, console)
+    if _port_taken(args.port):
+        raise ConfigError(
+            f"127.0.0.1:{args.port} is taken (a devchain already running? x402-engine devchain"
+            " --stop, or choose --port)"
+        )
     out.mkdir(parents=True, exist_ok=True)
-    anvil = Anvil(args.port, block_time_s=args.block_time, log_path=out / "anvil.log")
+    for line in _set_old_ledger_aside(out):
+        console.print(line)
+    anvil = Anvil(
+        args.port, block_time_s=args.block_time, log_path=out / "anvil.log", detach=args.detach
+    )
+    keep_running = False
     try:
         dev = trio.run(lambda: setup_devchain(anvil.url, payers=args.payers))
         config, env = engine_config(dev, str(out / "ledger.duckdb"))
-        (out / "engine.toml").write_bytes(dump_config(config))
-        (out / "signer.env").write_text("".join(f"{k}={v}\n" for k, v in env.items()))
-        (out / "signer.env").chmod(0o600)
-        (out / "devchain.json").write_bytes(msgspec.json.format(msgspec.json.encode(dev)))
-        (out / "devchain.json").chmod(0o600)
+        # Each file appears whole (written aside, then renamed), keys readable by us only.
+        _write_atomically(out / "signer.env", "".join(f"{k}={v}\n" for k, v in env.items()))
+        _write_atomically(out / "devchain.json", msgspec.json.format(msgspec.json.encode(dev)))
+        _write_atomically(out / "engine.toml", dump_config(config))
         console.print(f"anvil      {anvil.url} (chain id {dev.chain_id})")
         console.print(f"token      {dev.token}  ({dev.token_name} v{dev.token_version})")
         console.print(f"batcher    {dev.batcher}")
@@ -42,6 +69,14 @@ def _devchain(args: argparse.Namespace) -> int:
         console.print(f"payers     {len(dev.payer_keys)} funded (keys in {out / 'devchain.json'})")
         console.print(f"config     {out / 'engine.toml'}; signer keys in {out / 'signer.env'}")
         if args.exit:
+            return 0
+        if args.detach:
+            (out / "anvil.pid").write_text(f"{anvil.process.pid}\n")
+            keep_running = True
+            console.print(
+                f"anvil runs in the background (pid {anvil.process.pid}); stop it with"
+                f" x402-engine devchain --stop --out {out}"
+            )
             return 0
         console.print("running; Ctrl-C stops anvil")
         stop = False
@@ -58,7 +93,58 @@ def _devchain(args: argparse.Namespace) -> int:
             pass
         return 0
     finally:
-        anvil.stop()
+        if not keep_running:
+            anvil.stop()
+
+
+def _port_taken(port: int) -> bool:
+    import socket
+
+    with socket.socket() as probe:
+        return probe.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _write_atomically(path: Path, data: str | bytes) -> None:
+    aside = path.with_name(path.name + ".partial")
+    raw = data.encode() if isinstance(data, str) else data
+    fd = os.open(aside, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(raw)
+    os.replace(aside, path)
+
+
+def _set_old_ledger_aside(out: Path) -> list[str]:
+    """A new devchain is a new chain: the previous one's ledger (bound to the old chain; the
+    engine would refuse it) moves to ``old/`` in the same directory, never deleted."""
+    found = sorted(out.glob("ledger.duckdb*"))
+    if not found:
+        return []
+    aside = out / "old" / time.strftime("%Y%m%d-%H%M%S")
+    aside.mkdir(parents=True, exist_ok=True)
+    for path in found:
+        path.rename(aside / path.name)
+    return [f"ledger     the previous devchain's ledger moved to {aside}/"]
+
+
+def _devchain_stop(out: Path, console: Console) -> int:
+    from .config import ConfigError
+
+    pid_file = out / "anvil.pid"
+    if not pid_file.exists():
+        raise ConfigError(f"no detached devchain in {out}/ (no anvil.pid)")
+    pid = int(pid_file.read_text().strip())
+    try:
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            os.kill(pid, 0)  # raises once it is gone
+            time.sleep(0.1)
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    pid_file.unlink()
+    console.print(f"stopped anvil (pid {pid})")
+    return 0
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -93,9 +179,15 @@ def _demo(args: argparse.Namespace) -> int:
 
 def read_env_file(path: str | None) -> dict[str, str]:
     """KEY=VALUE lines (as ``devchain`` writes signer.env); blank lines and # comments skipped."""
+    from .config import ConfigError
+
     env: dict[str, str] = {}
     if path:
-        for line in Path(path).read_text().splitlines():
+        try:
+            text = Path(path).read_text()
+        except OSError as exc:
+            raise ConfigError(f"cannot read the --env-file {path}: {exc.strerror}") from None
+        for line in text.splitlines():
             line = line.strip()
             if line and not line.startswith("#") and "=" in line:
                 key, _, value = line.partition("=")
@@ -350,17 +442,27 @@ def _number(value: Any) -> Any:
 def _report(args: argparse.Namespace) -> int:
     from rich.table import Table
 
-    from .store.report import build_report, chart, export
+    from .store.report import build_report, chart, export, record_lines, table_width
 
     source, where = _report_source(args)
     try:
         columns, rows = build_report(source, args.by)
-        table = Table(title=f"x402 ledger {where}, by {args.by}")
-        for name in columns:
-            table.add_column(name, justify="left" if name == args.by else "right")
-        for row in rows:
-            table.add_row(*(f"{v:,}" if isinstance(v, int) else str(v) for v in row))
-        Console().print(table)
+        cells = [[f"{v:,}" if isinstance(v, int) else str(v) for v in row] for row in rows]
+        console = Console(highlight=False, soft_wrap=True)
+        if table_width([columns, *cells]) <= console.width:
+            table = Table(title=f"x402 ledger {where}, by {args.by}")
+            for name in columns:
+                table.add_column(name, justify="left" if name == args.by else "right")
+            for row_cells in cells:
+                table.add_row(*row_cells)
+            console.print(table)
+        else:  # too narrow for the table (13 columns want ~200): one block per group
+            console.print(f"x402 ledger, by {args.by}: {len(cells):,} groups")
+            console.print(f"from {where}")
+            for row_cells in cells:
+                console.print("\n".join(record_lines(columns, row_cells, console.width)))
+            if not cells:
+                console.print("(no payments)")
         for target, fmt in ((args.csv, "csv"), (args.parquet, "parquet")):
             if target:
                 export(source, args.by, Path(target), fmt)  # type: ignore[arg-type]
@@ -649,17 +751,34 @@ def _engine_arguments(parser: argparse.ArgumentParser) -> None:
 # Longer than our ~60-line rule on purpose: a flat table of the subcommands and their options,
 # one block per command, is easier to scan than the same table split over functions.
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="x402-engine", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="x402-engine",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--log-level", default="warning", help="debug, info, warning, error")
     parser.add_argument("--log-file", default=None, help="default: standard error")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    dc = sub.add_parser("devchain", help="start anvil, deploy token + batcher, fund payers")
-    dc.add_argument("--port", type=int, default=8545)
-    dc.add_argument("--payers", type=int, default=100)
-    dc.add_argument("--block-time", type=float, default=1.0, help="seconds; 0 = automine")
+    dc = sub.add_parser(
+        "devchain",
+        help="start anvil, deploy token + batcher, fund payers, write engine.toml",
+        description="A local chain to try the engine on: anvil on 127.0.0.1 with a USDC-like"
+        " token, the batchers and funded payers; writes engine.toml, signer.env and"
+        " devchain.json into --out. A previous devchain's ledger there is moved to old/.",
+    )
+    dc.add_argument("--port", type=int, default=8545, help="anvil's port (default 8545)")
+    dc.add_argument("--payers", type=int, default=100, help="funded payers (default 100)")
+    dc.add_argument(
+        "--block-time", type=float, default=1.0, help="seconds; 0 = automine (default 1)"
+    )
     dc.add_argument("--out", default="devchain", help="directory for config and keys")
-    dc.add_argument("--exit", action="store_true", help="set up, write files, stop anvil, exit")
+    when = dc.add_mutually_exclusive_group()
+    when.add_argument("--exit", action="store_true", help="set up, write files, stop anvil, exit")
+    when.add_argument(
+        "--detach", action="store_true", help="set up, leave anvil running in the background"
+    )
+    when.add_argument("--stop", action="store_true", help="stop a --detach-ed devchain")
     dc.set_defaults(func=_devchain)
 
     serve = sub.add_parser("serve", help="run the HTTP facilitator on the engine")

@@ -290,11 +290,20 @@ def _check_schedule(schedule: ScheduleConfig, where: str) -> None:
 
 def load_config(path: str | Path) -> EngineConfig:
     """Read and validate a TOML configuration file."""
-    raw = Path(path).read_bytes()
+    try:
+        raw = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(
+            f"no configuration file {path} (x402-engine devchain writes devchain/engine.toml)"
+        ) from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
     try:
         config = msgspec.toml.decode(raw, type=EngineConfig)
     except msgspec.ValidationError as exc:
         raise ConfigError(f"{path}: {exc}") from exc
+    except msgspec.DecodeError as exc:  # not TOML at all
+        raise ConfigError(f"{path} is not valid TOML: {exc}") from exc
     return validate(config)
 
 
@@ -325,7 +334,10 @@ def signer_keys(chain: ChainConfig, environ: dict[str, str] | None = None) -> li
     for name in chain.signer_key_envs:
         value = env.get(name)
         if not value:
-            raise ConfigError(f"environment variable {name} (signer key) is not set")
+            raise ConfigError(
+                f"environment variable {name} (signer key) is not set: pass --env-file (a"
+                " devchain's is devchain/signer.env) or export it"
+            )
         text = value.strip().removeprefix("0x")
         try:
             raw = bytes.fromhex(text)

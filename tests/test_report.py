@@ -22,7 +22,12 @@ pytestmark = pytest.mark.chain
 VALUE = 1000
 
 
-async def test_report_totals_exports_and_chart(anvil: Anvil, tmp_path: Path) -> None:
+async def test_report_totals_exports_and_chart(
+    anvil: Anvil,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     dev = await setup_devchain(anvil.url, payers=4)
     path = tmp_path / "ledger.duckdb"
     config, env = engine_config(dev, str(path))
@@ -73,3 +78,18 @@ async def test_report_totals_exports_and_chart(anvil: Anvil, tmp_path: Path) -> 
     assert table[0]["settled_value"] == Decimal(10 * VALUE)  # exact decimals, not floats
     png = out_png.read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+
+    # An 80-column terminal gets every column whole (the table wants ~200 columns): no line
+    # longer than 80, no header cut short, every column named with its value.
+    capsys.readouterr()
+    monkeypatch.setenv("COLUMNS", "80")
+    assert cli_main(["report", "--ledger", str(path), "--by", "status"]) == 0
+    shown = capsys.readouterr().out
+    lines = [line for line in shown.splitlines() if not line.startswith("from ")]  # the path
+    assert all(len(line) <= 80 for line in lines), shown
+    assert "…" not in shown
+    assert all(name in shown for name in columns), shown
+    assert "uncollected_value 7,000" in shown, shown
+    monkeypatch.setenv("COLUMNS", "250")  # wide enough: the table
+    assert cli_main(["report", "--ledger", str(path), "--by", "status"]) == 0
+    assert "┃ status" in capsys.readouterr().out

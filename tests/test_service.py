@@ -109,6 +109,12 @@ def test_settle_confirmed_v1_and_v2_answer_with_the_batch_transaction(svc: Runni
     record = httpx.get(f"{svc.url}/settlements/{sid}").json()
     assert record["state"] == "settled" and record["transaction"] == bodies[0]["transaction"]
     assert [h["state"] for h in record["history"]] == ["submitted", "settled"]
+    # one key style, the x402 wire's (camelCase), at every level of the document
+    keys = set(record) | {k for event in record["history"] for k in event}
+    assert all("_" not in k for k in keys), sorted(keys)
+    settled = record["history"][-1]
+    assert settled["transaction"] == record["transaction"] and settled["blockNumber"] > 0
+    assert settled["gasUsed"] > 0 and int(settled["feeWei"]) > 0 and settled["atMs"] > 0
 
 
 def test_failed_settlement_is_200_with_the_reason(svc: RunningService) -> None:

@@ -53,7 +53,10 @@ class Anvil:
         chain_id: int = ANVIL_CHAIN_ID,
         extra_args: Sequence[str] = (),
         log_path: Path | None = None,
+        detach: bool = False,
     ) -> None:
+        """``detach``: anvil gets a session of its own, so it outlives this process (the
+        caller then leaves it running instead of calling :meth:`stop`)."""
         self.port = port or free_port()
         self.chain_id = chain_id
         binary = artifacts.anvil_binary()
@@ -82,7 +85,9 @@ class Anvil:
             args += ["--block-time", str(block_time_s)]
         args += list(extra_args)
         self._log = open(log_path, "ab") if log_path else subprocess.DEVNULL  # noqa: SIM115
-        self.process = subprocess.Popen(args, stdout=self._log, stderr=self._log)
+        self.process = subprocess.Popen(
+            args, stdout=self._log, stderr=self._log, start_new_session=detach
+        )
         self.url = f"http://127.0.0.1:{self.port}"
         self._wait_ready()
 

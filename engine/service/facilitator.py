@@ -30,6 +30,15 @@ from ..stages.verify import probe_payer
 from .metrics import Families, Histogram, Metric, registry, render
 
 _encoder = msgspec.json.Encoder()
+# The ledger's event columns in the x402 wire's key style (camelCase, ``transaction``)
+_HISTORY_KEYS = {
+    "at_ms": "atMs",
+    "batch_id": "batchId",
+    "tx_hash": "transaction",
+    "block_number": "blockNumber",
+    "gas_used": "gasUsed",
+    "fee_wei": "feeWei",
+}
 
 
 class FacilitatorRequest(msgspec.Struct, rename="camel"):
@@ -223,7 +232,10 @@ class Facilitator:
         outcome = await self.engine.status(rid)
         if outcome is None:
             return error(404, "no such settlement")
-        history = await self.engine.history(rid)
+        history = [
+            {_HISTORY_KEYS.get(key, key): value for key, value in event.items()}
+            for event in await self.engine.history(rid)
+        ]
         return 200, _encoder.encode(
             {
                 "id": outcome.id,

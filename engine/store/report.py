@@ -169,3 +169,25 @@ def chart(source: Source, path: Path, decimals: int = 6) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def table_width(cells: list[list[str]]) -> int:
+    """Columns a boxed table of these cells (the header first) needs: each column its widest
+    cell plus a border and two spaces of padding, and one closing border."""
+    return sum(max(len(row[i]) for row in cells) + 3 for i in range(len(cells[0]))) + 1
+
+
+def record_lines(columns: list[str], cells: list[str], width: int) -> list[str]:
+    """One report row as a block for terminals too narrow for the table: the group on a line
+    of its own, then ``name value`` pairs filled into lines of at most ``width`` columns."""
+    lines = [cells[0]]
+    line = " "
+    for name, value in zip(columns[1:], cells[1:], strict=True):
+        pair = f" {name} {value}"
+        if len(line) + len(pair) > width and line.strip():
+            lines.append(line)
+            line = " "
+        line += pair
+    if line.strip():
+        lines.append(line)
+    return lines
