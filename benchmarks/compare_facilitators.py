@@ -1,7 +1,7 @@
 """Our facilitator against the official x402 SDK's, on one anvil, with the same load.
 
-    python -m benchmarks.compare_facilitators [--payments 1000] [--concurrency 100]
-        [--payers 200] [--block-time 1] [--order ours,sdk] [--json FILE] [--workdir DIR]
+    python -m benchmarks.compare_facilitators [--payments 2000] [--concurrency 500]
+        [--payers 500] [--block-time 1] [--order ours,sdk] [--json FILE] [--workdir DIR]
 
 One anvil (``--block-time`` s blocks) with a devchain (token, batcher, ``--payers`` funded
 payers). Each facilitator runs as its own process on it, one at a time (started before its run,
@@ -314,9 +314,9 @@ def main() -> None:
         prog="python -m benchmarks.compare_facilitators",
         description="Our facilitator vs the official x402 SDK's, same load on one anvil.",
     )
-    parser.add_argument("--payments", type=int, default=1000)
-    parser.add_argument("--concurrency", type=int, default=100)
-    parser.add_argument("--payers", type=int, default=200)
+    parser.add_argument("--payments", type=int, default=2000)
+    parser.add_argument("--concurrency", type=int, default=500)
+    parser.add_argument("--payers", type=int, default=500)
     parser.add_argument("--block-time", type=float, default=1.0)
     parser.add_argument(
         "--order", default="ours,sdk", choices=["ours,sdk", "sdk,ours"], help="which runs first"

@@ -457,7 +457,8 @@ def _report(args: argparse.Namespace) -> int:
                 table.add_row(*row_cells)
             console.print(table)
         else:  # too narrow for the table (13 columns want ~200): one block per group
-            console.print(f"x402 ledger, by {args.by}: {len(cells):,} groups")
+            groups = f"{len(cells):,} group{'s' if len(cells) != 1 else ''}"
+            console.print(f"x402 ledger, by {args.by}: {groups}")
             console.print(f"from {where}")
             for row_cells in cells:
                 console.print("\n".join(record_lines(columns, row_cells, console.width)))
