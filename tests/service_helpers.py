@@ -116,3 +116,19 @@ def sdk_resource_server(svc: RunningService) -> Iterator[str]:
     finally:
         server.kill()
         server.wait()
+
+
+def token_balances(svc: RunningService, owners: list[str]) -> list[int]:
+    """The devchain token's balances of ``owners``, read from the service's anvil."""
+    from engine.chain.rpc import Rpc
+
+    from .chain import balances
+
+    async def read() -> list[int]:
+        rpc = Rpc(svc.anvil.url)
+        try:
+            return list(await balances(rpc, svc.dev.token, owners))
+        finally:
+            await rpc.aclose()
+
+    return trio.run(read)

@@ -9,10 +9,8 @@ from pathlib import Path
 
 import msgspec
 import pytest
-import trio
 
 from benchmarks.sdk_facilitator import sdk_facilitator, sdk_facilitator_key
-from engine.chain.rpc import Rpc
 from engine.cli import main
 from engine.dev.devchain import DevChain
 from engine.dev.paystats import (
@@ -26,8 +24,7 @@ from engine.dev.paystats import (
     verify_verdict,
 )
 
-from .chain import balances
-from .service_helpers import RunningService, running_service, sdk_resource_server
+from .service_helpers import RunningService, running_service, sdk_resource_server, token_balances
 
 # ----------------------------------------------------------------------- decisions
 
@@ -99,14 +96,7 @@ def _devchain_dir(tmp: Path, dev: DevChain) -> str:
 
 
 def _payee_balance(svc: RunningService) -> int:
-    async def read() -> int:
-        rpc = Rpc(svc.anvil.url)
-        try:
-            return (await balances(rpc, svc.dev.token, [svc.dev.payee]))[0]
-        finally:
-            await rpc.aclose()
-
-    return trio.run(read)
+    return token_balances(svc, [svc.dev.payee])[0]
 
 
 @pytest.mark.chain

@@ -27,8 +27,7 @@ from x402.schemas import (
 from engine.chain.rpc import Rpc
 from engine.config import ServiceConfig
 
-from .chain import balances
-from .service_helpers import RunningService, running_service, sdk_resource_server
+from .service_helpers import RunningService, running_service, sdk_resource_server, token_balances
 
 pytestmark = pytest.mark.chain
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,14 +36,7 @@ DOMAIN = {"name": "USD Coin", "version": "2"}
 
 
 def _balance(svc: RunningService, owner: str) -> int:
-    async def read() -> int:
-        rpc = Rpc(svc.anvil.url)
-        try:
-            return (await balances(rpc, svc.dev.token, [owner]))[0]
-        finally:
-            await rpc.aclose()
-
-    return trio.run(read)
+    return token_balances(svc, [owner])[0]
 
 
 def _sdk_client(key: str) -> x402ClientSync:

@@ -14,12 +14,10 @@ import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from engine.chain.rpc import Rpc
 from engine.config import ConfigError, PolicyConfig, ServiceConfig
 from engine.dev.loadgen import payment_v1, payment_v2
 
-from .chain import balances
-from .service_helpers import RunningService, running_service
+from .service_helpers import RunningService, running_service, token_balances
 
 pytestmark = pytest.mark.chain
 VALUE = 1000
@@ -47,14 +45,7 @@ def _payment(svc: RunningService, i: int, version: int = 2) -> bytes:
 
 
 def _payee_balance(svc: RunningService) -> int:
-    async def read() -> int:
-        rpc = Rpc(svc.anvil.url)
-        try:
-            return (await balances(rpc, svc.dev.token, [svc.dev.payee]))[0]
-        finally:
-            await rpc.aclose()
-
-    return trio.run(read)
+    return token_balances(svc, [svc.dev.payee])[0]
 
 
 def test_supported_lists_v1_and_v2_kinds_and_the_signer(svc: RunningService) -> None:

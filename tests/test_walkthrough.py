@@ -75,3 +75,23 @@ def test_the_readme_walkthrough_works_as_pasted(tmp_path: Path) -> None:
     assert "payments 501" in out, out  # report: both pay runs, all settled
     assert not (tmp_path / "devchain" / "anvil.pid").exists()  # devchain --stop ran
     assert not _taken(8545) and not _taken(4021)
+
+
+def test_a_new_devchain_sets_the_previous_ledger_aside(tmp_path: Path) -> None:
+    """A ledger is bound to its chain, so a new devchain moves the old one's ledger (journal
+    included) to old/ rather than leave it for the engine to refuse; nothing is deleted."""
+    from engine.dev.devchain import free_port
+
+    out = tmp_path / "devchain"
+    out.mkdir()
+    (out / "ledger.duckdb").write_bytes(b"the old chain's ledger")
+    (out / "ledger.duckdb.journal").mkdir()
+    (out / "ledger.duckdb.journal" / "segment").write_bytes(b"frames")
+    assert main(["devchain", "--port", str(free_port()), "--out", str(out), "--exit"]) == 0
+    (aside,) = (out / "old").iterdir()
+    assert (aside / "ledger.duckdb").read_bytes() == b"the old chain's ledger"
+    assert (aside / "ledger.duckdb.journal" / "segment").read_bytes() == b"frames"
+    assert not (out / "ledger.duckdb").exists()
+    assert (out / "engine.toml").exists() and (out / "devchain.json").exists()
+    assert (out / "signer.env").stat().st_mode & 0o777 == 0o600  # keys: ours only
+    assert not list(out.glob("*.partial"))
