@@ -23,6 +23,7 @@ Design (the README's deployment section explains it to operators):
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING
@@ -98,11 +99,15 @@ class Membership:
         lease_s = self._shared.lease_s
         beat = lease_s / 4
         since_scan = 0.0
+        back_since = -math.inf  # when the database answered again after an outage
+        away = False
         self._last_command = await self._ledger.run(self._shared.last_command)
         while True:
             await trio.sleep(beat)
             try:
                 await self._ledger.run_beside(self._shared.heartbeat)
+                if away:
+                    away, back_since = False, trio.current_time()
                 if not self.ready.is_set():
                     continue
                 await self._run_commands()
@@ -110,10 +115,13 @@ class Membership:
                 if since_scan < lease_s / 2:
                     continue
                 since_scan = 0.0
+                if not may_take_over(trio.current_time(), back_since, lease_s):
+                    continue
                 owners = await self._ledger.run_beside(self._shared.take_over)
             except (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout) as exc:
                 # the database is away (a restart, a failover): keep trying
                 log.warning("ledger database unreachable for the heartbeat: %s", exc)
+                away = True
                 continue
             if owners:
                 self.takeovers += 1
@@ -129,3 +137,11 @@ class Membership:
             await self._ledger.run(self._shared.ack_command, command_id, waiting)
             self._last_command = command_id
             log.info("ran %s (payee %s): %d payments waiting", kind, payee or "all", waiting)
+
+
+def may_take_over(now: float, back_since: float, lease_s: float) -> bool:
+    """Whether to look for silent instances now. Every instance's heartbeat went stale while
+    the database was away, through no fault of theirs: after an outage, wait a whole lease
+    with the database reachable, so that the others can heartbeat again, before judging any
+    of them silent (else the first one back takes the others over)."""
+    return now - back_since >= lease_s

@@ -5,6 +5,7 @@ and a PostgreSQL restart loses nothing acknowledged."""
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -200,3 +201,11 @@ async def _postgres_restart(
     assert paid == len(states) >= len(acknowledged)
     assert (await balances(rpc, dev.token, [dev.payee]))[0] - before == paid * VALUE
     await rpc.aclose()
+
+
+def test_after_a_database_outage_no_instance_is_judged_silent_for_a_lease() -> None:
+    from engine.cluster import may_take_over
+
+    assert may_take_over(100.0, -math.inf, 10.0)  # never away: scan as usual
+    assert not may_take_over(105.0, 100.0, 10.0)  # back 5 s ago: the others may not have beat
+    assert may_take_over(110.0, 100.0, 10.0)  # a whole lease reachable: silence means silence

@@ -327,3 +327,26 @@ async def test_a_payment_identifier_is_bound_across_instances(anvil: Anvil, pg_d
         retry = await b.settle(paid, paid_req)
         assert retry.success and retry.settlement_id == first.settlement_id, retry
         assert retry.transaction == first.transaction
+
+
+def test_batch_ids_and_fee_bumps_wait_out_a_database_restart(postgres: Any, pg_dsn: str) -> None:
+    """The batch stage and the fee bump have no one to hand a database error to: a batch id
+    reserved, or a replacement recorded, while the server restarts waits for it to return
+    (an instance stopped with "terminating connection due to administrator command" when its
+    first batch formed during a restart)."""
+    import threading
+
+    ledger = PgLedger(pg_dsn, name="restart")
+    try:
+        first = ledger.reserve_batch_ids(4)
+        postgres.stop()
+        restarted = threading.Timer(1.0, postgres.start)
+        restarted.start()
+        try:
+            later = ledger.reserve_batch_ids(4)  # while the server is down: waits, then answers
+        finally:
+            restarted.join()
+        assert later[0] > first[1]
+        ledger.record_replacement(later[0], "0x" + "ab" * 32, b"raw", 1)
+    finally:
+        ledger.close()

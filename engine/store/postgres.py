@@ -542,7 +542,10 @@ class PgLedger:
             _write_batch_event(con, BatchEvent(batch.id, "sent", tx_hash=batch.tx_hash), at_ms)
             _write_events(con, events, at_ms)
 
-        self._retrying(work, retry=lease_epoch is None)
+        # Retried through a database restart like every event: each attempt checks the lease
+        # again in its own transaction, so a signer taken over meanwhile raises LeaseLost and
+        # the transaction, written ahead of its broadcast, is never sent.
+        self._retrying(work)
 
     def record_batch_final(
         self, event: BatchEvent, events: Sequence[PaymentEvent], at_ms: int
@@ -559,8 +562,11 @@ class PgLedger:
             return _take_block(con, "payment", count)
 
     def reserve_batch_ids(self, count: int) -> tuple[int, int]:
-        with self._tx() as con:
-            return _take_block(con, "batch", count)
+        """Like payment ids, but a batch formed while the database restarts waits for it
+        (the batch stage has nowhere to hand the error: it would stop the instance)."""
+        taken: list[tuple[int, int]] = []
+        self._retrying(lambda con: taken.append(_take_block(con, "batch", count)))
+        return taken[-1]
 
     def record_replacement(self, batch_id: int, tx_hash: str, raw_tx: bytes, at_ms: int) -> None:
         self._retrying(
@@ -568,8 +574,7 @@ class PgLedger:
                 "INSERT INTO batch_transactions (batch_id, at_ms, tx_hash, raw_tx)"
                 " VALUES (%s, %s, %s, %s)",
                 [batch_id, at_ms, tx_hash, raw_tx],
-            ),
-            retry=False,
+            )
         )
 
     def record_sales(self, sales: Sequence[Sale], at_ms: int) -> set[int]:
@@ -794,12 +799,10 @@ class PgLedger:
         if row is None:
             raise Superseded(f"instance {self.instance_id} was taken over: nothing recorded")
 
-    def _retrying(
-        self, work: Callable[[psycopg.Connection[Any]], object], retry: bool = True
-    ) -> None:
-        """Run ``work`` in a fenced transaction; while the database is unreachable, retry
-        (``retry``) for up to :data:`RETRY_FOR_S` – events are facts about the chain that must
-        be recorded, and the engine waits rather than crash on a database restart."""
+    def _retrying(self, work: Callable[[psycopg.Connection[Any]], object]) -> None:
+        """Run ``work`` in a fenced transaction; while the database is unreachable, retry for
+        up to :data:`RETRY_FOR_S` – events are facts about the chain that must be recorded,
+        and the engine waits rather than crash on a database restart."""
         deadline = time.monotonic() + RETRY_FOR_S
         delay = 0.1
         while True:
@@ -809,7 +812,7 @@ class PgLedger:
                     work(con)
                 return
             except (psycopg.OperationalError, psycopg.InterfaceError, psycopg_pool.PoolTimeout):
-                if not retry or time.monotonic() > deadline:
+                if time.monotonic() > deadline:
                     raise
                 log.warning("ledger database unreachable; retrying in %.1f s", delay)
                 time.sleep(delay)
