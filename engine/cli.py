@@ -611,7 +611,7 @@ def _pay(args: argparse.Namespace) -> int:
     from .chain.rpc import Rpc
     from .config import ConfigError
     from .dev import pay
-    from .dev.paystats import Answer, Shape, summary_lines
+    from .dev.paystats import Answer, Shape, chain_lines, summary_lines
 
     console = Console(stderr=True)  # progress and waiting
     out = Console(highlight=False, soft_wrap=True)  # what happened: lines never broken
@@ -721,8 +721,8 @@ def _pay(args: argparse.Namespace) -> int:
             out.print(f"settlement  {answer.settlement_id}")
             base = args.facilitator.rstrip("/")
             out.print(f"look it up  curl -s {base}/settlements/{answer.settlement_id}")
-        if run.summary.chain is not None:
-            out.print(summary_lines(run.summary)[-1])
+        for line in chain_lines(run.summary):
+            out.print(line)
     else:
         for line in summary_lines(run.summary):
             out.print(line)
@@ -740,7 +740,8 @@ def _pay(args: argparse.Namespace) -> int:
                 )
             )
         )
-    return 0 if run.summary.successes == run.summary.sent else 1
+    missing = run.summary.chain.missing if run.summary.chain else 0
+    return 0 if run.summary.successes == run.summary.sent and not missing else 1
 
 
 def _engine_arguments(parser: argparse.ArgumentParser) -> None:

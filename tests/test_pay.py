@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import json
 import math
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import msgspec
 import pytest
+import trio
 
 from benchmarks.sdk_facilitator import sdk_facilitator, sdk_facilitator_key
 from engine.cli import main
-from engine.dev.devchain import DevChain
+from engine.dev.devchain import Anvil, DevChain, setup_devchain
 from engine.dev.paystats import (
     Answer,
     ChainView,
@@ -175,3 +178,51 @@ def test_pay_mistakes_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture
     assert "needs --rpc" in capsys.readouterr().err
     assert main([*missing, "--count", "0"]) == 2
     assert "--count must be at least 1" in capsys.readouterr().err
+
+
+@pytest.mark.chain
+def test_pay_catches_a_facilitator_that_answers_settled_without_settling(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], anvil: Anvil
+) -> None:
+    """What an operator saw from outside after a devchain reset: `success` with a transaction
+    hash, and nothing on chain. pay checks every such answer against the token's logs."""
+    dev = trio.run(lambda: setup_devchain(anvil.url, payers=2))
+    devchain = _devchain_dir(tmp_path, dev)
+
+    class Liar(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self._send(
+                {"kinds": [{"x402Version": 2, "scheme": "exact", "network": "eip155:31337"}]}
+            )
+
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers["content-length"]))
+            if self.path == "/verify":
+                self._send({"isValid": True})
+            else:
+                self._send({"success": True, "transaction": "0x" + "ab" * 32, "network": "n"})
+
+        def _send(self, doc: object) -> None:
+            body = json.dumps(doc).encode()
+            self.send_response(200)
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *_: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Liar)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        code = main(f"pay --facilitator {url} --devchain {devchain} --count 3 --wait 1".split())
+    finally:
+        server.shutdown()
+        server.server_close()
+    out = capsys.readouterr().out
+    assert code == 1, out
+    assert "settled     3 with a transaction" in out, out
+    assert "on chain    0 of 3 in 0 transactions" in out, out
+    assert "NOT FOUND   3 answered settled with a transaction are not on chain" in out, out

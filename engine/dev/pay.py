@@ -15,7 +15,6 @@ import base64
 import contextlib
 import itertools
 import json
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
@@ -27,6 +26,7 @@ from eth_utils.address import to_checksum_address
 
 from ..chain import crypto
 from ..chain.rpc import Rpc
+from ..clock import Clock, SystemClock
 from ..config import ConfigError
 from .devchain import DevChain
 from .loadgen import TokenDomain, sign_authorization
@@ -73,6 +73,7 @@ class Paid(msgspec.Struct, frozen=True):
     payer: bytes
     nonce: bytes
     body: bytes  # the facilitator request, or the header value for a resource server
+    settled: bool = False  # answered settled with a transaction: it must be on chain
 
 
 class PayRun(msgspec.Struct):
@@ -365,7 +366,7 @@ async def pay_resource(
         try:
             doc = json.loads(base64.b64decode(header_doc)) if header_doc else answer.json()
             reason = str(doc.get("error") or "payment_required")
-        except ValueError:
+        except (ValueError, AttributeError):  # not JSON, or not an object
             reason = "payment_required"
         return Answer("rejected", 0.0, reason)
     return Answer("error", 0.0, f"http_{answer.status_code}")
@@ -385,6 +386,7 @@ async def run_load(
     shape: Shape,
     clients: list[httpx.AsyncClient],
     on_answer: Callable[[Answer], None] = lambda _: None,
+    clock: Clock | None = None,
 ) -> tuple[list[Answer], list[Paid], float]:
     """Send the payments; every answer with its latency, the successful payments, the wall
     time from the first send to the last answer. Open-loop latency counts from when a payment
@@ -392,6 +394,7 @@ async def run_load(
     answers: list[Answer] = []
     succeeded: list[Paid] = []
     for_resource = target.kind == "resource"
+    wall = clock or SystemClock()  # signing times; trio's clock paces the load
     start = trio.current_time()
     last = start
 
@@ -400,7 +403,7 @@ async def run_load(
         paid = sign(
             price,
             payers.keys[index % len(payers.keys)],
-            int(time.time()),
+            int(wall.now()),
             for_resource=for_resource,
         )
         try:
@@ -417,7 +420,7 @@ async def run_load(
         answer = msgspec.structs.replace(answer, latency_s=now - due)
         answers.append(answer)
         if answer.verdict in ("settled", "accepted"):
-            succeeded.append(paid)
+            succeeded.append(msgspec.structs.replace(paid, settled=answer.verdict == "settled"))
         on_answer(answer)
 
     async with trio.open_nursery() as nursery:
@@ -490,7 +493,8 @@ async def chain_view(
         for receipt in await rpc.receipts(hashes[chunk : chunk + 200]):
             if receipt is not None:
                 gas += int(receipt.gas_used, 16)
-    return ChainView(len(tx_of), len(hashes), gas, trio.current_time() - started)
+    missing = sum(1 for p in paid if p.settled and (p.payer, p.nonce) not in tx_of)
+    return ChainView(len(tx_of), len(hashes), gas, trio.current_time() - started, missing)
 
 
 async def pay(

@@ -106,6 +106,7 @@ class ChainView(msgspec.Struct, frozen=True):
     transactions: int  # distinct transactions that used them
     gas_used: int  # those transactions' gas, in total
     waited_s: float  # how long we waited for them after the last answer
+    missing: int = 0  # answered settled, with a transaction, yet not on chain: a false answer
 
     @property
     def gas_per_payment(self) -> int | None:
@@ -170,10 +171,22 @@ def summary_lines(s: Summary) -> list[str]:
             lines.append(f"{title:<11} {total:,}")
             lines.extend(f"  {reason}: {n:,}" for reason, n in sorted(counts.items()))
     lines.append(f"latency     p50 {ms(s.p50_ms)}, p99 {ms(s.p99_ms)}, p99.9 {ms(s.p999_ms)}")
-    if s.chain is not None:
-        c = s.chain
-        gas = f"{c.gas_per_payment:,} gas per payment" if c.gas_per_payment else "no gas"
+    lines.extend(chain_lines(s))
+    return lines
+
+
+def chain_lines(s: Summary) -> list[str]:
+    """What the chain shows of the successful payments (nothing before it was asked)."""
+    c = s.chain
+    if c is None:
+        return []
+    gas = f"{c.gas_per_payment:,} gas per payment" if c.gas_per_payment else "no gas"
+    lines = [
+        f"on chain    {c.found:,} of {s.successes:,} in {c.transactions:,} transactions, {gas}"
+    ]
+    if c.missing:
         lines.append(
-            f"on chain    {c.found:,} of {s.successes:,} in {c.transactions:,} transactions, {gas}"
+            f"NOT FOUND   {c.missing:,} answered settled with a transaction are not on"
+            f" chain after {c.waited_s:,.0f} s"
         )
     return lines
