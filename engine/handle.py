@@ -1,5 +1,7 @@
 """A thread-safe handle that runs the engine in a background thread, for synchronous hosts
-(Flask, Django, scripts) and asyncio hosts (call it through ``loop.run_in_executor``)."""
+(Flask, Django, scripts) and event-loop hosts: a blocking call per method, or
+:meth:`EngineHandle.start`, which returns at once and reports the result through a callback (an
+asyncio host resolves a future with it; ``engine.integrations.x402_sdk`` does)."""
 
 from __future__ import annotations
 
@@ -36,6 +38,7 @@ class EngineHandle:
         self._environ = environ
         self._ready = threading.Event()
         self._engine: Engine | None = None
+        self._nursery: trio.Nursery | None = None  # calls started without waiting run here
         self._token: trio.lowlevel.TrioToken | None = None
         self._stop: trio.Event | None = None
         self._error: BaseException | None = None
@@ -57,15 +60,73 @@ class EngineHandle:
     async def _main(self) -> None:
         self._token = trio.lowlevel.current_trio_token()
         self._stop = trio.Event()
-        async with Engine.open(self._config, environ=self._environ) as engine:
+        async with (
+            Engine.open(self._config, environ=self._environ) as engine,
+            trio.open_nursery() as nursery,
+        ):
             self._engine = engine
+            self._nursery = nursery
             self._ready.set()
             await self._stop.wait()
+            nursery.cancel_scope.cancel()  # started calls still running end as "stopped"
 
     def _call(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
         if self._engine is None or self._token is None or not self._thread.is_alive():
             raise RuntimeError(f"engine is not running: {self._error}")
         return trio.from_thread.run(fn, *args, trio_token=self._token)
+
+    def start(
+        self,
+        fn: Callable[..., Awaitable[T]],
+        *args: Any,
+        done: Callable[[T | BaseException], None],
+    ) -> None:
+        """Start ``fn(*args)`` in the engine's thread and return at once; ``done`` is called
+        there, exactly once, with the result or the exception (``RuntimeError`` if the engine
+        stops first). ``fn`` is one of the engine's methods, e.g. ``handle.engine.settle``:
+        an event loop can wait for many calls without a thread each."""
+        if self._nursery is None or self._token is None or not self._thread.is_alive():
+            raise RuntimeError(f"engine is not running: {self._error}")
+        nursery = self._nursery
+
+        async def call() -> None:
+            try:
+                result = await fn(*args)
+            except trio.Cancelled:
+                done(RuntimeError("the engine stopped before answering"))
+                raise
+            except Exception as exc:
+                done(exc)
+                return
+            done(result)
+
+        def spawn() -> None:  # in the engine's thread; must not raise (it would end the run)
+            try:
+                nursery.start_soon(call)
+            except RuntimeError:  # the nursery closed: the engine is stopping
+                done(RuntimeError("the engine stopped before answering"))
+
+        try:
+            self._token.run_sync_soon(spawn)
+        except trio.RunFinishedError:
+            raise RuntimeError("engine is not running") from None
+
+    @property
+    def engine(self) -> Engine:
+        """The engine itself, for :meth:`start` (its methods run only in the engine's
+        thread)."""
+        if self._engine is None:
+            raise RuntimeError(f"engine is not running: {self._error}")
+        return self._engine
+
+    def supported(self) -> dict[str, Any]:
+        """See :meth:`Engine.supported` (the /supported document)."""
+        engine = self.engine
+
+        async def document() -> dict[str, Any]:
+            return engine.supported()
+
+        return self._call(document)
 
     def submit(self, payload: Any, requirements: Any) -> Accepted | Rejected:
         """See :meth:`Engine.submit`; returns once the payment is durable."""

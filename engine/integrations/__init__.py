@@ -1,0 +1,1 @@
+"""Adapters that embed the engine in other x402 stacks (optional dependencies)."""

@@ -1,0 +1,202 @@
+"""The engine as a scheme mechanism inside the official x402 SDK's facilitator: payloads from the
+SDK's own client (v1 and v2) verify and settle through an SDK ``x402Facilitator`` (asyncio) and
+``x402FacilitatorSync`` with ``register_batched_exact_evm``, concurrent settles batch, and a
+replayed payload is refused; on a real anvil."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import trio
+from eth_account import Account
+from x402 import x402ClientSync, x402Facilitator, x402FacilitatorSync
+from x402.mechanisms.evm.exact import ExactEvmScheme
+from x402.mechanisms.evm.exact.v1.client import ExactEvmSchemeV1
+from x402.mechanisms.evm.signers import EthAccountSigner
+from x402.mechanisms.evm.v1 import constants as v1_constants
+from x402.schemas import (
+    PaymentPayload,
+    PaymentRequired,
+    PaymentRequiredV1,
+    PaymentRequirements,
+    PaymentRequirementsV1,
+    SettleResponse,
+)
+
+from engine.chain.rpc import Rpc
+from engine.config import PolicyConfig
+from engine.dev.devchain import Anvil, DevChain, engine_config, setup_devchain
+from engine.handle import EngineHandle
+from engine.integrations.x402_sdk import register_batched_exact_evm
+
+from .chain import balances
+
+pytestmark = pytest.mark.chain
+NETWORK = "eip155:31337"
+DOMAIN = {"name": "USD Coin", "version": "2"}
+
+
+@contextmanager
+def engine_on(anvil: Anvil, tmp: Path, payers: int) -> Iterator[tuple[DevChain, EngineHandle]]:
+    dev = trio.run(lambda: setup_devchain(anvil.url, payers=payers))
+    config, env = engine_config(
+        dev, str(tmp / "ledger.duckdb"), policy=PolicyConfig(max_wait_ms=300)
+    )
+    with EngineHandle(config, environ=env) as handle:
+        yield dev, handle
+
+
+def _client(key: str) -> x402ClientSync:
+    signer = EthAccountSigner(Account.from_key(key))
+    client = x402ClientSync()
+    client.register(NETWORK, ExactEvmScheme(signer))
+    client.register_v1("anvil", ExactEvmSchemeV1(signer))
+    client.set_spend_controls(False)  # our test token is not one of the SDK's known assets
+    return client
+
+
+def _requirements(dev: DevChain, amount: int) -> PaymentRequirements:
+    return PaymentRequirements(
+        scheme="exact",
+        network=NETWORK,
+        asset=dev.token,
+        amount=str(amount),
+        pay_to=dev.payee,
+        max_timeout_seconds=300,
+        extra=DOMAIN,
+    )
+
+
+def _balance(anvil: Anvil, dev: DevChain) -> int:
+    async def read() -> int:
+        rpc = Rpc(anvil.url)
+        try:
+            return (await balances(rpc, dev.token, [dev.payee]))[0]
+        finally:
+            await rpc.aclose()
+
+    return trio.run(read)
+
+
+def test_sdk_facilitators_with_our_mechanism_verify_and_settle_sdk_client_payloads(
+    anvil: Anvil, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(v1_constants.V1_NETWORK_CHAIN_IDS, "anvil", 31337)  # the SDK client's
+    with engine_on(anvil, tmp_path, payers=3) as (dev, handle):
+        facilitator = x402Facilitator()
+        register_batched_exact_evm(facilitator, handle)
+        supported = facilitator.get_supported()
+        kinds = {(k.x402_version, k.scheme, k.network): k.extra for k in supported.kinds}
+        assert kinds[(2, "exact", NETWORK)] == {"assetTransferMethods": ["eip3009", "permit2"]}
+        assert (1, "exact", "anvil") in kinds
+        signers = handle.supported()["signers"]["eip155:*"]
+        assert supported.signers["eip155:*"] == signers and signers
+
+        client = _client(dev.payer_keys[0])
+        v2 = _requirements(dev, 1000)
+        v1 = PaymentRequirementsV1(
+            scheme="exact",
+            network="anvil",
+            max_amount_required="2000",
+            resource="http://127.0.0.1/paid",
+            pay_to=dev.payee,
+            max_timeout_seconds=300,
+            asset=dev.token,
+            extra=DOMAIN,
+        )
+        before = _balance(anvil, dev)
+
+        async def main() -> None:
+            cases: list[
+                tuple[
+                    PaymentRequirements | PaymentRequirementsV1,
+                    PaymentRequired | PaymentRequiredV1,
+                ]
+            ] = [
+                (v2, PaymentRequired(accepts=[v2])),
+                (v1, PaymentRequiredV1(accepts=[v1])),
+            ]
+            for req, required in cases:
+                payload = client.create_payment_payload(required)
+                verified = await facilitator.verify(payload, req)
+                assert verified.is_valid, verified
+                assert verified.payer == Account.from_key(dev.payer_keys[0]).address.lower()
+                settled = await facilitator.settle(payload, req)
+                assert settled.success, settled
+                assert settled.transaction.startswith("0x") and settled.network == req.network
+                assert settled.amount == ("1000" if req is v2 else "2000")
+                assert settled.extra is not None and settled.extra["settlementId"] > 0
+                # replayed: refused, with where it went (one payment, one purchase)
+                again = await facilitator.settle(payload, req)
+                assert not again.success and again.error_reason == "duplicate_settlement"
+                assert again.transaction == settled.transaction
+            # a tampered amount: a negative result the SDK reads, not an exception
+            payload = client.create_payment_payload(PaymentRequired(accepts=[v2]))
+            bigger = v2.model_copy(update={"amount": "5000"})
+            refused = await facilitator.verify(payload, bigger)
+            assert not refused.is_valid and refused.invalid_reason is not None
+            refused_settle = await facilitator.settle(payload, bigger)
+            assert not refused_settle.success and refused_settle.error_reason is not None
+
+        asyncio.run(main())
+        assert _balance(anvil, dev) - before == 3000
+
+        # The same mechanism in the SDK's synchronous facilitator.
+        sync_facilitator = x402FacilitatorSync()
+        register_batched_exact_evm(sync_facilitator, handle)
+        payload = _client(dev.payer_keys[1]).create_payment_payload(PaymentRequired(accepts=[v2]))
+        assert sync_facilitator.verify(payload, v2).is_valid
+        settled = sync_facilitator.settle(payload, v2)
+        assert settled.success and settled.transaction.startswith("0x"), settled
+        assert not sync_facilitator.settle(payload, v2).success
+        assert _balance(anvil, dev) - before == 4000
+
+
+def test_200_concurrent_settles_through_the_asyncio_facilitator_share_a_few_transactions(
+    anvil: Anvil, tmp_path: Path
+) -> None:
+    with engine_on(anvil, tmp_path, payers=20) as (dev, handle):
+        facilitator = x402Facilitator()
+        register_batched_exact_evm(facilitator, handle)
+        req = _requirements(dev, 1000)
+        clients = [_client(key) for key in dev.payer_keys]
+        payloads: list[PaymentPayload] = [
+            clients[i % len(clients)].create_payment_payload(PaymentRequired(accepts=[req]))  # type: ignore[misc]
+            for i in range(200)
+        ]
+        before = _balance(anvil, dev)
+
+        async def main() -> list[SettleResponse]:
+            return list(await asyncio.gather(*(facilitator.settle(p, req) for p in payloads)))
+
+        answers = asyncio.run(main())
+        assert all(a.success for a in answers), [a for a in answers if not a.success][:3]
+        transactions = {a.transaction for a in answers}
+        print(f"200 concurrent settles: {len(transactions)} transactions")
+        assert len(transactions) <= 5, len(transactions)  # a handful, not 200
+        assert _balance(anvil, dev) - before == 200 * 1000
+
+        async def replay() -> list[SettleResponse]:
+            return list(await asyncio.gather(*(facilitator.settle(p, req) for p in payloads[:20])))
+
+        again = asyncio.run(replay())
+        assert all(a.error_reason == "duplicate_settlement" for a in again), again[:3]
+        assert _balance(anvil, dev) - before == 200 * 1000
+
+        # An operator's before-settle hook after ours could abort a payment: the hook then
+        # leaves settling to the mechanism itself (blocking, one at a time), and nothing is
+        # sold that the SDK does not answer.
+        seen: list[str] = []
+        facilitator.on_before_settle(lambda context: seen.append("operator's hook"))
+        more = [c.create_payment_payload(PaymentRequired(accepts=[req])) for c in clients[:3]]
+
+        async def later() -> list[SettleResponse]:
+            return list(await asyncio.gather(*(facilitator.settle(p, req) for p in more)))
+
+        assert all(a.success for a in asyncio.run(later()))
+        assert seen == ["operator's hook"] * 3
+        assert _balance(anvil, dev) - before == 203 * 1000
