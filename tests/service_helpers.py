@@ -100,9 +100,16 @@ def running_service(
 def sdk_resource_server(svc: RunningService) -> Iterator[str]:
     """The SDK's Flask resource server (tests/sdk_resource_server.py) paying the devchain's
     payee through our facilitator; yields its URL."""
-    dev = svc.dev
+    with sdk_resource_server_at(svc.url, svc.dev.token, svc.dev.payee) as url:
+        yield url
+
+
+@contextmanager
+def sdk_resource_server_at(facilitator_url: str, token: str, pay_to: str) -> Iterator[str]:
+    """The SDK's Flask resource server selling GET /paid for 1,000 base units of ``token`` to
+    ``pay_to``, through the facilitator at ``facilitator_url``; yields its URL."""
     server = subprocess.Popen(
-        [sys.executable, "-m", "tests.sdk_resource_server", svc.url, dev.token, dev.payee],
+        [sys.executable, "-m", "tests.sdk_resource_server", facilitator_url, token, pay_to],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

@@ -6,6 +6,8 @@ replayed payload is refused; on a real anvil."""
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -14,6 +16,7 @@ import pytest
 import trio
 from eth_account import Account
 from x402 import x402ClientSync, x402Facilitator, x402FacilitatorSync
+from x402.http.clients.requests import x402_requests
 from x402.mechanisms.evm.exact import ExactEvmScheme
 from x402.mechanisms.evm.exact.v1.client import ExactEvmSchemeV1
 from x402.mechanisms.evm.signers import EthAccountSigner
@@ -34,6 +37,8 @@ from engine.handle import EngineHandle
 from engine.integrations.x402_sdk import register_batched_exact_evm
 
 from .chain import balances
+from .sdk_async_app import serving
+from .service_helpers import sdk_resource_server_at
 
 pytestmark = pytest.mark.chain
 NETWORK = "eip155:31337"
@@ -200,3 +205,27 @@ def test_200_concurrent_settles_through_the_asyncio_facilitator_share_a_few_tran
         assert all(a.success for a in asyncio.run(later()))
         assert seen == ["operator's hook"] * 3
         assert _balance(anvil, dev) - before == 203 * 1000
+
+
+def test_an_sdk_resource_server_on_an_asyncio_facilitator_with_our_mechanism_sells_once(
+    anvil: Anvil, tmp_path: Path
+) -> None:
+    """The whole SDK stack with the engine inside: the SDK's client pays the SDK's Flask
+    resource server, whose facilitator client calls an HTTP facilitator built on the SDK's
+    asyncio x402Facilitator with our mechanism registered."""
+    with engine_on(anvil, tmp_path, payers=2) as (dev, handle):
+        facilitator = x402Facilitator()
+        register_batched_exact_evm(facilitator, handle)
+        before = _balance(anvil, dev)
+        with (
+            serving(facilitator) as facilitator_url,
+            sdk_resource_server_at(facilitator_url, dev.token, dev.payee) as url,
+        ):
+            session = x402_requests(_client(dev.payer_keys[1]))
+            paid = session.get(url + "/paid", timeout=60)
+            assert paid.status_code == 200, paid.text
+            assert paid.json() == {"content": "the paid resource"}
+            receipt = json.loads(base64.b64decode(paid.headers["PAYMENT-RESPONSE"]))
+            assert receipt["success"] and receipt["transaction"].startswith("0x"), receipt
+        assert _balance(anvil, dev) - before == 1000
+        assert handle.statistics().settled == 1
