@@ -1,7 +1,9 @@
-"""Our facilitator against the official x402 SDK's, on one anvil, with the same load.
+"""Our facilitator against the official x402 SDK's, on one anvil, with the same load; and the
+SDK's facilitator with our mechanism in it.
 
     python -m benchmarks.compare_facilitators [--payments 2000] [--concurrency 500]
-        [--payers 500] [--block-time 1] [--order ours,sdk] [--json FILE] [--workdir DIR]
+        [--payers 500] [--block-time 1] [--order ours,sdk,sdk-engine] [--json FILE]
+        [--workdir DIR]
 
 One anvil (``--block-time`` s blocks) with a devchain (token, batcher, ``--payers`` funded
 payers). Each facilitator runs as its own process on it, one at a time (started before its run,
@@ -9,16 +11,25 @@ stopped after, so the idle one takes no CPU from the other on a small machine):
 
 - ours: ``x402-engine serve`` with the devchain's configuration (``confirmed`` settlement, the
   default batching policy);
-- the SDK's: ``python -m benchmarks.sdk_facilitator`` (its ``x402FacilitatorSync`` and exact EVM
-  mechanism behind a stdlib HTTP server), sending from anvil's account 0.
+- the SDK's (``sdk``): ``python -m benchmarks.sdk_facilitator`` (its ``x402FacilitatorSync`` and
+  exact EVM mechanism behind a stdlib HTTP server), sending from anvil's account 0;
+- the SDK's with ours inside (``sdk-engine``): ``python -m benchmarks.sdk_facilitator
+  --engine-config``, the same ``x402FacilitatorSync`` behind the same HTTP server, with
+  ``register_batched_exact_evm`` (``engine/integrations/x402_sdk.py``) in place of the SDK's
+  exact EVM mechanism, on the devchain's configuration and signer keys but a ledger of its own
+  (``engine-sdk.toml``: ``engine.toml`` with another ``[ledger] path``), so that its engine
+  does not find the ``ours`` run's payments.
 
-The load is the same for both, and is what a user would run: ``x402-engine pay --facilitator URL
---devchain DIR --count N --concurrency C --amount A --json FILE`` as a subprocess, a closed loop
-of C workers, each signing a fresh EIP-3009 payment (random nonce) from the same payer keys and
-sending ``/verify`` then ``/settle``. Transactions and gas come from the chain (the token's
-``AuthorizationUsed`` logs), so both facilitators are measured the same way.
+``--order`` names the runs, in the order they run (any of the three, each once); the table lists
+them as ours, sdk, sdk-engine. The load is the same for each, and is what a user would run:
+``x402-engine pay --facilitator URL --devchain DIR --count N --concurrency C --amount A --json
+FILE`` as a subprocess, a closed loop of C workers, each signing a fresh EIP-3009 payment
+(random nonce) from the same payer keys and sending ``/verify`` then ``/settle``. Transactions
+and gas come from the chain (the token's ``AuthorizationUsed`` logs), so every facilitator is
+measured the same way.
 
-Prints the exact commands, then a markdown table and the ratios; ``--json`` writes everything.
+Prints the exact commands, then a markdown table and the ratios (ours ÷ SDK; SDK with our
+mechanism ÷ SDK); ``--json`` writes everything.
 Everything listens on 127.0.0.1 only; every process started here is stopped on exit.
 """
 
@@ -45,13 +56,18 @@ import httpx
 import msgspec
 import trio
 
-from engine.config import ServiceConfig, dump_config
+from engine.config import LedgerConfig, ServiceConfig, dump_config, load_config
 from engine.dev.devchain import Anvil, DevChain, engine_config, free_port, setup_devchain
 
 from .sdk_facilitator import DEFAULT_KEY_ENV, sdk_facilitator_key
 
 ROOT = Path(__file__).resolve().parent.parent
-NAMES = {"ours": "x402-engine (ours)", "sdk": "x402 SDK facilitator"}
+NAMES = {
+    "ours": "x402-engine (ours)",
+    "sdk": "x402 SDK facilitator",
+    "sdk-engine": "x402 SDK facilitator + x402-engine mechanism",
+}
+ROW_ORDER = list(NAMES)  # the table's order, whatever ran first
 AMOUNT = 1000  # base units per payment ($0.001 of a 6-decimal token)
 
 
@@ -142,12 +158,23 @@ def _prepare(workdir: Path, anvil: Anvil, payers: int) -> tuple[DevChain, Path, 
     return dev, devdir, config_path, env_path
 
 
+def _sdk_engine_config(workdir: Path, config_path: Path) -> Path:
+    """``engine.toml`` with a ledger of its own, for the SDK facilitator with our mechanism:
+    same chain, signers and policy as ``x402-engine serve``, none of its payments."""
+    config = load_config(config_path)
+    ledger = msgspec.structs.replace(config.ledger, path=str(workdir / "ledger-sdk.duckdb"))
+    assert isinstance(ledger, LedgerConfig)
+    path = workdir / "engine-sdk.toml"
+    path.write_bytes(dump_config(msgspec.structs.replace(config, ledger=ledger)))
+    return path
+
+
 def _serve_commands(
     dev: DevChain, workdir: Path, config_path: Path, env_path: Path
 ) -> dict[str, tuple[list[str], str]]:
     """Each facilitator's command line and base URL."""
     port = int(tomllib.loads(config_path.read_text())["service"]["port"])
-    sdk_port = free_port()
+    sdk_port, sdk_engine_port = free_port(), free_port()
     ours = [*_engine_command(), "serve", "--config", str(config_path), "--env-file", str(env_path)]
     sdk = [
         sys.executable,
@@ -164,9 +191,21 @@ def _serve_commands(
         "--bind",
         f"127.0.0.1:{sdk_port}",
     ]
+    sdk_engine = [
+        sys.executable,
+        "-m",
+        "benchmarks.sdk_facilitator",
+        "--engine-config",
+        str(_sdk_engine_config(workdir, config_path)),
+        "--env-file",
+        str(env_path),
+        "--bind",
+        f"127.0.0.1:{sdk_engine_port}",
+    ]
     return {
         "ours": (ours, f"http://127.0.0.1:{port}"),
         "sdk": (sdk, f"http://127.0.0.1:{sdk_port}"),
+        "sdk-engine": (sdk_engine, f"http://127.0.0.1:{sdk_engine_port}"),
     }
 
 
@@ -240,15 +279,39 @@ def _row(run: Run) -> str:
     return "| " + " | ".join(cells) + " |"
 
 
-def _ratios(ours: Run, sdk: Run) -> dict[str, float | None]:
-    rate_ours, rate_sdk = ours.report["settled_per_s"], sdk.report["settled_per_s"]
-    gas_ours, gas_sdk = ours.report.get("gas_per_payment"), sdk.report.get("gas_per_payment")
+def _speed_and_gas(run: Run | None, sdk: Run | None) -> tuple[float | None, float | None]:
+    """``run``'s settled/s over the SDK's, and how much less gas per payment in percent."""
+    if run is None or sdk is None:
+        return None, None
+    rate, rate_sdk = run.report["settled_per_s"], sdk.report["settled_per_s"]
+    gas, gas_sdk = run.report.get("gas_per_payment"), sdk.report.get("gas_per_payment")
+    return (
+        rate / rate_sdk if rate_sdk else None,
+        (1 - gas / gas_sdk) * 100 if gas and gas_sdk else None,
+    )
+
+
+def _ratios(runs: dict[str, Run]) -> dict[str, float | None]:
+    """Against the SDK's own facilitator: ours, and the SDK's with our mechanism (None where
+    a run is missing)."""
+    sdk = runs.get("sdk")
+    speed, gas = _speed_and_gas(runs.get("ours"), sdk)
+    speed_engine, gas_engine = _speed_and_gas(runs.get("sdk-engine"), sdk)
     return {
-        "settled_per_s_ours_over_sdk": rate_ours / rate_sdk if rate_sdk else None,
-        "gas_per_payment_less_pct": (1 - gas_ours / gas_sdk) * 100
-        if gas_ours and gas_sdk
-        else None,
+        "settled_per_s_ours_over_sdk": speed,
+        "gas_per_payment_less_pct": gas,
+        "settled_per_s_sdk_engine_over_sdk": speed_engine,
+        "gas_per_payment_sdk_engine_less_pct": gas_engine,
     }
+
+
+def _ratio_lines(label: str, speed: float | None, gas: float | None) -> list[str]:
+    return [
+        f"settled/s, {label} ÷ SDK: {speed:,.1f}×" if speed else f"settled/s, {label} ÷ SDK: -",
+        f"gas per payment, {label} vs SDK: {gas:.1f}% less"
+        if gas is not None
+        else f"gas per payment, {label} vs SDK: -",
+    ]
 
 
 def _table(runs: list[Run], ratios: dict[str, float | None]) -> list[str]:
@@ -259,9 +322,15 @@ def _table(runs: list[Run], ratios: dict[str, float | None]) -> list[str]:
         *(_row(run) for run in runs),
         "",
     ]
-    speed, gas = ratios["settled_per_s_ours_over_sdk"], ratios["gas_per_payment_less_pct"]
-    lines.append(f"settled/s, ours ÷ SDK: {speed:,.1f}×" if speed else "settled/s, ours ÷ SDK: -")
-    lines.append(f"gas per payment, ours vs SDK: {gas:.1f}% less" if gas is not None else "gas: -")
+    ran = {run.facilitator for run in runs}
+    if NAMES["sdk"] in ran:
+        if NAMES["ours"] in ran:
+            speed, gas = ratios["settled_per_s_ours_over_sdk"], ratios["gas_per_payment_less_pct"]
+            lines += _ratio_lines("ours", speed, gas)
+        if NAMES["sdk-engine"] in ran:
+            speed = ratios["settled_per_s_sdk_engine_over_sdk"]
+            gas = ratios["gas_per_payment_sdk_engine_less_pct"]
+            lines += _ratio_lines("SDK + x402-engine mechanism", speed, gas)
     for run in runs:
         s = run.report["summary"]
         for title in ("rejected", "errors"):
@@ -278,17 +347,30 @@ def _on_sigterm(signum: int, frame: FrameType | None) -> None:
     raise SystemExit(128 + signum)  # so that every finally runs and the children are stopped
 
 
+def _parse_order(text: str) -> list[str]:
+    """``--order``: names of runs, comma-separated, each at most once."""
+    order = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in order if name not in NAMES]
+    if unknown or not order or len(set(order)) != len(order):
+        raise argparse.ArgumentTypeError(
+            f"wants distinct names among {','.join(NAMES)} (e.g. ours,sdk,sdk-engine), not {text!r}"
+        )
+    return order
+
+
 def compare(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
-    order = [name.strip() for name in args.order.split(",")]
+    order: list[str] = args.order
     started = datetime.datetime.now(datetime.UTC)
     with Anvil(block_time_s=args.block_time, log_path=workdir / "anvil.log") as anvil:
         print(f"anvil {anvil.url}, {args.block_time:g} s blocks; workdir {workdir}")
         dev, devdir, config_path, env_path = _prepare(workdir, anvil, args.payers)
         serves = _serve_commands(dev, workdir, config_path, env_path)
         runs = {name: _run_one(name, serves[name], devdir, workdir, args) for name in order}
-    ratios = _ratios(runs["ours"], runs["sdk"])
-    ordered = [runs["ours"], runs["sdk"]]
-    print(f"\n# {args.payments:,} payments, {args.concurrency} in flight, order {args.order}\n")
+    ratios = _ratios(runs)
+    ordered = [runs[name] for name in ROW_ORDER if name in runs]
+    print(
+        f"\n# {args.payments:,} payments, {args.concurrency} in flight, order {','.join(order)}\n"
+    )
     for line in _table(ordered, ratios):
         print(line)
     return {
@@ -312,14 +394,18 @@ def compare(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.compare_facilitators",
-        description="Our facilitator vs the official x402 SDK's, same load on one anvil.",
+        description="Our facilitator vs the official x402 SDK's (and the SDK's with our "
+        "mechanism), same load on one anvil.",
     )
     parser.add_argument("--payments", type=int, default=2000)
     parser.add_argument("--concurrency", type=int, default=500)
     parser.add_argument("--payers", type=int, default=500)
     parser.add_argument("--block-time", type=float, default=1.0)
     parser.add_argument(
-        "--order", default="ours,sdk", choices=["ours,sdk", "sdk,ours"], help="which runs first"
+        "--order",
+        type=_parse_order,
+        default=_parse_order("ours,sdk,sdk-engine"),
+        help="which facilitators run, in this order (default ours,sdk,sdk-engine; any of them)",
     )
     parser.add_argument("--json", default=None, help="write everything here")
     parser.add_argument(

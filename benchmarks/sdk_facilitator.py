@@ -5,12 +5,29 @@
         --key-env X402_SDK_FACILITATOR_KEY [--env-file devchain/signer.env] \\
         [--v1-network anvil] --bind 127.0.0.1:4021
 
-Everything that verifies and settles is the SDK's own: an ``x402FacilitatorSync`` with the exact
-EVM scheme registered through ``register_exact_evm_facilitator`` (``build_sdk_facilitator`` in
-``benchmarks/sdk_reference.py``), backed by a ``FacilitatorWeb3Signer``. This module only parses
-request bodies with the SDK's pydantic models and writes the SDK's response models back, over the
-standard library's ``ThreadingHTTPServer`` (one thread per connection, no asyncio), so that a load
-tool can drive it and our engine's facilitator service with the same bodies on the same anvil.
+    python -m benchmarks.sdk_facilitator --engine-config devchain/engine.toml \\
+        [--env-file devchain/signer.env] --bind 127.0.0.1:4021
+
+Two modes, one front. By default everything that verifies and settles is the SDK's own: an
+``x402FacilitatorSync`` with the exact EVM scheme registered through
+``register_exact_evm_facilitator`` (``build_sdk_facilitator`` in ``benchmarks/sdk_reference.py``),
+backed by a ``FacilitatorWeb3Signer``. With ``--engine-config PATH`` the ``x402FacilitatorSync``
+is the same, but its ``exact`` mechanisms are ours: ``register_batched_exact_evm(facilitator,
+EngineHandle(load_config(PATH), environ=...))`` (``engine/integrations/x402_sdk.py``), on every
+network the configuration names (v2 ``eip155:<chain id>`` and its v1 names, e.g. the devchain's
+``anvil``); the environment is the process's, overlaid with ``--env-file`` (the engine's signer
+keys, e.g. the devchain's ``signer.env``); no SDK signer key is needed; the engine is stopped
+when the server stops. This is what an operator who built a facilitator from the SDK gets by
+swapping the one registration call: the SDK's request handling, the engine's batching. The
+SDK calls the mechanism in the request's thread, which blocks on the engine while the engine
+batches the concurrent requests' payments into one transaction.
+
+This module only parses request bodies with the SDK's pydantic models and writes the SDK's
+response models back, over the standard library's ``ThreadingHTTPServer`` (one thread per
+connection, no asyncio), so that a load tool can drive it and our engine's facilitator service
+with the same bodies on the same anvil. ``serve_facilitator_in_thread(facilitator, ...)`` puts
+any ``x402FacilitatorSync`` behind it (tests); ``serve_in_thread`` / ``sdk_facilitator`` build
+the SDK-mechanism one, ``engine_server`` the engine-mechanism one.
 
 Routes (the wire form of the SDK's ``HTTPFacilitatorClient``):
 
@@ -24,12 +41,14 @@ Routes (the wire form of the SDK's ``HTTPFacilitatorClient``):
   ``{"error": ...}``, logged.
 - ``GET /supported``: the SDK facilitator's ``get_supported()`` dumped by alias.
 
-Versions: ``register_exact_evm_facilitator`` registers v2 for ``eip155:<chain id>`` and the SDK's
-v1 mechanism for its fixed table of v1 network names (``base``, ``base-sepolia``, ...), none of
-which is a local chain, and takes no v1 names. ``--v1-network NAME`` (``serve_in_thread(...,
-v1_networks=[...])``) also registers the SDK's v1 exact scheme for ``NAME`` and, because the SDK's
-v1 verify looks the chain id up in its module-level ``V1_NETWORK_CHAIN_IDS`` table, adds
-``NAME -> chain id`` there (the devchain's engine configuration calls its chain ``anvil``).
+Versions, the SDK's mechanism: ``register_exact_evm_facilitator`` registers v2 for
+``eip155:<chain id>`` and the SDK's v1 mechanism for its fixed table of v1 network names
+(``base``, ``base-sepolia``, ...), none of which is a local chain, and takes no v1 names.
+``--v1-network NAME`` (``serve_in_thread(..., v1_networks=[...])``) also registers the SDK's v1
+exact scheme for ``NAME`` and, because the SDK's v1 verify looks the chain id up in its
+module-level ``V1_NETWORK_CHAIN_IDS`` table, adds ``NAME -> chain id`` there (the devchain's
+engine configuration calls its chain ``anvil``). The engine's mechanism serves the v1 names of
+its configuration (``network_names``) and needs no such table: it takes no ``--v1-network``.
 
 Not rewritten, on purpose: the SDK's verify simulates ``transferWithAuthorization`` by passing
 the authorization's ``from``/``to`` strings unchanged to web3, which rejects addresses that are
@@ -40,15 +59,16 @@ must send what a real client sends, and this front passes bodies to the SDK as t
 that the SDK's client copies the requirements' ``payTo`` into ``to`` as given: a merchant whose
 ``payTo`` is lowercase gets payments the SDK's own facilitator refuses.
 
-Other SDK behaviours a comparison meets (left as they are): its settle does not re-simulate
-(``simulate_in_settle=False``), so a payment settled twice is broadcast twice and the second
-reverts on chain, answered ``{"success": false, "errorReason": "transaction_failed",
+Other behaviours of the SDK's mechanism a comparison meets (left as they are; none applies in
+the engine mode, whose ``verify`` and ``settle`` are the engine's): its settle does not
+re-simulate (``simulate_in_settle=False``), so a payment settled twice is broadcast twice and
+the second reverts on chain, answered ``{"success": false, "errorReason": "transaction_failed",
 "transaction": <the reverted hash>}`` (gas spent); one settle is one transaction sent from one
 key (nonces reserved under the signer's lock, ``eth_getTransactionCount`` "pending" per send)
 and waited for; registering ``eip155:<chain id>`` matches every ``eip155:*`` network, so a
-payment for another chain is a 200 ``network_mismatch``, not a 500; web3 keeps one HTTP
-session to the RPC per thread, so each new client connection (a new handler thread) opens its
-own connection to the node: load tools should keep their connections alive.
+payment for another chain is a 200 ``network_mismatch``, not a 500; web3 keeps one HTTP session
+to the RPC per thread, so each new client connection (a new handler thread) opens its own
+connection to the node: load tools should keep their connections alive.
 
 The facilitator's key: on a devchain (``engine/dev/devchain.py``) anvil starts with
 ``--accounts 1``, so exactly one of anvil's default mnemonic accounts is funded (index 0,
@@ -56,7 +76,10 @@ The facilitator's key: on a devchain (``engine/dev/devchain.py``) anvil starts w
 ``X402_SIGNER_KEY_<i>``), payers and payee are fresh keys it funds with ``anvil_setBalance``. The
 SDK facilitator therefore sends from anvil's account 0 (``ANVIL_ACCOUNT_0_KEY``, the well-known
 public test key; ``sdk_facilitator_key(dev)`` checks it is none of the devchain's keys), and both
-facilitators can settle on one anvil at once without sharing a transaction nonce.
+facilitators can settle on one anvil at once without sharing a transaction nonce. The engine
+mode sends from its configuration's signers, as ``x402-engine serve`` does: on one
+configuration run the two one after the other, never at once, and give each its own
+``[ledger] path`` (a ledger belongs to one engine at a time).
 """
 
 from __future__ import annotations
@@ -86,7 +109,10 @@ from x402.schemas import (
 )
 
 from engine.cli import read_env_file
+from engine.config import load_config
 from engine.dev.devchain import DevChain
+from engine.handle import EngineHandle
+from engine.integrations.x402_sdk import register_batched_exact_evm
 
 from .sdk_reference import build_sdk_facilitator
 
@@ -152,12 +178,11 @@ class SdkFacilitatorServer(ThreadingHTTPServer):
     request_queue_size = 1024  # the listen backlog: a load tool opens many connections at once
 
     def __init__(
-        self, address: tuple[str, int], facilitator: x402FacilitatorSync, signer: str, chain: int
+        self, address: tuple[str, int], facilitator: x402FacilitatorSync, label: str
     ) -> None:
         super().__init__(address, _Handler)
         self.facilitator = facilitator
-        self.signer = signer
-        self.chain_id = chain
+        self.label = label  # what verifies and settles, for the listening line
 
     @property
     def url(self) -> str:
@@ -246,7 +271,8 @@ def build_server(
             V1_NETWORK_CHAIN_IDS.pop(name, None)
 
     try:
-        server = SdkFacilitatorServer((host, port), facilitator, signer.address, chain_id)
+        label = f"signer {signer.address}, chain {chain_id}"
+        server = SdkFacilitatorServer((host, port), facilitator, label)
     except BaseException:
         forget_v1_names()
         raise
@@ -275,6 +301,80 @@ def _register_v1_names(
     return added
 
 
+def engine_label(handle: EngineHandle) -> str:
+    """The engine mode's part of the listening line: its networks and signers."""
+    supported = handle.supported()
+    networks = [k["network"] for k in supported["kinds"] if k["scheme"] == "exact"]
+    signers = supported["signers"].get("eip155:*", [])
+    return f"x402-engine mechanism, networks {' '.join(networks)}, signers {' '.join(signers)}"
+
+
+def engine_server(
+    config_path: str,
+    env_file: str | None = None,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    environ: dict[str, str] | None = None,
+) -> tuple[SdkFacilitatorServer, Callable[[], None]]:
+    """The engine mode: the bound (not yet serving) server, an ``x402FacilitatorSync`` with
+    our ``exact`` mechanisms registered on an engine started from ``config_path`` (environment:
+    ``environ``, default the process's, overlaid with ``env_file``), and a function that stops
+    the engine (call it after the server stopped)."""
+    config = load_config(config_path)
+    env = {**(os.environ if environ is None else environ), **read_env_file(env_file)}
+    handle = EngineHandle(config, environ=env)
+    try:
+        facilitator = x402FacilitatorSync()
+        register_batched_exact_evm(facilitator, handle)
+        server = SdkFacilitatorServer((host, port), facilitator, engine_label(handle))
+    except BaseException:
+        handle.close()
+        raise
+    return server, handle.close
+
+
+def _serve(
+    server: SdkFacilitatorServer, after_stop: Callable[[], None]
+) -> tuple[str, Callable[[], None]]:
+    """Serve ``server`` in a background thread; returns its base URL and an idempotent stop
+    that shuts it down, then calls ``after_stop``."""
+    thread = threading.Thread(
+        target=server.serve_forever, name="sdk-facilitator", kwargs={"poll_interval": 0.1}
+    )
+    try:
+        thread.start()
+    except BaseException:
+        server.server_close()
+        after_stop()
+        raise
+    stopped = threading.Lock()
+
+    def stop() -> None:
+        if not stopped.acquire(blocking=False):
+            return  # already stopped
+        try:
+            server.shutdown()
+            server.server_close()
+            thread.join()
+        finally:
+            after_stop()
+
+    return server.url, stop
+
+
+def serve_facilitator_in_thread(
+    facilitator: x402FacilitatorSync,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    label: str = "",
+) -> tuple[str, Callable[[], None]]:
+    """Any ``x402FacilitatorSync`` (whatever its mechanisms) behind this front, in a background
+    thread; returns the base URL and a function that stops serving (the facilitator, and an
+    engine behind its mechanisms, are the caller's to close)."""
+    server = SdkFacilitatorServer((host, port), facilitator, label)
+    return _serve(server, lambda: None)
+
+
 def serve_in_thread(
     rpc_url: str,
     chain_id: int,
@@ -283,23 +383,10 @@ def serve_in_thread(
     port: int = 0,
     v1_networks: Sequence[str] = (),
 ) -> tuple[str, Callable[[], None]]:
-    """Serve in a background thread; returns the base URL and a function that stops it."""
+    """The SDK's mechanism, served in a background thread; returns the base URL and a
+    function that stops it."""
     server, forget_v1_names = build_server(rpc_url, chain_id, key, host, port, v1_networks)
-    thread = threading.Thread(
-        target=server.serve_forever, name="sdk-facilitator", kwargs={"poll_interval": 0.1}
-    )
-    thread.start()
-    stopped = threading.Lock()
-
-    def stop() -> None:
-        if not stopped.acquire(blocking=False):
-            return  # already stopped
-        server.shutdown()
-        server.server_close()
-        thread.join()
-        forget_v1_names()
-
-    return server.url, stop
+    return _serve(server, forget_v1_names)
 
 
 @contextmanager
@@ -331,15 +418,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="python -m benchmarks.sdk_facilitator",
         description="The official x402 SDK's facilitator over HTTP (for load comparisons).",
     )
-    parser.add_argument("--rpc-url", required=True)
-    parser.add_argument("--chain-id", type=int, required=True)
+    parser.add_argument("--rpc-url", help="the SDK mode's node (not with --engine-config)")
+    parser.add_argument("--chain-id", type=int, help="the SDK mode's chain (the same)")
+    parser.add_argument(
+        "--engine-config",
+        default=None,
+        metavar="PATH",
+        help="the engine mode: the SDK's facilitator with x402-engine's exact mechanism, on the "
+        "engine this configuration describes (its signer keys from the environment and "
+        "--env-file)",
+    )
     parser.add_argument(
         "--key-env",
         default=DEFAULT_KEY_ENV,
         help="environment variable holding the facilitator's private key (on a devchain: "
         "anvil's account 0, not one of signer.env's keys)",
     )
-    parser.add_argument("--env-file", default=None, help="KEY=VALUE file read before the env")
+    parser.add_argument(
+        "--env-file", default=None, help="KEY=VALUE file overlaid on the environment"
+    )
     parser.add_argument("--bind", default="127.0.0.1:4021", help="HOST:PORT")
     parser.add_argument(
         "--v1-network",
@@ -348,17 +445,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="also serve v1 payloads naming the chain so (repeatable; the devchain's is anvil)",
     )
     args = parser.parse_args(argv)
+    rpc_url: str | None = args.rpc_url
+    chain_id: int | None = args.chain_id
+    if args.engine_config is not None:
+        if rpc_url is not None or chain_id is not None or args.v1_network:
+            parser.error(
+                "--engine-config takes its chains from the configuration: no --rpc-url, "
+                "--chain-id or --v1-network"
+            )
+    elif rpc_url is None or chain_id is None:
+        parser.error("--rpc-url and --chain-id are required (or --engine-config)")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    environ = {**os.environ, **read_env_file(args.env_file)}
-    key = environ.get(args.key_env, "").strip()
-    if not key:
-        print(f"sdk_facilitator: {args.key_env} is not set", file=sys.stderr)
-        return 2
     try:
         host, port = _parse_bind(args.bind)
-        server, forget_v1_names = build_server(
-            args.rpc_url, args.chain_id, key, host, port, args.v1_network
-        )
+        if args.engine_config is not None:
+            mode = "sdk facilitator + x402-engine mechanism"
+            server, after_stop = engine_server(args.engine_config, args.env_file, host, port)
+        else:
+            mode = "sdk facilitator"
+            assert rpc_url is not None and chain_id is not None  # checked above
+            environ = {**os.environ, **read_env_file(args.env_file)}
+            key = environ.get(args.key_env, "").strip()
+            if not key:
+                print(f"sdk_facilitator: {args.key_env} is not set", file=sys.stderr)
+                return 2
+            server, after_stop = build_server(rpc_url, chain_id, key, host, port, args.v1_network)
     except Exception as exc:
         print(f"sdk_facilitator: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 2
@@ -373,19 +484,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         target=server.serve_forever, name="sdk-facilitator", kwargs={"poll_interval": 0.1}
     )
     thread.start()
-    print(
-        f"sdk facilitator listening on {server.url} "
-        f"(signer {server.signer}, chain {server.chain_id})",
-        flush=True,
-    )
+    # The SDK mode's line is "sdk facilitator listening on URL (signer 0x..., chain N)".
+    print(f"{mode} listening on {server.url} ({server.label})", flush=True)
     try:
         while not stop.wait(1.0):
             pass
     finally:
-        server.shutdown()
-        server.server_close()
-        thread.join()
-        forget_v1_names()
+        try:
+            server.shutdown()
+            server.server_close()
+            thread.join()
+        finally:
+            after_stop()  # the engine mode stops the engine here
     return 0
 
 
