@@ -229,3 +229,43 @@ def test_an_sdk_resource_server_on_an_asyncio_facilitator_with_our_mechanism_sel
             assert receipt["success"] and receipt["transaction"].startswith("0x"), receipt
         assert _balance(anvil, dev) - before == 1000
         assert handle.statistics().settled == 1
+
+
+def test_engine_answers_map_onto_the_sdk_responses_as_our_service_sends_them() -> None:
+    """Field for field what ``/verify`` and ``/settle`` of our service answer (deferred success,
+    pending, refusal), as the SDK's models."""
+    from engine.integrations.x402_sdk import settle_response, verify_response
+    from engine.model import Rejected, SettleAnswer
+
+    refused = verify_response(None, Rejected("invalid_payload", "bad value", "0xab"))
+    assert refused.model_dump(by_alias=True, exclude_none=True) == {
+        "isValid": False,
+        "invalidReason": "invalid_payload",
+        "invalidMessage": "bad value",
+        "payer": "0xab",
+    }
+    deferred = settle_response(
+        SettleAnswer(True, "", payer="0xab", settlement_id=7, amount=1000, state="accepted"),
+        NETWORK,
+    )
+    assert deferred.model_dump(by_alias=True, exclude_none=True) == {
+        "success": True,
+        "payer": "0xab",
+        "transaction": "",
+        "network": NETWORK,
+        "amount": "1000",
+        "extra": {"settlementId": 7, "state": "accepted"},
+    }
+    pending = settle_response(
+        SettleAnswer(False, "0xcd", "settlement_pending", "not yet", "0xab", 8, 1000, "submitted"),
+        NETWORK,
+    )
+    assert pending.model_dump(by_alias=True, exclude_none=True) == {
+        "success": False,
+        "errorReason": "settlement_pending",
+        "errorMessage": "not yet",
+        "payer": "0xab",
+        "transaction": "0xcd",
+        "network": NETWORK,
+        "extra": {"settlementId": 8},
+    }
