@@ -5,6 +5,7 @@ asyncio host resolves a future with it; ``engine.integrations.x402_sdk`` does)."
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -18,6 +19,7 @@ from .model import Accepted, Outcome, Payment, Rejected, SettleAnswer
 from .outcomes import Statistics
 
 T = TypeVar("T")
+log = logging.getLogger("x402_engine.handle")
 
 
 class EngineHandle:
@@ -89,22 +91,28 @@ class EngineHandle:
             raise RuntimeError(f"engine is not running: {self._error}")
         nursery = self._nursery
 
+        def report(outcome: T | BaseException) -> None:
+            try:
+                done(outcome)
+            except Exception:  # the caller's problem (e.g. its loop closed): not the engine's
+                log.exception("EngineHandle.start: the done callback raised")
+
         async def call() -> None:
             try:
                 result = await fn(*args)
             except trio.Cancelled:
-                done(RuntimeError("the engine stopped before answering"))
+                report(RuntimeError("the engine stopped before answering"))
                 raise
             except Exception as exc:
-                done(exc)
+                report(exc)
                 return
-            done(result)
+            report(result)
 
         def spawn() -> None:  # in the engine's thread; must not raise (it would end the run)
             try:
                 nursery.start_soon(call)
             except RuntimeError:  # the nursery closed: the engine is stopping
-                done(RuntimeError("the engine stopped before answering"))
+                report(RuntimeError("the engine stopped before answering"))
 
         try:
             self._token.run_sync_soon(spawn)

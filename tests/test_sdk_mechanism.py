@@ -11,6 +11,7 @@ import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -269,3 +270,22 @@ def test_engine_answers_map_onto_the_sdk_responses_as_our_service_sends_them() -
         "network": NETWORK,
         "extra": {"settlementId": 8},
     }
+
+
+def test_a_started_call_reports_once_and_a_failing_callback_cannot_stop_the_engine(
+    anvil: Anvil, tmp_path: Path
+) -> None:
+    import queue
+
+    with engine_on(anvil, tmp_path, payers=1) as (_dev, handle):
+        answers: queue.Queue[Any] = queue.Queue()
+
+        def broken(outcome: object) -> None:
+            raise RuntimeError("the host's loop is gone")
+
+        handle.start(handle.engine.verify, b"{}", b"{}", done=broken)
+        handle.start(handle.engine.verify, b"{}", b"{}", done=lambda a: answers.put(a))
+        payment, rejected = answers.get(timeout=10)
+        assert payment is None and rejected is not None and rejected.reason
+        assert answers.empty()
+        assert handle.statistics().accepted == 0  # the engine still answers
