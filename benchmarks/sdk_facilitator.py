@@ -456,6 +456,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif rpc_url is None or chain_id is None:
         parser.error("--rpc-url and --chain-id are required (or --engine-config)")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per RPC request otherwise
     try:
         host, port = _parse_bind(args.bind)
         if args.engine_config is not None:
