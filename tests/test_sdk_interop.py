@@ -10,12 +10,8 @@ from pathlib import Path
 import pytest
 import trio
 from eth_account import Account
-from x402 import x402ClientSync
 from x402.http import FacilitatorConfig, HTTPFacilitatorClientSync
 from x402.http.clients.requests import x402_requests
-from x402.mechanisms.evm.exact import ExactEvmScheme
-from x402.mechanisms.evm.exact.v1.client import ExactEvmSchemeV1
-from x402.mechanisms.evm.signers import EthAccountSigner
 from x402.mechanisms.evm.v1 import constants as v1_constants
 from x402.schemas import (
     PaymentRequired,
@@ -27,25 +23,15 @@ from x402.schemas import (
 from engine.chain.rpc import Rpc
 from engine.config import ServiceConfig
 
+from .sdk_helpers import NETWORK, sdk_client, v1_requirements, v2_requirements
 from .service_helpers import RunningService, running_service, sdk_resource_server, token_balances
 
 pytestmark = pytest.mark.chain
 ROOT = Path(__file__).resolve().parent.parent
-NETWORK = "eip155:31337"
-DOMAIN = {"name": "USD Coin", "version": "2"}
 
 
 def _balance(svc: RunningService, owner: str) -> int:
     return token_balances(svc, [owner])[0]
-
-
-def _sdk_client(key: str) -> x402ClientSync:
-    signer = EthAccountSigner(Account.from_key(key))
-    client = x402ClientSync()
-    client.register(NETWORK, ExactEvmScheme(signer))
-    client.register_v1("anvil", ExactEvmSchemeV1(signer))
-    client.set_spend_controls(False)  # our test token is not one of the SDK's known assets
-    return client
 
 
 def test_official_client_payloads_verify_and_settle_through_the_sdk_facilitator_client(
@@ -61,26 +47,9 @@ def test_official_client_payloads_verify_and_settle_through_the_sdk_facilitator_
             (2, NETWORK),
             (1, "anvil"),
         }
-        client = _sdk_client(dev.payer_keys[0])
-        v2_req = PaymentRequirements(
-            scheme="exact",
-            network=NETWORK,
-            asset=dev.token,
-            amount="1000",
-            pay_to=dev.payee,
-            max_timeout_seconds=300,
-            extra=DOMAIN,
-        )
-        v1_req = PaymentRequirementsV1(
-            scheme="exact",
-            network="anvil",
-            max_amount_required="2000",
-            resource="http://127.0.0.1/paid",
-            pay_to=dev.payee,
-            max_timeout_seconds=300,
-            asset=dev.token,
-            extra=DOMAIN,
-        )
+        client = sdk_client(dev.payer_keys[0])
+        v2_req = v2_requirements(dev, 1000)
+        v1_req = v1_requirements(dev, 2000)
         before = _balance(svc, dev.payee)
         cases: list[
             tuple[PaymentRequirements | PaymentRequirementsV1, PaymentRequired | PaymentRequiredV1]
@@ -119,7 +88,7 @@ def test_sdk_resource_server_and_client_pay_end_to_end_through_our_facilitator(
         merchant = dev.payee
         with sdk_resource_server(svc) as url:
             before = _balance(svc, merchant)
-            session = x402_requests(_sdk_client(dev.payer_keys[1]))
+            session = x402_requests(sdk_client(dev.payer_keys[1]))
             unpaid = session.get(url + "/paid", headers={"x-no-pay": "1"}, timeout=60)
             assert unpaid.status_code == 200  # the session paid on the 402 by itself
             assert unpaid.json() == {"content": "the paid resource"}
@@ -204,7 +173,7 @@ def test_sdk_retry_after_settlement_pending_is_credited_exactly_once(tmp_path: P
 
             watcher = threading.Thread(target=resume_after_first_answer, daemon=True)
             watcher.start()
-            session = x402_requests(_sdk_client(dev.payer_keys[0]))
+            session = x402_requests(sdk_client(dev.payer_keys[0]))
             paid = session.get(url + "/paid", timeout=90)
             watcher.join(60)
             assert resumed.is_set()

@@ -16,11 +16,8 @@ from typing import Any
 import pytest
 import trio
 from eth_account import Account
-from x402 import x402ClientSync, x402Facilitator, x402FacilitatorSync
+from x402 import x402Facilitator, x402FacilitatorSync
 from x402.http.clients.requests import x402_requests
-from x402.mechanisms.evm.exact import ExactEvmScheme
-from x402.mechanisms.evm.exact.v1.client import ExactEvmSchemeV1
-from x402.mechanisms.evm.signers import EthAccountSigner
 from x402.mechanisms.evm.v1 import constants as v1_constants
 from x402.schemas import (
     PaymentPayload,
@@ -39,11 +36,10 @@ from engine.integrations.x402_sdk import register_batched_exact_evm
 
 from .chain import balances
 from .sdk_async_app import serving
+from .sdk_helpers import NETWORK, sdk_client, v1_requirements, v2_requirements
 from .service_helpers import sdk_resource_server_at
 
 pytestmark = pytest.mark.chain
-NETWORK = "eip155:31337"
-DOMAIN = {"name": "USD Coin", "version": "2"}
 
 
 @contextmanager
@@ -54,27 +50,6 @@ def engine_on(anvil: Anvil, tmp: Path, payers: int) -> Iterator[tuple[DevChain, 
     )
     with EngineHandle(config, environ=env) as handle:
         yield dev, handle
-
-
-def _client(key: str) -> x402ClientSync:
-    signer = EthAccountSigner(Account.from_key(key))
-    client = x402ClientSync()
-    client.register(NETWORK, ExactEvmScheme(signer))
-    client.register_v1("anvil", ExactEvmSchemeV1(signer))
-    client.set_spend_controls(False)  # our test token is not one of the SDK's known assets
-    return client
-
-
-def _requirements(dev: DevChain, amount: int) -> PaymentRequirements:
-    return PaymentRequirements(
-        scheme="exact",
-        network=NETWORK,
-        asset=dev.token,
-        amount=str(amount),
-        pay_to=dev.payee,
-        max_timeout_seconds=300,
-        extra=DOMAIN,
-    )
 
 
 def _balance(anvil: Anvil, dev: DevChain) -> int:
@@ -102,18 +77,9 @@ def test_sdk_facilitators_with_our_mechanism_verify_and_settle_sdk_client_payloa
         signers = handle.supported()["signers"]["eip155:*"]
         assert supported.signers["eip155:*"] == signers and signers
 
-        client = _client(dev.payer_keys[0])
-        v2 = _requirements(dev, 1000)
-        v1 = PaymentRequirementsV1(
-            scheme="exact",
-            network="anvil",
-            max_amount_required="2000",
-            resource="http://127.0.0.1/paid",
-            pay_to=dev.payee,
-            max_timeout_seconds=300,
-            asset=dev.token,
-            extra=DOMAIN,
-        )
+        client = sdk_client(dev.payer_keys[0])
+        v2 = v2_requirements(dev, 1000)
+        v1 = v1_requirements(dev, 2000)
         before = _balance(anvil, dev)
 
         async def main() -> None:
@@ -154,7 +120,9 @@ def test_sdk_facilitators_with_our_mechanism_verify_and_settle_sdk_client_payloa
         # The same mechanism in the SDK's synchronous facilitator.
         sync_facilitator = x402FacilitatorSync()
         register_batched_exact_evm(sync_facilitator, handle)
-        payload = _client(dev.payer_keys[1]).create_payment_payload(PaymentRequired(accepts=[v2]))
+        payload = sdk_client(dev.payer_keys[1]).create_payment_payload(
+            PaymentRequired(accepts=[v2])
+        )
         assert sync_facilitator.verify(payload, v2).is_valid
         settled = sync_facilitator.settle(payload, v2)
         assert settled.success and settled.transaction.startswith("0x"), settled
@@ -168,8 +136,8 @@ def test_200_concurrent_settles_through_the_asyncio_facilitator_share_a_few_tran
     with engine_on(anvil, tmp_path, payers=20) as (dev, handle):
         facilitator = x402Facilitator()
         register_batched_exact_evm(facilitator, handle)
-        req = _requirements(dev, 1000)
-        clients = [_client(key) for key in dev.payer_keys]
+        req = v2_requirements(dev, 1000)
+        clients = [sdk_client(key) for key in dev.payer_keys]
         payloads: list[PaymentPayload] = [
             clients[i % len(clients)].create_payment_payload(PaymentRequired(accepts=[req]))  # type: ignore[misc]
             for i in range(200)
@@ -222,7 +190,7 @@ def test_an_sdk_resource_server_on_an_asyncio_facilitator_with_our_mechanism_sel
             serving(facilitator) as facilitator_url,
             sdk_resource_server_at(facilitator_url, dev.token, dev.payee) as url,
         ):
-            session = x402_requests(_client(dev.payer_keys[1]))
+            session = x402_requests(sdk_client(dev.payer_keys[1]))
             paid = session.get(url + "/paid", timeout=60)
             assert paid.status_code == 200, paid.text
             assert paid.json() == {"content": "the paid resource"}

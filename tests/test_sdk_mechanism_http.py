@@ -13,20 +13,14 @@ from pathlib import Path
 import httpx
 import pytest
 import trio
-from eth_account import Account
-from x402 import x402ClientSync, x402FacilitatorSync
+from x402 import x402FacilitatorSync
 from x402.http import FacilitatorConfig, HTTPFacilitatorClientSync
 from x402.http.clients.requests import x402_requests
 from x402.http.utils import decode_payment_response_header
-from x402.mechanisms.evm.exact import ExactEvmScheme
-from x402.mechanisms.evm.exact.v1.client import ExactEvmSchemeV1
-from x402.mechanisms.evm.signers import EthAccountSigner
 from x402.mechanisms.evm.v1 import constants as v1_constants
 from x402.schemas import (
     PaymentRequired,
     PaymentRequiredV1,
-    PaymentRequirements,
-    PaymentRequirementsV1,
     SettleResponse,
 )
 
@@ -36,11 +30,10 @@ from engine.dev.devchain import Anvil, engine_config, setup_devchain
 from engine.handle import EngineHandle
 from engine.integrations.x402_sdk import register_batched_exact_evm
 
+from .sdk_helpers import NETWORK, sdk_client, v1_requirements, v2_requirements
 from .service_helpers import RunningService, sdk_resource_server, token_balances
 
 pytestmark = pytest.mark.chain
-NETWORK = "eip155:31337"
-DOMAIN = {"name": "USD Coin", "version": "2"}
 
 
 @contextmanager
@@ -62,15 +55,6 @@ def sdk_facilitator_with_engine(anvil: Anvil, tmp: Path, payers: int) -> Iterato
             stop()
 
 
-def _sdk_client(key: str) -> x402ClientSync:
-    signer = EthAccountSigner(Account.from_key(key))
-    client = x402ClientSync()
-    client.register(NETWORK, ExactEvmScheme(signer))
-    client.register_v1("anvil", ExactEvmSchemeV1(signer))
-    client.set_spend_controls(False)  # the devchain's token is not one of the SDK's assets
-    return client
-
-
 def test_sdk_middleware_and_client_pay_through_the_sdk_facilitator_with_our_mechanism(
     anvil: Anvil, tmp_path: Path
 ) -> None:
@@ -84,7 +68,7 @@ def test_sdk_middleware_and_client_pay_through_the_sdk_facilitator_with_our_mech
 
         with sdk_resource_server(svc) as resource:
             before = token_balances(svc, [dev.payee])[0]
-            session = x402_requests(_sdk_client(dev.payer_keys[0]))
+            session = x402_requests(sdk_client(dev.payer_keys[0]))
             paid = session.get(resource + "/paid", timeout=60)
             assert paid.status_code == 200, paid.text
             assert paid.json() == {"content": "the paid resource"}
@@ -105,17 +89,9 @@ def test_concurrent_settles_through_the_sdk_facilitator_batch_and_v1_settles(
     monkeypatch.setitem(v1_constants.V1_NETWORK_CHAIN_IDS, "anvil", 31337)
     with sdk_facilitator_with_engine(anvil, tmp_path, payers=2) as svc:
         dev = svc.dev
-        v2_req = PaymentRequirements(
-            scheme="exact",
-            network=NETWORK,
-            asset=dev.token,
-            amount="1000",
-            pay_to=dev.payee,
-            max_timeout_seconds=300,
-            extra=DOMAIN,
-        )
+        v2_req = v2_requirements(dev, 1000)
         count = 8
-        clients = [_sdk_client(dev.payer_keys[i % 2]) for i in range(count)]
+        clients = [sdk_client(dev.payer_keys[i % 2]) for i in range(count)]
         payloads = [c.create_payment_payload(PaymentRequired(accepts=[v2_req])) for c in clients]
         answers: list[SettleResponse | BaseException] = [RuntimeError("no answer")] * count
         before = token_balances(svc, [dev.payee])[0]
@@ -147,16 +123,7 @@ def test_concurrent_settles_through_the_sdk_facilitator_batch_and_v1_settles(
         again = http.settle(payloads[0], v2_req)
         assert not again.success and again.error_reason == "duplicate_settlement", again
 
-        v1_req = PaymentRequirementsV1(
-            scheme="exact",
-            network="anvil",
-            max_amount_required="2000",
-            resource="http://127.0.0.1/paid",
-            pay_to=dev.payee,
-            max_timeout_seconds=300,
-            asset=dev.token,
-            extra=DOMAIN,
-        )
+        v1_req = v1_requirements(dev, 2000)
         payload = clients[0].create_payment_payload(PaymentRequiredV1(accepts=[v1_req]))
         assert http.verify(payload, v1_req).is_valid
         v1_settled = http.settle(payload, v1_req)
