@@ -173,6 +173,10 @@ def test_200_concurrent_settles_through_the_asyncio_facilitator_share_a_few_tran
 
         assert all(a.success for a in asyncio.run(later()))
         assert seen == ["operator's hook"] * 3
+        facilitator.on_before_verify(lambda context: seen.append("operator's verify hook"))
+        fresh = clients[4].create_payment_payload(PaymentRequired(accepts=[req]))
+        assert asyncio.run(facilitator.verify(fresh, req)).is_valid
+        assert seen[-1] == "operator's verify hook"
         assert _balance(anvil, dev) - before == 203 * 1000
 
 

@@ -17,9 +17,10 @@ blocks that thread on the engine. With the asyncio :class:`x402.x402Facilitator`
 nothing would batch. So for it the work moves into before-hooks, which the SDK awaits: the hook
 starts the engine call (:meth:`EngineHandle.start`: the engine's own trio thread does the work,
 no thread per request, no asyncio in the engine), awaits its answer on the host's loop, and
-the mechanism returns that answer when the SDK calls it. The settle hook does this only while
-it is the last before-settle hook (a hook after it could still abort a payment it had sold);
-otherwise the mechanism settles by blocking, which is correct, only slower.
+the mechanism returns that answer when the SDK calls it. Each hook does this only while it is
+the last hook of its kind (a hook after it could still abort: a payment the settle hook had
+sold would go undelivered, a verify answer would go unclaimed); otherwise the mechanism does
+the work itself by blocking, which is correct, only slower.
 """
 
 from __future__ import annotations
@@ -96,24 +97,27 @@ def _wire(model: Any) -> dict[str, Any]:
 
 class _Answers:
     """Engine answers computed by the asyncio facilitator's before-hooks, waiting for the
-    mechanism call of the same payload object (the SDK passes the hook's object on)."""
+    mechanism call of the same payload object (the SDK passes the hook's object on). The
+    object is held with its answer, so its ``id`` cannot be reused by another payload while
+    the answer waits."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._waiting: dict[tuple[Step, int], list[Any]] = {}
+        self._waiting: dict[tuple[Step, int], list[tuple[object, Any]]] = {}
 
     def put(self, step: Step, payload: object, answer: Any) -> None:
         with self._lock:
-            self._waiting.setdefault((step, id(payload)), []).append(answer)
+            self._waiting.setdefault((step, id(payload)), []).append((payload, answer))
 
     def take(self, step: Step, payload: object) -> Any | None:
         with self._lock:
             queue = self._waiting.get((step, id(payload)))
             if not queue:
                 return None
-            answer = queue.pop(0)
+            held, answer = queue.pop(0)
             if not queue:
                 del self._waiting[(step, id(payload))]
+            assert held is payload
             return answer
 
 
@@ -127,15 +131,14 @@ class _Mechanism:
         self._handle = handle
         self._version = version
         self.answers = _Answers()
+        supported = handle.supported()
         kinds = [
-            k
-            for k in handle.supported()["kinds"]
-            if k["scheme"] == "exact" and k["x402Version"] == version
+            k for k in supported["kinds"] if k["scheme"] == "exact" and k["x402Version"] == version
         ]
         self._extra: dict[str, dict[str, Any] | None] = {
             k["network"]: k.get("extra") for k in kinds
         }
-        self._signers: list[str] = list(handle.supported()["signers"].get("eip155:*", []))
+        self._signers: list[str] = list(supported["signers"].get("eip155:*", []))
 
     @property
     def networks(self) -> list[str]:
@@ -252,7 +255,8 @@ def _async_hooks(
 
     async def before_verify(context: Any) -> None:
         mechanism = ours(context.payment_payload)
-        if mechanism is not None:
+        # As the last hook only: a later one could abort, leaving the answer unclaimed.
+        if mechanism is not None and facilitator._before_verify_hooks[-1] is before_verify:
             payload, requirements = context.payment_payload, context.requirements
             engine = handle.engine
             answer = await _engine_call(handle, engine.verify, _wire(payload), _wire(requirements))
