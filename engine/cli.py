@@ -617,6 +617,8 @@ def _pay(args: argparse.Namespace) -> int:
     out = Console(highlight=False, soft_wrap=True)  # what happened: lines never broken
     shape = Shape(args.count, args.duration, args.rate, args.concurrency)
     if shape.count is None and shape.duration_s is None:
+        if shape.rate is not None or shape.concurrency > 1:
+            raise ConfigError("a load needs --count or --duration: it is always bounded")
         shape = msgspec.structs.replace(shape, count=1)
     if problem := shape.problem():
         raise ConfigError(problem)

@@ -178,6 +178,8 @@ def test_pay_mistakes_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture
     assert "needs --rpc" in capsys.readouterr().err
     assert main([*missing, "--count", "0"]) == 2
     assert "--count must be at least 1" in capsys.readouterr().err
+    assert main([*missing, "--rate", "100"]) == 2
+    assert "a load needs --count or --duration" in capsys.readouterr().err
 
 
 @pytest.mark.chain
