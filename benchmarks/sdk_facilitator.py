@@ -108,8 +108,7 @@ from x402.schemas import (
     PaymentRequirementsV1,
 )
 
-from engine.cli import read_env_file
-from engine.config import load_config
+from engine.config import load_config, read_env_file
 from engine.dev.devchain import DevChain
 from engine.handle import EngineHandle
 from engine.integrations.x402_sdk import register_batched_exact_evm

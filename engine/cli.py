@@ -27,7 +27,7 @@ import msgspec
 import trio
 from rich.console import Console
 
-from .config import dump_config
+from .config import dump_config, read_env_file
 from .dev.devchain import Anvil, engine_config, setup_devchain
 
 T = TypeVar("T")
@@ -175,24 +175,6 @@ def _demo(args: argparse.Namespace) -> int:
     if not ok:
         console.print("[red]demo: not every accepted payment settled[/red]")
     return 0 if ok else 1
-
-
-def read_env_file(path: str | None) -> dict[str, str]:
-    """KEY=VALUE lines (as ``devchain`` writes signer.env); blank lines and # comments skipped."""
-    from .config import ConfigError
-
-    env: dict[str, str] = {}
-    if path:
-        try:
-            text = Path(path).read_text()
-        except OSError as exc:
-            raise ConfigError(f"cannot read the --env-file {path}: {exc.strerror}") from None
-        for line in text.splitlines():
-            line = line.strip()
-            if line and not line.startswith("#") and "=" in line:
-                key, _, value = line.partition("=")
-                env[key.strip()] = value.strip()
-    return env
 
 
 SHUTDOWN_GRACE_S = 10.0  # in-flight requests get this long after SIGTERM/SIGINT

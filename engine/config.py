@@ -347,3 +347,19 @@ def signer_keys(chain: ChainConfig, environ: dict[str, str] | None = None) -> li
             raise ConfigError(f"environment variable {name} must hold a 32-byte private key")
         keys.append(SignerKey(name, raw))
     return keys
+
+
+def read_env_file(path: str | None) -> dict[str, str]:
+    """KEY=VALUE lines (as ``devchain`` writes signer.env); blank lines and # comments skipped."""
+    env: dict[str, str] = {}
+    if path:
+        try:
+            text = Path(path).read_text()
+        except OSError as exc:
+            raise ConfigError(f"cannot read the --env-file {path}: {exc.strerror}") from None
+        for line in text.splitlines():
+            line = line.strip()
+            if line and not line.startswith("#") and "=" in line:
+                key, _, value = line.partition("=")
+                env[key.strip()] = value.strip()
+    return env
