@@ -127,7 +127,7 @@ async def _three_instances_and_a_sigkill(anvil: Anvil, pg_dsn: str, tmp_path: Pa
             d.get("errorReason") == reasons.DUPLICATE_SETTLEMENT
             for d in group
             if not d.get("success")
-        ), group
+        ), [(d.get("errorReason"), d.get("errorMessage")) for d in group]
     # every recorded payment is final and settled; each acknowledged one exactly once on chain
     assert set(states.values()) == {"settled"}, states
     paid = await _check_once_each(rpc, dev, work + everywhere)

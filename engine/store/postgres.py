@@ -306,6 +306,10 @@ class PgLedger:
         the payer's limit), the payer's unsettled value across all instances would exceed it."""
         if not rows:
             return {}
+        # In replay-key order: each insert locks its key until commit, and instances recording
+        # the same payments (a client sending one to all of them) must take those locks in the
+        # same order, or PostgreSQL breaks the deadlock by failing one instance's whole group.
+        rows = sorted(rows, key=lambda row: row[1].key)
         with self._tx() as con:
             out = self._credit_gate(con, rows, credit) if credit else {}
             keep = [r for r in rows if r[0] not in out]
@@ -582,6 +586,7 @@ class PgLedger:
         not written: one payment, one purchase across instances)."""
         if not sales:
             return set()
+        sales = sorted(sales, key=lambda sale: sale.payment_id)  # one lock order everywhere
         with self._tx() as con:
             rows = con.execute(
                 """
