@@ -132,7 +132,12 @@ def _devchain_stop(out: Path, console: Console) -> int:
     pid_file = out / "anvil.pid"
     if not pid_file.exists():
         raise ConfigError(f"no detached devchain in {out}/ (no anvil.pid)")
-    pid = int(pid_file.read_text().strip())
+    try:
+        pid = int(pid_file.read_text().strip())
+    except ValueError:
+        raise ConfigError(
+            f"{pid_file} holds no process id: remove it, stop anvil by hand"
+        ) from None
     try:
         os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + 10
@@ -608,7 +613,8 @@ def _pay(args: argparse.Namespace) -> int:
     if args.key_file:
         payers = pay.payers_from_key_file(args.key_file, args.rpc, args.payers)
     else:
-        payers = pay.payers_from_devchain(args.devchain, args.rpc, args.payers)
+        dev, dev_path = pay.load_devchain(args.devchain)  # read once: payers and price
+        payers = pay.payers_from_devchain(dev, dev_path, args.rpc, args.payers)
     target_url = args.facilitator or args.resource
     headers = {}
     if args.bearer_env:
@@ -632,7 +638,7 @@ def _pay(args: argparse.Namespace) -> int:
                 finally:
                     await rpc.aclose()
             else:
-                price = pay.devchain_price(args.devchain, args.amount, args.pay_to)
+                price = pay.devchain_price(dev, args.amount, args.pay_to)
         target = pay.Target(
             target_url,
             "facilitator" if args.facilitator else "resource",

@@ -80,6 +80,9 @@ def test_devchain_on_a_taken_port_and_a_stop_with_nothing_running(
         assert f"127.0.0.1:{port} is taken" in _one_line(capsys)
     assert main(["devchain", "--stop", "--out", str(tmp_path)]) == 2
     assert "no detached devchain" in _one_line(capsys)
+    (tmp_path / "anvil.pid").write_text("garbage\n")
+    assert main(["devchain", "--stop", "--out", str(tmp_path)]) == 2
+    assert "holds no process id" in _one_line(capsys)
 
 
 def test_a_report_on_a_missing_ledger(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:

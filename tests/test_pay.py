@@ -178,6 +178,9 @@ def test_pay_mistakes_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture
     assert "needs --rpc" in capsys.readouterr().err
     assert main([*missing, "--count", "0"]) == 2
     assert "--count must be at least 1" in capsys.readouterr().err
+    (tmp_path / "devchain.json").write_text("{not json")
+    assert main(missing) == 2
+    assert "is not a devchain's file" in _one_line_err(capsys)
     assert main([*missing, "--rate", "100"]) == 2
     assert "a load needs --count or --duration" in capsys.readouterr().err
 
@@ -228,3 +231,9 @@ def test_pay_catches_a_facilitator_that_answers_settled_without_settling(
     assert "settled     3 with a transaction" in out, out
     assert "on chain    0 of 3 in 0 transactions" in out, out
     assert "NOT FOUND   3 answered settled with a transaction are not on chain" in out, out
+
+
+def _one_line_err(capsys: pytest.CaptureFixture[str]) -> str:
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "Traceback" not in err, err
+    return err

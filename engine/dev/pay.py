@@ -85,11 +85,20 @@ class PayRun(msgspec.Struct):
 # ------------------------------------------------------------------------------ who pays
 
 
-def payers_from_devchain(directory: str, rpc_url: str | None, limit: int | None) -> Payers:
+def load_devchain(directory: str) -> tuple[DevChain, Path]:
+    """A devchain's ``devchain.json`` (what ``x402-engine devchain --out DIR`` wrote)."""
     path = Path(directory) / "devchain.json"
-    if not path.exists():
-        raise ConfigError(f"no {path}: run x402-engine devchain --out {directory} first")
-    dev = msgspec.json.decode(path.read_bytes(), type=DevChain)
+    try:
+        return msgspec.json.decode(path.read_bytes(), type=DevChain), path
+    except FileNotFoundError:
+        raise ConfigError(f"no {path}: run x402-engine devchain --out {directory} first") from None
+    except (OSError, msgspec.DecodeError) as exc:
+        raise ConfigError(f"{path} is not a devchain's file: {exc}") from None
+
+
+def payers_from_devchain(
+    dev: DevChain, path: Path, rpc_url: str | None, limit: int | None
+) -> Payers:
     keys = dev.payer_key_bytes()[:limit]
     return Payers(keys, rpc_url or dev.rpc_url, f"{len(keys)} devchain payers ({path})")
 
@@ -119,8 +128,7 @@ def payers_from_key_file(path: str, rpc_url: str | None, limit: int | None) -> P
     return Payers(keys[:limit], rpc_url, f"{len(keys[:limit])} keys from {path}")
 
 
-def devchain_price(directory: str, amount: int, pay_to: str | None) -> Price:
-    dev = msgspec.json.decode((Path(directory) / "devchain.json").read_bytes(), type=DevChain)
+def devchain_price(dev: DevChain, amount: int, pay_to: str | None) -> Price:
     payee = _address(pay_to or dev.payee, "--pay-to")
     return Price(dev.domain, payee, amount, 2, f"eip155:{dev.chain_id}")
 
