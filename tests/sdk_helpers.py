@@ -27,7 +27,10 @@ def sdk_client(key: str) -> x402ClientSync:
     return client
 
 
-def v2_requirements(dev: DevChain, amount: int) -> PaymentRequirements:
+def v2_requirements(
+    dev: DevChain, amount: int, extra: dict[str, str] | None = None
+) -> PaymentRequirements:
+    """``exact`` on the devchain's token; ``extra`` defaults to its EIP-712 domain."""
     return PaymentRequirements(
         scheme="exact",
         network=NETWORK,
@@ -35,7 +38,7 @@ def v2_requirements(dev: DevChain, amount: int) -> PaymentRequirements:
         amount=str(amount),
         pay_to=dev.payee,
         max_timeout_seconds=300,
-        extra=DOMAIN,
+        extra=DOMAIN if extra is None else extra,
     )
 
 

@@ -6,18 +6,22 @@ from __future__ import annotations
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 import trio
 
+from engine.chain.rpc import Rpc
 from engine.config import EngineConfig, PolicyConfig, ServiceConfig
 from engine.dev.devchain import Anvil, DevChain, engine_config, setup_devchain
 from engine.service.app import run_service
 
+from .chain import balances
+
+T = TypeVar("T")
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -125,17 +129,19 @@ def sdk_resource_server_at(facilitator_url: str, token: str, pay_to: str) -> Ite
         server.wait()
 
 
-def token_balances(svc: RunningService, owners: list[str]) -> list[int]:
-    """The devchain token's balances of ``owners``, read from the service's anvil."""
-    from engine.chain.rpc import Rpc
+def on_chain(svc: RunningService, work: Callable[[Rpc], Awaitable[T]]) -> T:
+    """``work(rpc)`` against the service's anvil, from synchronous test code."""
 
-    from .chain import balances
-
-    async def read() -> list[int]:
+    async def run() -> T:
         rpc = Rpc(svc.anvil.url)
         try:
-            return list(await balances(rpc, svc.dev.token, owners))
+            return await work(rpc)
         finally:
             await rpc.aclose()
 
-    return trio.run(read)
+    return trio.run(run)
+
+
+def token_balances(svc: RunningService, owners: list[str]) -> list[int]:
+    """The devchain token's balances of ``owners``, read from the service's anvil."""
+    return list(on_chain(svc, lambda rpc: balances(rpc, svc.dev.token, owners)))

@@ -24,7 +24,7 @@ from engine.model import PaymentPayloadV2
 from engine.rules import reasons
 
 from .chain import balances, cancel_calldata, count_authorization_used
-from .service_helpers import RunningService, running_service
+from .service_helpers import RunningService, on_chain, running_service
 
 pytestmark = pytest.mark.chain
 VALUE = 1000
@@ -56,25 +56,16 @@ def _post(svc: RunningService, path: str, body: bytes) -> dict[str, Any]:
     return doc
 
 
-def _chain(svc: RunningService, work: Any) -> Any:
-    async def run() -> Any:
-        rpc = Rpc(svc.anvil.url)
-        try:
-            return await work(rpc)
-        finally:
-            await rpc.aclose()
-
-    return trio.run(run)
-
-
 def _payee_balance(svc: RunningService) -> int:
-    return int(_chain(svc, lambda rpc: balances(rpc, svc.dev.token, [svc.dev.payee]))[0])
+    return int(on_chain(svc, lambda rpc: balances(rpc, svc.dev.token, [svc.dev.payee]))[0])
 
 
 def _uses(svc: RunningService, payload: PaymentPayloadV2) -> int:
     auth = payload.payload.eip3009
     payer, nonce = bytes.fromhex(auth.from_[2:]), bytes.fromhex(auth.nonce[2:])
-    return int(_chain(svc, lambda rpc: count_authorization_used(rpc, svc.dev.token, payer, nonce)))
+    return int(
+        on_chain(svc, lambda rpc: count_authorization_used(rpc, svc.dev.token, payer, nonce))
+    )
 
 
 def test_a_settled_payment_answers_success_once_whatever_is_sent_again(

@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import trio
 from eth_account import Account
 from x402 import x402ClientSync
 from x402.http import FacilitatorConfig, HTTPFacilitatorClientSync
@@ -22,26 +21,16 @@ from engine.chain.rpc import Rpc
 from engine.dev.devchain import DevChain, approve_permit2
 
 from .chain import balances
-from .service_helpers import RunningService, running_service
+from .sdk_helpers import v2_requirements
+from .service_helpers import RunningService, on_chain, running_service
 
 pytestmark = pytest.mark.chain
 NETWORK = "eip155:31337"
 PERMIT2_EXTRA = {"name": "USD Coin", "version": "2", "assetTransferMethod": "permit2"}
 
 
-def _chain(svc: RunningService, work: Any) -> Any:
-    async def run() -> Any:
-        rpc = Rpc(svc.anvil.url)
-        try:
-            return await work(rpc)
-        finally:
-            await rpc.aclose()
-
-    return trio.run(run)
-
-
 def _balances(svc: RunningService, owners: list[str]) -> list[int]:
-    return list(_chain(svc, lambda rpc: balances(rpc, svc.dev.token, owners)))
+    return list(on_chain(svc, lambda rpc: balances(rpc, svc.dev.token, owners)))
 
 
 def _address(key: str) -> str:
@@ -58,15 +47,7 @@ def _client(key: str) -> x402ClientSync:
 
 
 def _exact(svc: RunningService, amount: int) -> PaymentRequirements:
-    return PaymentRequirements(
-        scheme="exact",
-        network=NETWORK,
-        asset=svc.dev.token,
-        amount=str(amount),
-        pay_to=svc.dev.payee,
-        max_timeout_seconds=300,
-        extra=PERMIT2_EXTRA,
-    )
+    return v2_requirements(svc.dev, amount, PERMIT2_EXTRA)
 
 
 def _upto(dev: DevChain, maximum: int) -> PaymentRequirements:
@@ -101,7 +82,7 @@ def test_sdk_permit2_exact_payloads_verify_and_settle_in_batches(tmp_path: Path)
         refused = facilitator.verify(_pay(unapproved, _exact(svc, 1000)), _exact(svc, 1000))
         assert not refused.is_valid and refused.invalid_reason == "permit2_allowance_required"
 
-        gas = _chain(
+        gas = on_chain(
             svc, lambda rpc: approve_permit2(rpc, dev.chain_id, dev.token, dev.payer_keys[:5])
         )
         assert gas > 0
@@ -156,7 +137,7 @@ def test_sdk_upto_payload_settles_the_amount_used(tmp_path: Path) -> None:
         facilitator = HTTPFacilitatorClientSync(FacilitatorConfig(url=svc.url, timeout=60.0))
         [upto] = [k for k in facilitator.get_supported().kinds if k.scheme == "upto"]
         assert upto.extra == {"facilitatorAddress": dev.upto_batcher}
-        _chain(svc, lambda rpc: approve_permit2(rpc, dev.chain_id, dev.token, dev.payer_keys))
+        on_chain(svc, lambda rpc: approve_permit2(rpc, dev.chain_id, dev.token, dev.payer_keys))
         payer = _address(dev.payer_keys[0])
         before = _balances(svc, [dev.payee, payer])
 
@@ -252,7 +233,7 @@ def test_typescript_sdk_permit2_and_upto_payloads_settle(tmp_path: Path) -> None
 
     with running_service(tmp_path, payers=1) as svc:
         dev = svc.dev
-        _chain(svc, lambda rpc: approve_permit2(rpc, dev.chain_id, dev.token, dev.payer_keys))
+        on_chain(svc, lambda rpc: approve_permit2(rpc, dev.chain_id, dev.token, dev.payer_keys))
         [before] = _balances(svc, [dev.payee])
         exact = _ts_signed(svc, dev.payer_keys[0], 1000, "permit2")
         assert "permit2Authorization" in exact["paymentPayload"]["payload"]
